@@ -1,0 +1,71 @@
+"""Latency measurement for LayerMerge: pluggable profilers, a resumable on-disk cache, and lookup tables.
+
+Typical use:
+
+```python
+from lm_plugin.latency import ConvBlockSpec, LatencyTable, get_profiler, measure
+
+m = measure(model, (1, 3, 224, 224), backend="cpu", batch_size=64)      # one module, one number
+profiler = get_profiler("auto", batch_size=64)                          # CUDA if usable, else CPU
+table = LatencyTable.build({key: ConvBlockSpec(geometry, "relu"), ...}, profiler, cache="lat.jsonl")
+table.ms(key)
+```
+
+See ``docs/latency.md`` for the measurement protocol and the cache file format.
+"""
+
+from .cache import LatencyCache
+from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
+from .errors import BackendUnavailableError, LatencyCacheWarning, LatencyError, UnstableMeasurementWarning
+from .inputs import InputsLike
+from .measurement import Measurement
+from .profiler import DEFAULT_MAX_SPREAD, DEFAULT_REPEATS, DEFAULT_RETRIES, DEFAULT_WARMUP, Profiler
+from .registry import (
+    AUTO,
+    available_backends,
+    backend_class,
+    backend_names,
+    get_profiler,
+    measure,
+    register_backend,
+    resolve_backend,
+)
+from .table import LatencyTable, ModuleSpec, TimingSpec
+
+# Import for the side effect of registering the built-in backends, and to expose their classes.
+from .backends import CUDAProfiler, EagerCPUProfiler, OnnxRuntimeProfiler, TensorRTProfiler  # noqa: E402  isort: skip
+
+__all__ = [
+    "ACTIVATIONS",
+    "AUTO",
+    "BackendUnavailableError",
+    "CUDAProfiler",
+    "ConvBlockSpec",
+    "DEFAULT_MAX_SPREAD",
+    "DEFAULT_REPEATS",
+    "DEFAULT_RETRIES",
+    "DEFAULT_WARMUP",
+    "EagerCPUProfiler",
+    "InputsLike",
+    "LatencyCache",
+    "LatencyCacheWarning",
+    "LatencyError",
+    "LatencyTable",
+    "Measurement",
+    "ModuleSpec",
+    "OnnxRuntimeProfiler",
+    "Profiler",
+    "TensorRTProfiler",
+    "TimingSpec",
+    "UnstableMeasurementWarning",
+    "activation_module",
+    "available_backends",
+    "backend_class",
+    "backend_names",
+    "conv_block_key",
+    "conv_block_module",
+    "get_profiler",
+    "measure",
+    "register_backend",
+    "resolve_backend",
+]

@@ -1,0 +1,112 @@
+"""The module a merged LayerMerge block becomes, for latency tables over candidate blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..blocks import BlockGeometry
+from .inputs import Shape
+
+#: Activations a merged block can end with, by the names plans and tables use.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    # In place where torch allows it, as torchvision's ResNet / MobileNetV2 use them.
+    "relu": lambda: nn.ReLU(inplace=True),
+    "relu6": lambda: nn.ReLU6(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(inplace=True),
+    "hardswish": lambda: nn.Hardswish(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "gelu": lambda: nn.GELU(),
+}
+
+
+def activation_module(activation: str | None) -> nn.Module:
+    """A fresh activation module for a name in :data:`ACTIVATIONS` (``nn.Identity`` for None).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if activation is None:
+        return nn.Identity()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)} or None")
+    return ACTIVATIONS[activation]()
+
+
+def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Module:
+    """The deployed form of a merged block: one ``nn.Conv2d`` (with bias, BN folded in) and its activation.
+
+    Args:
+        geometry: kernel, stride, padding, channels and groups of the merged conv.
+        activation: activation after the conv, a name in :data:`ACTIVATIONS`, or None for a linear block.
+
+    Returns:
+        ``nn.Sequential(conv, activation)`` (activation ``nn.Identity`` when None), randomly initialised.
+    """
+    conv = nn.Conv2d(
+        geometry.in_channels,
+        geometry.out_channels,
+        kernel_size=geometry.kernel_size,
+        stride=geometry.stride,
+        padding=geometry.padding,
+        groups=geometry.groups,
+        bias=True,
+    )
+    return nn.Sequential(conv, activation_module(activation))
+
+
+def conv_block_key(geometry: BlockGeometry, activation: str | None) -> dict[str, Any]:
+    """Everything about a merged block that changes its latency, except the batch size.
+
+    Position and kept-conv subset are left out on purpose: blocks that merge into the same conv at the same
+    input shape share one measurement.
+    """
+    return {
+        "op": "conv2d",
+        "in_channels": geometry.in_channels,
+        "out_channels": geometry.out_channels,
+        "kernel_size": list(geometry.kernel_size),
+        "stride": list(geometry.stride),
+        "padding": list(geometry.padding),
+        "groups": geometry.groups,
+        "bias": True,
+        "activation": activation,
+        "input_shape": list(geometry.input_shape[1:]),  # per sample: the profiler owns the batch size
+    }
+
+
+@dataclass(frozen=True)
+class ConvBlockSpec:
+    """:class:`~lm_plugin.latency.TimingSpec` of a merged block, timed at the block's true input shape.
+
+    Example:
+        ```python
+        specs = {(g.st, g.end, g.kept): ConvBlockSpec(g, "relu") for g in candidate_geometries}
+        table = LatencyTable.build(specs, get_profiler("cpu", batch_size=64), cache="resnet_cpu.jsonl")
+        table.ms((0, 2, (1, 2)))
+        ```
+
+    Args:
+        geometry: the merged conv's geometry; ``geometry.input_shape`` is the traced ``(N, C, H, W)``, whose
+            ``N`` the profiler's batch size replaces.
+        activation: the block's activation name, or None.
+    """
+
+    geometry: BlockGeometry
+    activation: str | None
+
+    def __post_init__(self) -> None:
+        activation_module(self.activation)  # fail at construction, not halfway through a table build
+
+    @property
+    def inputs(self) -> Shape:
+        return tuple(self.geometry.input_shape)
+
+    def build(self) -> nn.Module:
+        return conv_block_module(self.geometry, self.activation)
+
+    def cache_key(self) -> dict[str, Any]:
+        return conv_block_key(self.geometry, self.activation)
