@@ -14,6 +14,8 @@ table.ms(key)
 See ``docs/latency.md`` for the measurement protocol and the cache file format.
 """
 
+# Import for the side effect of registering the built-in backends, and to expose their classes.
+from .backends import CUDAProfiler, EagerCPUProfiler, OnnxRuntimeProfiler, TensorRTProfiler
 from .cache import LatencyCache
 from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
 from .errors import BackendUnavailableError, LatencyCacheWarning, LatencyError, UnstableMeasurementWarning
@@ -32,19 +34,16 @@ from .registry import (
 )
 from .table import LatencyTable, ModuleSpec, TimingSpec
 
-# Import for the side effect of registering the built-in backends, and to expose their classes.
-from .backends import CUDAProfiler, EagerCPUProfiler, OnnxRuntimeProfiler, TensorRTProfiler  # noqa: E402  isort: skip
-
 __all__ = [
     "ACTIVATIONS",
     "AUTO",
-    "BackendUnavailableError",
-    "CUDAProfiler",
-    "ConvBlockSpec",
     "DEFAULT_MAX_SPREAD",
     "DEFAULT_REPEATS",
     "DEFAULT_RETRIES",
     "DEFAULT_WARMUP",
+    "BackendUnavailableError",
+    "CUDAProfiler",
+    "ConvBlockSpec",
     "EagerCPUProfiler",
     "InputsLike",
     "LatencyCache",

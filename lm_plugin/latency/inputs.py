@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -11,7 +10,7 @@ from torch import Tensor
 Shape = tuple[int, ...]
 #: Inputs a profiler accepts: one shape ``(N, C, H, W)``, several shapes, one tensor, or several tensors.
 #: The leading dimension of every shape / tensor is the batch dimension.
-InputsLike = Union[Sequence[int], torch.Size, Tensor, Sequence[Sequence[int]], Sequence[Tensor]]
+InputsLike = Sequence[int] | torch.Size | Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
 
 # Random inputs come from a fixed seed so that two measurements of the same module see the same data.
 _INPUT_SEED = 0

@@ -57,7 +57,8 @@ class Measurement:
         """Rebuild a measurement from :meth:`to_dict` output.
 
         Raises:
-            ValueError: if fields are missing, unknown, or of the wrong kind.
+            ValueError: if fields are missing or unknown.
+            TypeError: if a statistic is not a number.
         """
         names = {f.name for f in fields(cls)}
         if set(data) != names:
@@ -67,7 +68,7 @@ class Measurement:
         values["input_shapes"] = tuple(tuple(int(d) for d in s) for s in data["input_shapes"])
         for name in ("median_ms", "q1_ms", "q3_ms", "min_ms", "iqr_ms", "spread"):
             if not isinstance(values[name], (int, float)) or isinstance(values[name], bool):
-                raise ValueError(f"Measurement field {name!r} must be a number, got {values[name]!r}")
+                raise TypeError(f"Measurement field {name!r} must be a number, got {values[name]!r}")
             values[name] = float(values[name])
         return cls(**values)
 

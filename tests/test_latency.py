@@ -1,0 +1,322 @@
+"""Latency profilers, cache and tables. No assertion depends on how fast anything runs."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lm_plugin.blocks import BlockGeometry
+from lm_plugin.latency import (
+    ACTIVATIONS,
+    BackendUnavailableError,
+    ConvBlockSpec,
+    LatencyCache,
+    LatencyCacheWarning,
+    LatencyTable,
+    Measurement,
+    ModuleSpec,
+    UnstableMeasurementWarning,
+    available_backends,
+    conv_block_module,
+    get_profiler,
+    measure,
+    resolve_backend,
+)
+
+# Few runs and a threshold no round can miss: these tests check behaviour, not speed.
+FAST = {"warmup": 1, "repeats": 3, "retries": 0, "max_spread": 1e6}
+BATCH = 2
+
+
+def small_conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def cpu_profiler(**overrides: object) -> object:
+    return get_profiler("cpu", **{"batch_size": BATCH, "threads": 1, **FAST, **overrides})
+
+
+@pytest.fixture
+def no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ profilers
+def check_sane(m: Measurement, backend: str, shape: tuple[int, ...]) -> None:
+    assert m.backend == backend
+    assert 0 < m.min_ms <= m.q1_ms <= m.median_ms <= m.q3_ms
+    assert m.iqr_ms == pytest.approx(m.q3_ms - m.q1_ms)
+    assert m.spread == pytest.approx(m.iqr_ms / m.median_ms)
+    assert m.runs == FAST["repeats"] and m.attempts == 1 and m.stable
+    assert m.input_shapes == (shape,) and m.batch_size == shape[0]
+    assert m.dtype == "float32" and m.device_name
+
+
+def test_cpu_backend_measures_a_small_conv(no_warnings):
+    model = small_conv().train()
+    threads_before = torch.get_num_threads()
+    m = cpu_profiler().measure(model, (1, 4, 8, 8))
+    check_sane(m, "cpu", (BATCH, 4, 8, 8))  # batch dimension replaced by the profiler's
+    assert m.threads == 1
+    assert torch.get_num_threads() == threads_before, "thread setting must be restored"
+    assert all(mod.training for mod in model.modules()), "training flags must be restored"
+
+
+def test_measure_accepts_example_tensors_and_leaves_the_module_alone():
+    model = small_conv()
+    m = measure(model, torch.randn(3, 4, 6, 6), backend="cpu", batch_size=5, dtype=torch.float64, **FAST)
+    assert m.input_shapes == ((5, 4, 6, 6),) and m.dtype == "float64"
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "a dtype change must work on a copy"
+    m = measure(model, torch.randn(3, 4, 6, 6), backend="cpu", **FAST)
+    assert m.batch_size == 3, "without batch_size the inputs are timed as given"
+
+
+def test_onnxruntime_backend(no_warnings):
+    if "onnxruntime" not in available_backends():
+        pytest.skip("onnxruntime / onnx not installed")
+    profiler = get_profiler("ort", batch_size=BATCH, threads=1, **FAST)
+    m = profiler.measure(small_conv(), (1, 4, 8, 8))
+    check_sane(m, "onnxruntime", (BATCH, 4, 8, 8))
+    assert m.threads == 1
+    signature = profiler.signature()
+    assert signature["onnxruntime"] and signature["provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    assert resolve_backend("auto") == "cpu"
+    with pytest.raises(BackendUnavailableError, match="backend='cpu'"):
+        get_profiler("cuda")
+    assert "cuda" not in available_backends()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_backend(dtype):
+    profiler = get_profiler("cuda", batch_size=BATCH, dtype=dtype, channels_last=True, **FAST)
+    m = profiler.measure(small_conv(), (1, 4, 8, 8))
+    assert m.backend == "cuda" and m.median_ms > 0 and m.threads is None
+    assert m.dtype == str(dtype).removeprefix("torch.")
+    assert profiler.signature()["device_name"] == torch.cuda.get_device_name()
+
+
+def test_unknown_backend_and_bad_settings():
+    with pytest.raises(BackendUnavailableError, match="choose one of"):
+        get_profiler("tpu")
+    with pytest.raises(ValueError, match="repeats"):
+        get_profiler("cpu", repeats=0)
+    with pytest.raises(TypeError, match="shape"):
+        measure(small_conv(), "1x4x8x8", backend="cpu", **FAST)
+
+
+class Jittery(nn.Module):
+    """Alternately fast and slow forward passes: a real module whose timings cannot meet a tight spread."""
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.delay_s * (self.calls % 2))
+        return x
+
+
+def test_noisy_measurement_is_remeasured_then_flagged():
+    module = Jittery()
+    profiler = cpu_profiler(repeats=6, retries=2, max_spread=0.5)
+    with pytest.warns(UnstableMeasurementWarning, match="max_spread"):
+        m = profiler.measure(module, (1, 1))
+    assert not m.stable and m.attempts == 3
+    assert module.calls == FAST["warmup"] + 3 * 6
+
+
+# ------------------------------------------------------------------------------------------------ cache
+@dataclass
+class CountingSpec:
+    """A conv timed at a spatial size of its own; counts builds and can fail after a number of them."""
+
+    size: int
+    built: list[int] = field(default_factory=list)
+    fail_after: int | None = None
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        return (1, 4, self.size, self.size)
+
+    def build(self) -> nn.Module:
+        if self.fail_after is not None and len(self.built) >= self.fail_after:
+            raise KeyboardInterrupt  # what an impatient user does halfway through a build
+        self.built.append(self.size)
+        return small_conv()
+
+    def cache_key(self) -> dict:
+        return {"op": "small_conv"}  # the input shape, which differs per entry, is added by the table
+
+
+SIZES = [4, 5, 6, 7, 8]
+
+
+def specs(built: list[int], fail_after: int | None = None) -> dict[str, CountingSpec]:
+    return {f"s{n}": CountingSpec(n, built, fail_after) for n in SIZES}
+
+
+def test_interrupted_build_resumes_and_measures_only_missing(tmp_path, no_warnings):
+    path, profiler = tmp_path / "lat.jsonl", cpu_profiler()
+    done = 2
+    built: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        LatencyTable.build(specs(built, fail_after=done), profiler, cache=path, progress=False)
+    assert len(built) == done
+
+    built = []
+    table = LatencyTable.build(specs(built), profiler, cache=path, progress=True)
+    assert built == SIZES[done:], "only the entries missing from the cache are measured"
+    assert (table.measured, table.reused, len(table)) == (len(SIZES) - done, done, len(SIZES))
+
+    built = []
+    table = LatencyTable.build(specs(built), profiler, cache=path, progress=False)
+    assert built == [] and table.reused == len(SIZES)
+
+
+def test_lookup_is_by_key_not_by_order(tmp_path, no_warnings):
+    path, profiler = tmp_path / "lat.jsonl", cpu_profiler()
+    LatencyTable.build(specs([]), profiler, cache=path, progress=False)
+    reordered = list(reversed(list(specs([]).items())))
+    table = LatencyTable.build(reordered, profiler, cache=path, progress=False)
+    for n in SIZES:
+        assert table[f"s{n}"].input_shapes == ((BATCH, 4, n, n),)
+    assert table.keys() == [k for k, _ in reordered]
+    with pytest.raises(KeyError, match="no latency entry"):
+        table["missing"]
+
+    # Dict keys work in any key order; tuples and lists with the same items are the same key.
+    entries = [({"st": 0, "end": n}, CountingSpec(n)) for n in SIZES]
+    table = LatencyTable.build(entries, profiler, cache=path, progress=False)
+    assert table.measured == 0, "the modules are the same as above, so they come from the cache"
+    assert table[{"end": 6, "st": 0}].input_shapes == ((BATCH, 4, 6, 6),)
+    cache = LatencyCache(None, profiler.signature())
+    cache.put(("a", 1), table[{"st": 0, "end": 6}])
+    assert ["a", 1] in cache
+
+
+def test_same_module_is_measured_once(no_warnings):
+    built: list[int] = []
+    entries = {"first": CountingSpec(5, built), "second": CountingSpec(5, built), "other": CountingSpec(6, built)}
+    table = LatencyTable.build(entries, cpu_profiler(), progress=False)
+    assert sorted(built) == [5, 6]
+    assert table["first"] is table["second"]
+    with pytest.raises(ValueError, match="given twice"):
+        LatencyTable.build([("k", CountingSpec(5)), ("k", CountingSpec(6))], cpu_profiler(), progress=False)
+
+
+def build_cache(path: Path) -> tuple[object, list[str]]:
+    profiler = cpu_profiler()
+    LatencyTable.build(specs([]), profiler, cache=path, progress=False)
+    return profiler, path.read_text().splitlines(keepends=True)
+
+
+def tamper_checksum_protected_value(line: str) -> str:
+    record = json.loads(line)
+    record["measurement"]["median_ms"] *= 2
+    return json.dumps(record) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause"),
+    [
+        (lambda lines: lines[:-1] + [lines[-1][: len(lines[-1]) // 2]], "not valid JSON"),  # interrupted write
+        (lambda lines: lines[:2] + [tamper_checksum_protected_value(lines[2])] + lines[3:], "checksum mismatch"),
+        (lambda lines: lines[:3] + ["\x00\xff garbage }{\n"] + lines[4:], "not valid JSON"),  # overwritten
+    ],
+    ids=["truncated", "bad-checksum", "garbage-line"],
+)
+def test_damaged_entries_are_detected_and_remeasured(tmp_path, damage, cause):
+    path = tmp_path / "lat.jsonl"
+    profiler, lines = build_cache(path)
+    path.write_text("".join(damage(lines)))
+
+    built: list[int] = []
+    with pytest.warns(LatencyCacheWarning, match=cause):
+        table = LatencyTable.build(specs(built), profiler, cache=path, progress=False)
+    assert len(built) == 1 and table.measured == 1, "exactly the damaged entry is measured again"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reopened = LatencyCache(path, profiler.signature())
+    assert len(reopened) == len(SIZES) and not reopened.problems, "the file was rewritten clean"
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [(b"\x89PNG\r\n\x1a\n not a cache at all", "header line is unreadable"), (b"", "header line is unreadable")],
+)
+def test_garbage_file_is_rebuilt_and_kept_aside(tmp_path, content, cause):
+    path = tmp_path / "lat.jsonl"
+    path.write_bytes(content)
+    profiler = cpu_profiler()
+    with pytest.warns(LatencyCacheWarning, match=cause):
+        table = LatencyTable.build(specs([]), profiler, cache=path, progress=False)
+    assert table.measured == len(SIZES)
+    assert (tmp_path / "lat.jsonl.bak").read_bytes() == content
+    assert len(LatencyCache(path, profiler.signature())) == len(SIZES)
+
+
+def test_mismatched_signature_is_detected(tmp_path):
+    path = tmp_path / "lat.jsonl"
+    profiler, _ = build_cache(path)
+    other = cpu_profiler(batch_size=BATCH + 1)  # stands in for another machine, thread count, version ...
+    with pytest.warns(LatencyCacheWarning, match=r"different profiler \(batch_size: 2 -> 3\)"):
+        cache = LatencyCache(path, other.signature())
+    assert len(cache) == 0 and cache.problems
+    with pytest.raises(ValueError, match="another profiler"):
+        LatencyTable.build(specs([]), profiler, cache=cache, progress=False)
+
+
+def test_bad_keys_are_rejected():
+    cache = LatencyCache(None, {"backend": "cpu"})
+    with pytest.raises(TypeError, match="string keys"):
+        cache.get({1: "a"})
+    with pytest.raises(TypeError, match="non-finite"):
+        cache.get({"a": float("nan")})
+
+
+# ------------------------------------------------------------------------------------------- merged blocks
+def geometry(**changes: object) -> BlockGeometry:
+    base = {
+        "st": 0, "end": 2, "kept": (1, 2), "kernel_size": (5, 5), "stride": (2, 2), "padding": (2, 2),
+        "in_channels": 4, "out_channels": 8, "groups": 1, "input_shape": (1, 4, 9, 9),
+    }
+    return BlockGeometry(**{**base, **changes})
+
+
+@pytest.mark.parametrize("activation", [*sorted(ACTIVATIONS), None])
+def test_conv_block_module_matches_geometry(activation):
+    g = geometry(groups=4, out_channels=8)
+    module = conv_block_module(g, activation)
+    conv = module[0]
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == ((5, 5), (2, 2), (2, 2), 4)
+    assert module(torch.randn(g.input_shape)).shape == (1, 8, 5, 5)
+
+
+def test_conv_block_spec_is_timed_at_the_true_input_shape(no_warnings):
+    with pytest.raises(ValueError, match="unknown activation"):
+        ConvBlockSpec(geometry(), "swish")
+    same_conv_elsewhere = geometry(st=4, end=6, kept=(5, 6))
+    entries = {
+        (0, 2): ConvBlockSpec(geometry(), "relu"),
+        (4, 6): ConvBlockSpec(same_conv_elsewhere, "relu"),
+        "linear": ModuleSpec(lambda: conv_block_module(geometry(), None), (1, 4, 9, 9), {"linear": True}),
+    }
+    table = LatencyTable.build(entries, cpu_profiler(), progress=False)
+    assert table[(0, 2)].input_shapes == ((BATCH, 4, 9, 9),)
+    assert table.measured == 2, "blocks that merge into the same conv share one measurement"
