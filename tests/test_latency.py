@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lm_plugin.blocks import BlockGeometry
@@ -29,6 +31,7 @@ from lm_plugin.latency import (
     measure,
     resolve_backend,
 )
+from lm_plugin.latency.cache import decode_line, encode_line
 
 # Few runs and a threshold no round can miss: these tests check behaviour, not speed.
 FAST = {"warmup": 1, "repeats": 3, "retries": 0, "max_spread": 1e6}
@@ -280,6 +283,24 @@ def test_mismatched_signature_is_detected(tmp_path):
     assert len(cache) == 0 and cache.problems
     with pytest.raises(ValueError, match="another profiler"):
         LatencyTable.build(specs([]), profiler, cache=cache, progress=False)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(key=json_values)
+def test_any_json_key_survives_a_cache_line(key):
+    measurement = Measurement(1.0, 0.9, 1.2, 0.8, 0.3, 0.3, 30, 1, True, "cpu", "x", 1, 1, "float32", ((1, 2),))
+    payload = decode_line(encode_line({"key": key, "measurement": measurement.to_dict()}).encode())
+    assert Measurement.from_dict(payload["measurement"]) == measurement
+    cache = LatencyCache(None, {"backend": "cpu"})
+    cache.put(payload["key"], measurement)
+    assert cache.get(key) == measurement, "a key read back from disk must find the entry"
 
 
 def test_bad_keys_are_rejected():
