@@ -66,7 +66,7 @@ class Plan:
         # A residual that cannot fold even with every conv kept (unusual padding) must stay unfolded.
         for r in chain.residuals:
             if fold_problem(chain, r, kept) is not None:
-                bounds |= {r.source, r.target}
+                bounds |= {r.source, r.target, min(r.source + 1, r.target)}
         _repair_crossings(chain, bounds)
         for st, end in blocks_of(bounds, chain.length):
             members = list(range(st + 1, end + 1))

@@ -66,6 +66,7 @@ class Residual:
     target: int
     add_node: str
     skip_operand: str  # the add's operand on the skip side
+    skip_index: int  # position of that operand in the add's arguments (0 or 1)
     source_node: str  # the value the skip reads
     projection: str | None = None  # qualified module name of the skip conv
     projection_node: str | None = None

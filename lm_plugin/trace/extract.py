@@ -260,11 +260,12 @@ def _drop_crossing_residuals(residuals: list[Residual], breaks: dict[int, str], 
 
 
 def _make_residual(gm, a: int, b: int, add, skip_operand, source_node, proj: ConvUnit | None) -> Residual:
+    skip_index = 0 if add.args[0] is skip_operand else 1
     if proj is None:
-        return Residual(a, b, add.name, skip_operand.name, source_node.name)
+        return Residual(a, b, add.name, skip_operand.name, skip_index, source_node.name)
     conv: nn.Conv2d = module_of(gm, proj.conv)  # type: ignore[assignment]
     return Residual(
-        a, b, add.name, skip_operand.name, source_node.name,
+        a, b, add.name, skip_operand.name, skip_index, source_node.name,
         projection=str(proj.conv.target),
         projection_node=proj.conv.name,
         projection_bn=str(proj.bn.target) if proj.bn is not None else None,

@@ -1,0 +1,125 @@
+"""Kernel algebra: convolutions as linear maps that compose, add and fold BatchNorm exactly.
+
+All maps here are *valid* convolutions (no padding): the trainable form moves every padding of a merge group to
+its input, so inside a group a conv reads only real values and the composition of two convs is again a conv:
+
+    (W2, b2, s2) ∘ (W1, b1, s1)  =  (W2 ⊛ W1, (Σ_taps W2)·b1 + b2, s1·s2),   kernel k1 + (k2 − 1)·s1
+
+where ``W2 ⊛ W1`` is a full convolution of the kernels with in/out roles swapped (computed here with
+``conv_transpose2d``). Grouped convs with equal groups compose group-wise and stay grouped (depthwise stays
+depthwise); otherwise both sides are expanded to dense block-diagonal kernels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Pair = tuple[int, int]
+DTYPE = torch.float64  # merge arithmetic is done in float64, then cast to the model's dtype
+
+
+@dataclass(frozen=True)
+class LinearConv:
+    """An affine valid convolution: ``y = conv2d(x, weight, bias, stride, groups=groups)``."""
+
+    weight: torch.Tensor  # [out, in / groups, kh, kw]
+    bias: torch.Tensor  # [out]
+    stride: Pair
+    groups: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> Pair:
+        return (self.weight.shape[2], self.weight.shape[3])
+
+    # ------------------------------------------------------------------------------------------ constructors
+    @staticmethod
+    def from_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> LinearConv:
+        """The conv's affine map with ``bn`` (eval mode, its own eps) folded in; padding is not part of it."""
+        w = conv.weight.detach().to(DTYPE)
+        b = conv.bias.detach().to(DTYPE) if conv.bias is not None else torch.zeros(w.shape[0], dtype=DTYPE,
+                                                                                   device=w.device)
+        if bn is not None:
+            assert bn.running_var is not None and bn.running_mean is not None
+            scale = 1.0 / torch.sqrt(bn.running_var.detach().to(DTYPE) + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.detach().to(DTYPE)
+            shift = -bn.running_mean.detach().to(DTYPE) * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.detach().to(DTYPE)
+            w = w * scale.reshape(-1, 1, 1, 1)
+            b = b * scale + shift
+        return LinearConv(w, b, (int(conv.stride[0]), int(conv.stride[1])), int(conv.groups))
+
+    @staticmethod
+    def identity(channels: int, groups: int = 1, *, device: torch.device | str = "cpu") -> LinearConv:
+        """The identity map as a 1x1 conv with ``groups`` groups (any divisor of ``channels``)."""
+        per = channels // groups
+        w = torch.zeros(channels, per, 1, 1, dtype=DTYPE, device=device)
+        w[torch.arange(channels), torch.arange(channels) % per, 0, 0] = 1.0
+        return LinearConv(w, torch.zeros(channels, dtype=DTYPE, device=device), (1, 1), groups)
+
+    # -------------------------------------------------------------------------------------------- algebra
+    def dense(self) -> LinearConv:
+        """The same map with ``groups=1`` (block-diagonal kernel)."""
+        if self.groups == 1:
+            return self
+        out, per_in, kh, kw = self.weight.shape
+        per_out = out // self.groups
+        w = self.weight.new_zeros(out, per_in * self.groups, kh, kw)
+        for g in range(self.groups):
+            w[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = self.weight[g * per_out:(g + 1) * per_out]
+        return LinearConv(w, self.bias, self.stride, 1)
+
+    def then(self, nxt: LinearConv) -> LinearConv:
+        """``nxt ∘ self``: apply ``self`` first, then ``nxt``."""
+        if nxt.in_channels != self.out_channels:
+            raise ValueError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
+        first, second = (self, nxt) if self.groups == nxt.groups else (self.dense(), nxt.dense())
+        g = first.groups
+        w1, w2 = first.weight, second.weight
+        c2, c1g, k2h, k2w = w2.shape
+        c2g = c2 // g
+        # Batch over the second conv's outputs, transpose-convolve with the first kernel (stride = s1).
+        x = w2.reshape(g, c2g, c1g, k2h, k2w).transpose(0, 1).reshape(c2g, g * c1g, k2h, k2w)
+        out = F.conv_transpose2d(x, w1, stride=first.stride, groups=g)  # [c2g, g * cin_g, K, K]
+        cin_g = w1.shape[1]
+        w = out.reshape(c2g, g, cin_g, *out.shape[2:]).transpose(0, 1).reshape(c2, cin_g, *out.shape[2:])
+        # Every output of a valid conv reads real intermediate values, so b1 enters through every tap.
+        tap_sum = w2.sum(dim=(2, 3)).reshape(g, c2g, c1g)
+        b = (tap_sum @ first.bias.reshape(g, c1g, 1)).reshape(c2) + second.bias
+        stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
+        return LinearConv(w.contiguous(), b, stride, g)
+
+    def plus(self, other: LinearConv, offset: Pair) -> LinearConv:
+        """``self + other`` where ``other``'s (smaller) kernel sits at ``offset`` inside ``self``'s kernel."""
+        if (other.in_channels, other.out_channels, other.stride) != (self.in_channels, self.out_channels,
+                                                                    self.stride):
+            raise ValueError("cannot add convs of different channels or strides")
+        a, b = (self, other) if self.groups == other.groups else (self.dense(), other.dense())
+        (kh, kw), (oh, ow) = b.kernel_size, offset
+        if oh < 0 or ow < 0 or oh + kh > a.kernel_size[0] or ow + kw > a.kernel_size[1]:
+            raise ValueError(f"kernel {b.kernel_size} at offset {offset} does not fit in {a.kernel_size}")
+        w = a.weight.clone()
+        w[:, :, oh:oh + kh, ow:ow + kw] += b.weight
+        return LinearConv(w, a.bias + b.bias, a.stride, a.groups)
+
+    def to_conv2d(self, padding: Pair, *, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
+        """A real ``nn.Conv2d`` computing this map on an input zero-padded by ``padding``."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=padding, groups=self.groups, bias=True, device=device, dtype=dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            conv.bias.copy_(self.bias)
+        return conv

@@ -1,0 +1,158 @@
+"""Stage 6: trainable form -> deploy form. Each block becomes one real ``nn.Conv2d``; every BN is folded.
+
+The block's map is built by walking its kept convs in order and composing them (``LinearConv.then``). A
+residual inside the block opens a sub-composition at its source; at its target the branch and the skip
+(identity or projection) are summed at the skip's offset and the result is composed onto what came before.
+The merged conv replaces the block's output node and reads the block's (unpadded) input; whatever the block
+used to compute becomes dead code and is removed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..blocks import block_geometry, skip_offset
+from ..errors import MergeError
+from ..plan import Plan
+from ..rewrite.trainable import META_KEY
+from ..trace.chain import Chain
+from ..trace.graph import is_foldable_bn
+from .algebra import LinearConv
+
+
+def merge(trainable: fx.GraphModule, chain: Chain) -> fx.GraphModule:
+    """Deploy form of a trainable-form model made by :func:`lm_plugin.rewrite.to_trainable`.
+
+    The trainable model is not modified. The result is an eval-mode ``GraphModule`` with one conv per block.
+    """
+    info = trainable.meta.get(META_KEY) if isinstance(trainable, fx.GraphModule) else None
+    if not info or info.get("form") != "trainable":
+        raise MergeError(
+            "merge() expects the trainable form returned by LayerMergePruner.apply(plan) (a GraphModule carrying "
+            "its plan). To merge a fine-tuned checkpoint, rebuild it with pruner.apply(plan), "
+            "load_state_dict(checkpoint), then merge."
+        )
+    if info["chain_id"] != chain.fingerprint():
+        raise MergeError("this trainable model was made from a different chain (model or ignored_layers differ)")
+    plan = Plan.from_dict(info["plan"])
+    gm = copy.deepcopy(trainable).eval()
+    mod = gm.get_submodule
+    ref = next(iter(gm.parameters()))
+    merged: list[tuple[dict, nn.Conv2d]] = []
+    with torch.no_grad():
+        for rec in info["blocks"]:
+            st, end = rec["st"], rec["end"]
+            lin = _block_map(gm, chain, plan, st, end)
+            geo = block_geometry(chain, st, end, plan.kept_convs)
+            if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
+                raise MergeError(f"internal: block ({st},{end}] merged to {lin.kernel_size}/{lin.stride}, "
+                                 f"expected {geo.kernel_size}/{geo.stride}")
+            merged.append((rec, lin.to_conv2d(geo.padding, dtype=ref.dtype, device=ref.device)))
+
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    replaced: dict[str, fx.Node] = {}  # a block's output may be the next block's input
+    for rec, conv in merged:
+        target = chain.conv(rec["kept"][0]).name
+        out_node = nodes[rec["output"]]
+        block_in = replaced.get(rec["input"], nodes[rec["input"]])
+        with graph.inserting_before(out_node):
+            new = graph.call_module(target, (block_in,))
+        out_node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        replaced[rec["output"]] = new
+        _set_submodule(gm, target, conv)
+    graph.eliminate_dead_code()
+    _fold_remaining_bns(gm)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.meta[META_KEY] = {**info, "form": "deploy"}
+    return gm.eval()
+
+
+def _unit(gm: fx.GraphModule, conv_name: str, bn_name: str | None) -> LinearConv:
+    conv = gm.get_submodule(conv_name)
+    bn = gm.get_submodule(bn_name) if bn_name else None
+    return LinearConv.from_conv(conv, bn)  # type: ignore[arg-type]
+
+
+def _block_map(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) -> LinearConv:
+    """The affine map block ``(st, end]`` computes, as one valid conv."""
+    folded = chain.residuals_within(st, end)
+    opens: dict[int, list] = {}
+    for r in sorted(folded, key=lambda r: -r.target):  # outer residuals open first
+        opens.setdefault(r.source, []).append(r)
+    stack: list[tuple[LinearConv | None, object]] = []
+    current: LinearConv | None = None
+
+    def push(pos: int) -> None:
+        nonlocal current
+        for r in opens.get(pos, []):
+            stack.append((current, r))
+            current = None
+
+    push(st)
+    for j in range(st + 1, end + 1):
+        c = chain.conv(j)
+        if j in plan.kept_convs:
+            step = _unit(gm, c.name, c.bn)
+            current = step if current is None else current.then(step)
+        while stack and stack[-1][1].target == j:  # type: ignore[attr-defined]
+            before, r = stack.pop()
+            channels = c.out_channels
+            branch = current or LinearConv.identity(channels, channels, device=_device(gm))
+            if r.projection is None:  # type: ignore[attr-defined]
+                skip = LinearConv.identity(channels, branch.groups, device=_device(gm))
+            else:
+                skip = _unit(gm, r.projection, r.projection_bn)  # type: ignore[attr-defined]
+            offset, _ = skip_offset(chain, r, plan.kept_convs)  # type: ignore[arg-type]
+            summed = branch.plus(skip, offset)
+            current = summed if before is None else before.then(summed)
+        if j < end:
+            push(j)
+    if current is None:
+        raise MergeError(f"block ({st},{end}] keeps no conv")
+    return current
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    return next(iter(gm.parameters())).device
+
+
+def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, module)
+
+
+def _fold_remaining_bns(gm: fx.GraphModule) -> None:
+    """Fold every remaining conv -> BN pair (skips that were not folded, convs outside the chain)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(str(node.target))) is not nn.Conv2d:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or calls[str(node.target)] != 1:
+            continue
+        bn_node = users[0]
+        bn = gm.get_submodule(str(bn_node.target))
+        if not is_foldable_bn(bn) or calls[str(bn_node.target)] != 1:
+            continue
+        conv: nn.Conv2d = gm.get_submodule(str(node.target))  # type: ignore[assignment]
+        lin = LinearConv.from_conv(conv, bn)  # type: ignore[arg-type]
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            folded.weight.copy_(lin.weight)
+            folded.bias.copy_(lin.bias)
+        _set_submodule(gm, str(node.target), folded)
+        bn_node.replace_all_uses_with(node)
+        gm.graph.erase_node(bn_node)

@@ -1,0 +1,192 @@
+"""Stage 5: apply a plan to a copy of the traced model -> the *trainable form*.
+
+The trainable form is the network LayerMerge fine-tunes. It has exactly the structure the merged network will
+have, still expressed with the original layers (so fine-tuning updates familiar weights and BN statistics):
+
+* activations the plan removes are deleted (their call sites, not their modules);
+* dropped convs and their BN become identities;
+* each block's zero padding is moved to its input (one ``F.pad``) and its convs run unpadded, so that the block
+  computes bit for bit what its merged conv computes, borders included;
+* a skip folded into a block reads the (larger) padded tensor, so it is cropped to line up with the branch
+  (``crop_to``); the merged kernel then holds the skip at that offset;
+* optionally, an activation is inserted where a multi-layer block ends at an originally linear position
+  (the reference implementation's rule for MobileNetV2 bottleneck outputs).
+
+What each block became is recorded in ``gm.meta["lm_plugin"]`` for the merge stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks import block_geometry, skip_offset
+from ..plan import Plan
+from ..trace.chain import Chain
+
+META_KEY = "lm_plugin"
+
+ACTIVATION_FACTORIES = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "hardswish": nn.Hardswish,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+}
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """How the trainable form is built.
+
+    Attributes:
+        linear_boundary_act: ``"reference"`` inserts an activation where a block spanning several layers ends at
+            an originally linear position (what the LayerMerge reference does for MobileNetV2); ``"none"`` never
+            inserts one.
+        inserted_act: activation kind to insert; ``None`` = the chain's most common activation.
+    """
+
+    linear_boundary_act: str = "reference"
+    inserted_act: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.linear_boundary_act not in ("reference", "none"):
+            raise ValueError("linear_boundary_act must be 'reference' or 'none'")
+        if self.inserted_act is not None and self.inserted_act not in ACTIVATION_FACTORIES:
+            raise ValueError(f"inserted_act must be one of {sorted(ACTIVATION_FACTORIES)}")
+
+
+def crop_to(x: torch.Tensor, ref: torch.Tensor, top: int, left: int, sh: int, sw: int, kh: int, kw: int):
+    """Crop ``x`` from ``(top, left)`` to the input extent a (kh, kw, stride sh/sw) valid conv needs to produce
+    ``ref``'s spatial size. Lines a folded skip up with its branch in the trainable form."""
+    h = (ref.shape[-2] - 1) * sh + kh
+    w = (ref.shape[-1] - 1) * sw + kw
+    return x[..., top:top + h, left:left + w]
+
+
+def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteOptions | None = None
+                 ) -> fx.GraphModule:
+    """Apply ``plan`` to a deep copy of ``gm`` (the traced original); ``gm`` itself is not modified."""
+    options = options or RewriteOptions()
+    plan.validate(chain)
+    out = copy.deepcopy(gm)
+    graph = out.graph
+    nodes = {n.name: n for n in graph.nodes}
+    alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
+    act_kind = options.inserted_act or _dominant_activation(chain)
+    records = []
+
+    def resolve(name: str) -> fx.Node:
+        node = nodes[name]
+        while node.name in alias:
+            node = alias[node.name]
+        return node
+
+    for st, end in plan.blocks():
+        kept = [j for j in range(st + 1, end + 1) if j in plan.kept_convs]
+        geo = block_geometry(chain, st, end, plan.kept_convs)
+        # 1. Remove the activations inside the block.
+        for i in range(st + 1, end):
+            act = chain.positions[i].act_node
+            if act is not None:
+                node = nodes[act]
+                alias[act] = node.args[0]  # type: ignore[assignment]
+                node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+                graph.erase_node(node)
+        # 2. Dropped convs (and their BN) become identities.
+        for j in range(st + 1, end + 1):
+            if j in plan.kept_convs:
+                continue
+            c = chain.conv(j)
+            conv_node = nodes[c.node]
+            unit_out = nodes[c.bn_node] if c.bn_node else conv_node
+            source = conv_node.args[0]
+            alias[unit_out.name] = source  # type: ignore[assignment]
+            unit_out.replace_all_uses_with(source)  # type: ignore[arg-type]
+            if unit_out is not conv_node:
+                graph.erase_node(unit_out)
+            graph.erase_node(conv_node)
+        # 3. Move the block's padding to its input: every node of the block that reads the input reads it padded.
+        block_in = resolve(chain.conv(st + 1).input_node)
+        folded = chain.residuals_within(st, end)
+        members = {nodes[chain.conv(j).node] for j in kept}
+        members |= {nodes[r.add_node] for r in folded}
+        members |= {nodes[r.projection_node] for r in folded if r.projection_node}
+        for j in kept:
+            out.get_submodule(chain.conv(j).name).padding = (0, 0)
+        padded = block_in
+        if geo.padding != (0, 0):
+            ph, pw = geo.padding
+            with graph.inserting_after(block_in):
+                padded = graph.call_function(F.pad, (block_in, (pw, pw, ph, ph)))
+            for user in list(block_in.users):
+                if user in members:
+                    user.replace_input_with(block_in, padded)
+        # 4. Folded residuals: the skip reads a tensor with a wider border than the branch output; crop it so that
+        #    it lines up with the branch (the merged kernel holds the skip at the same offset).
+        for r in folded:
+            add = nodes[r.add_node]
+            branch = add.args[1 - r.skip_index]
+            (dh, dw), _ = skip_offset(chain, r, plan.kept_convs)
+            if r.projection is None:
+                with graph.inserting_before(add):
+                    crop = graph.call_function(crop_to, (add.args[r.skip_index], branch, dh, dw, 1, 1, 1, 1))
+                new_args = list(add.args)
+                new_args[r.skip_index] = crop
+                add.args = tuple(new_args)
+            else:
+                proj = nodes[r.projection_node]  # type: ignore[index]
+                out.get_submodule(r.projection).padding = (0, 0)  # type: ignore[arg-type]
+                with graph.inserting_before(add):
+                    crop = graph.call_function(crop_to, (proj.args[0], branch, dh, dw, *r.stride, *r.kernel_size))
+                proj.args = (crop,)
+                add.prepend(proj)  # the crop needs the branch, so the skip now runs after it
+                if r.projection_bn_node:
+                    add.prepend(nodes[r.projection_bn_node])
+        # 5. The block's output: the value its merged conv will replace. An unfolded residual ending here is not
+        #    part of the block: its add stays after the merged conv.
+        end_pos = chain.positions[end]
+        res_end = chain.residual_at(end)
+        position_value = resolve(end_pos.pre_node)  # type: ignore[arg-type]
+        if res_end is not None and res_end not in folded:
+            block_out = nodes[res_end.add_node].args[1 - res_end.skip_index]
+        else:
+            block_out = position_value
+        assert isinstance(block_out, fx.Node)
+        inserted = None
+        if (options.linear_boundary_act == "reference" and end_pos.activation is None and not end_pos.is_break
+                and end - st >= 2 and act_kind is not None):
+            inserted = f"lm_inserted_act_{end}"
+            out.add_submodule(inserted, ACTIVATION_FACTORIES[act_kind]())
+            with graph.inserting_after(position_value):
+                act_node = graph.call_module(inserted, (position_value,))
+            position_value.replace_all_uses_with(act_node, delete_user_cb=lambda user: user is not act_node)
+            alias[position_value.name] = act_node
+        records.append({
+            "st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,
+            "inserted_act": inserted, "padded": padded.name,
+        })
+
+    graph.lint()
+    out.recompile()
+    out.delete_all_unused_submodules()
+    out.meta[META_KEY] = {
+        "form": "trainable",
+        "plan": plan.to_dict(),
+        "chain_id": chain.fingerprint(),
+        "options": asdict(options),
+        "blocks": records,
+    }
+    return out
+
+
+def _dominant_activation(chain: Chain) -> str | None:
+    kinds = Counter(p.activation for p in chain.positions if p.activation is not None)
+    return kinds.most_common(1)[0][0] if kinds else None
