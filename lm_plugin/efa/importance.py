@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
-from torch import nn
 
 from .gradients import LossFn, Side, accumulate_grams
 from .groups import WEIGHTED_TYPES, GroupSpec, describe_group, describe_groups
@@ -25,18 +24,19 @@ from .spectrum import pivoted_importance
 __all__ = ["EffectiveFilterImportance"]
 
 
-def _producer_key(DG: tp.DependencyGraph, group: tp.Group) -> frozenset[nn.Module]:
-    """Identify a group by the layers whose filters it removes: unlike the root layer, this set
-    does not depend on which layers the pruner ignores or on the order groups are enumerated."""
+def _producer_key(DG: tp.DependencyGraph, group: tp.Group) -> frozenset[str]:
+    """Identify a group by the names of the layers whose filters it removes. Unlike the root layer,
+    this set does not depend on which layers the pruner ignores; unlike module identity, it survives
+    ``copy.deepcopy`` (a report of a model also serves a copy of it)."""
     return frozenset(
-        item.dep.target.module
+        DG._module2name.get(item.dep.target.module, str(id(item.dep.target.module)))
         for item in group.items
         if isinstance(item.dep.target.module, WEIGHTED_TYPES) and DG.is_out_channel_pruning_fn(item.dep.handler)
     )
 
 
-def _spec_key(spec: GroupSpec) -> frozenset[nn.Module]:
-    return frozenset(s.module for s in spec.slices if s.role == "producer")
+def _spec_key(spec: GroupSpec) -> frozenset[str]:
+    return frozenset(spec.producers)
 
 
 class EffectiveFilterImportance(tp.importance.Importance):
@@ -49,8 +49,9 @@ class EffectiveFilterImportance(tp.importance.Importance):
     Args:
         data: Calibration batches ``(inputs, targets)``. Optional when ``report`` is given and the
             pruner prunes in one step.
-        report: A :class:`~lm_plugin.efa.RedundancyReport` of the same model, whose scores are
-            reused instead of recomputing gradients.
+        report: A :class:`~lm_plugin.efa.RedundancyReport` of the same model (or of an unmodified
+            copy: groups are matched by layer names), whose scores are reused instead of
+            recomputing gradients while the group's channel count is unchanged.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         num_batches: Use at most this many calibration batches.
         side: Which layers of a group enter its gradient matrix (see
@@ -80,8 +81,8 @@ class EffectiveFilterImportance(tp.importance.Importance):
         self.num_batches = num_batches
         self.side = report.side if report is not None else side
         self.device = device
-        self._scores: dict[frozenset[nn.Module], torch.Tensor] = {}
-        self._report_scores: dict[frozenset[nn.Module], torch.Tensor] = {}
+        self._scores: dict[frozenset[str], torch.Tensor] = {}
+        self._report_scores: dict[frozenset[str], torch.Tensor] = {}
         if report is not None:
             for g in report.groups:
                 if g.spec is not None:
