@@ -50,7 +50,7 @@ class Plan:
 
     @classmethod
     def sample(cls, chain: Chain, rng: random.Random | int | None = None, *, p_merge: float = 0.5,
-               p_drop: float = 0.5) -> Plan:
+               p_drop: float = 0.5, max_kernel: int | None = 9) -> Plan:
         """Draw a random *valid* plan (used by property-based tests and random search).
 
         Args:
@@ -58,11 +58,15 @@ class Plan:
             rng: a ``random.Random`` or a seed.
             p_merge: probability that a removable activation is removed.
             p_drop: probability that a prunable conv is dropped (at least one conv per block is kept).
+            max_kernel: split blocks whose merged kernel would exceed this size (None: no limit). Huge
+                merged kernels are valid but slow and memory-hungry, and no latency budget would pick them.
         """
         rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         bounds = set(chain.breaks) | {i for i in chain.mergeable_positions if rng.random() >= p_merge}
         _repair_crossings(chain, bounds)
         kept = set(range(1, chain.length + 1))
+        if max_kernel is not None:
+            _split_large_blocks(chain, bounds, kept, max_kernel)
         # A residual that cannot fold even with every conv kept (unusual padding) must stay unfolded.
         for r in chain.residuals:
             if fold_problem(chain, r, kept) is not None:
@@ -218,3 +222,15 @@ def _repair_crossings(chain: Chain, bounds: set[int]) -> None:
                 if residual_relation(st, end, r) == "crosses":
                     bounds |= {r.source, r.target}
                     changed = True
+
+
+def _split_large_blocks(chain: Chain, bounds: set[int], kept: set[int], max_kernel: int) -> None:
+    """Add boundaries in the middle of blocks whose merged kernel (all convs kept) exceeds ``max_kernel``."""
+    while True:
+        too_big = [(st, end) for st, end in blocks_of(bounds, chain.length)
+                   if end - st > 1 and max(block_geometry(chain, st, end, kept).kernel_size) > max_kernel]
+        if not too_big:
+            return
+        for st, end in too_big:
+            bounds.add((st + end) // 2)
+        _repair_crossings(chain, bounds)

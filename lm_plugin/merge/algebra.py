@@ -5,8 +5,8 @@ its input, so inside a group a conv reads only real values and the composition o
 
     (W2, b2, s2) ∘ (W1, b1, s1)  =  (W2 ⊛ W1, (Σ_taps W2)·b1 + b2, s1·s2),   kernel k1 + (k2 − 1)·s1
 
-where ``W2 ⊛ W1`` is a full convolution of the kernels with in/out roles swapped (computed here with
-``conv_transpose2d``). Grouped convs with equal groups compose group-wise and stay grouped (depthwise stays
+where ``W2 ⊛ W1`` is a full convolution of the kernels with in/out roles swapped (computed here as one
+channel matmul per tap of ``W2``). Grouped convs with equal groups compose group-wise and stay grouped (depthwise stays
 depthwise); otherwise both sides are expanded to dense block-diagonal kernels first.
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 Pair = tuple[int, int]
 DTYPE = torch.float64  # merge arithmetic is done in float64, then cast to the model's dtype
@@ -90,17 +89,24 @@ class LinearConv:
         g = first.groups
         w1, w2 = first.weight, second.weight
         c2, c1g, k2h, k2w = w2.shape
-        c2g = c2 // g
-        # Batch over the second conv's outputs, transpose-convolve with the first kernel (stride = s1).
-        x = w2.reshape(g, c2g, c1g, k2h, k2w).transpose(0, 1).reshape(c2g, g * c1g, k2h, k2w)
-        out = F.conv_transpose2d(x, w1, stride=first.stride, groups=g)  # [c2g, g * cin_g, K, K]
-        cin_g = w1.shape[1]
-        w = out.reshape(c2g, g, cin_g, *out.shape[2:]).transpose(0, 1).reshape(c2, cin_g, *out.shape[2:])
+        c1, cin_g, k1h, k1w = w1.shape
+        (s1h, s1w), c2g = first.stride, c2 // g
+        kh, kw = k1h + (k2h - 1) * s1h, k1w + (k2w - 1) * s1w
+        # One batched matmul per tap of the second kernel: tap (vh, vw) shifts the first kernel by (vh, vw)*s1.
+        # (BLAS matmuls; conv_transpose2d has no fast float64 path on CPU.)
+        w = w1.new_zeros(g, c2g, cin_g, kh, kw)
+        w1g = w1.reshape(g, c1 // g, cin_g * k1h * k1w)
+        w2g = w2.reshape(g, c2g, c1g, k2h, k2w)
+        for vh in range(k2h):
+            for vw in range(k2w):
+                prod = torch.bmm(w2g[:, :, :, vh, vw], w1g).reshape(g, c2g, cin_g, k1h, k1w)
+                w[:, :, :, vh * s1h:vh * s1h + k1h, vw * s1w:vw * s1w + k1w] += prod
+        w = w.reshape(c2, cin_g, kh, kw)
         # Every output of a valid conv reads real intermediate values, so b1 enters through every tap.
         tap_sum = w2.sum(dim=(2, 3)).reshape(g, c2g, c1g)
         b = (tap_sum @ first.bias.reshape(g, c1g, 1)).reshape(c2) + second.bias
         stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
-        return LinearConv(w.contiguous(), b, stride, g)
+        return LinearConv(w, b, stride, g)
 
     def plus(self, other: LinearConv, offset: Pair) -> LinearConv:
         """``self + other`` where ``other``'s (smaller) kernel sits at ``offset`` inside ``self``'s kernel."""

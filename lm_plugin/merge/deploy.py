@@ -24,10 +24,16 @@ from ..trace.graph import is_foldable_bn
 from .algebra import LinearConv
 
 
-def merge(trainable: fx.GraphModule, chain: Chain) -> fx.GraphModule:
+MAX_MERGED_BYTES = 2 * 1024**3  # float64 bytes of one merged kernel we agree to build
+
+
+def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGED_BYTES) -> fx.GraphModule:
     """Deploy form of a trainable-form model made by :func:`lm_plugin.rewrite.to_trainable`.
 
     The trainable model is not modified. The result is an eval-mode ``GraphModule`` with one conv per block.
+
+    Raises:
+        MergeError: not a trainable form of this chain, or a block would merge into an absurdly large kernel.
     """
     info = trainable.meta.get(META_KEY) if isinstance(trainable, fx.GraphModule) else None
     if not info or info.get("form") != "trainable":
@@ -39,6 +45,15 @@ def merge(trainable: fx.GraphModule, chain: Chain) -> fx.GraphModule:
     if info["chain_id"] != chain.fingerprint():
         raise MergeError("this trainable model was made from a different chain (model or ignored_layers differ)")
     plan = Plan.from_dict(info["plan"])
+    for st, end in plan.blocks():
+        geo = block_geometry(chain, st, end, plan.kept_convs)
+        size = geo.out_channels * geo.in_channels // geo.groups * geo.kernel_size[0] * geo.kernel_size[1] * 8
+        if size > max_bytes:
+            raise MergeError(
+                f"block ({st},{end}] would merge into a {geo.kernel_size[0]}x{geo.kernel_size[1]} conv of "
+                f"{size / 1024**3:.1f} GiB; keep an activation inside it (a position in {st + 1}..{end - 1}) "
+                "or raise max_bytes"
+            )
     gm = copy.deepcopy(trainable).eval()
     mod = gm.get_submodule
     ref = next(iter(gm.parameters()))

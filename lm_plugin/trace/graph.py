@@ -72,13 +72,25 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     gm.eval()
     with torch.no_grad():
         try:
-            ShapeProp(gm).propagate(*inputs)
+            _propagate_shapes(gm, inputs)
         except Exception as exc:
             raise UntraceableModelError(
                 f"The traced model failed on the example inputs ({_describe(inputs)}): "
                 f"{type(exc).__name__}: {exc}\nCheck that example_inputs have the shape the model expects."
             ) from exc
     return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Annotate nodes with shapes. Fake tensors make this free of compute (float64 depthwise convs are very
+    slow on CPU); models that fake tensors cannot run fall back to a real forward pass."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        ShapeProp(gm, fake_mode=mode).propagate(*(mode.from_tensor(t) for t in inputs))
+    except Exception:
+        ShapeProp(gm).propagate(*inputs)
 
 
 def normalize_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
