@@ -6,17 +6,31 @@ It owns the traced copy of the model and its chain; ``apply(plan)`` gives the tr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .budget import Budget
+from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
 from .errors import LayerMergeError
+from .latency import Profiler, get_profiler
 from .merge import merge as _merge
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
+from .rewrite.trainable import _dominant_activation
+from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
+from .trace.graph import normalize_inputs
+
+
+def default_cache_dir() -> Path:
+    """``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``."""
+    return Path(os.environ.get("LM_PLUGIN_CACHE", Path.home() / ".cache" / "lm_plugin"))
 
 
 class LayerMergePruner:
@@ -24,12 +38,21 @@ class LayerMergePruner:
 
     Args:
         model: the network to compress (any ``nn.Module`` torch.fx can trace). It is never modified.
-        budget: latency budget, a fraction of the original network's latency in ``(0, 1]`` (used by
-            ``search()``).
+        budget: latency budget: a fraction in ``(0, 1]`` of the original network's measured latency, or an
+            absolute time such as ``"12.5ms"``.
         example_inputs: a tensor (or tuple of tensors) with the shape the network will run at; convs are
             profiled at the shapes this produces.
         ignored_layers: conv modules (or their qualified names) that must be kept as they are.
         rewrite: options of the trainable form (see :class:`lm_plugin.rewrite.RewriteOptions`).
+        mode: ``"layermerge"`` (joint), ``"act_only"`` or ``"layer_only"`` (the two baselines).
+        max_kernel: largest merged kernel the search considers.
+        backend: latency backend: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"onnxruntime"``, ``"tensorrt"``; or a ready :class:`lm_plugin.latency.Profiler`.
+        batch_size: batch size latency is measured at (default: that of ``example_inputs``).
+        profiler_settings: further profiler settings (``warmup``, ``repeats``, ``threads`` ...).
+        cache_dir: where tables are cached (default ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``); None
+            disables caching.
+        progress: show progress bars on long work.
 
     Example:
         >>> pruner = LayerMergePruner(model, budget=0.7, example_inputs=torch.randn(1, 3, 224, 224))
@@ -46,6 +69,13 @@ class LayerMergePruner:
         *,
         ignored_layers: Iterable[nn.Module | str] = (),
         rewrite: RewriteOptions | None = None,
+        mode: str = "layermerge",
+        max_kernel: int | None = DEFAULT_MAX_KERNEL,
+        backend: str | Profiler = "auto",
+        batch_size: int | None = None,
+        profiler_settings: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = "default",
+        progress: bool = True,
     ) -> None:
         if example_inputs is None:
             raise LayerMergeError(
@@ -53,12 +83,57 @@ class LayerMergePruner:
                 "example_inputs=torch.randn(1, 3, 224, 224)"
             )
         self.model = model
-        self.budget = budget
-        self.example_inputs = example_inputs
+        self.budget = Budget.parse(budget)
+        self.example_inputs = normalize_inputs(example_inputs)
         self.rewrite = rewrite or RewriteOptions()
-        self.graph_module: fx.GraphModule = trace(model, example_inputs)
+        self.mode = mode
+        self.max_kernel = max_kernel
+        self.progress = progress
+        self.graph_module: fx.GraphModule = trace(model, self.example_inputs)
         self.ignored_layers = tuple(self._names(model, ignored_layers))
         self.chain: Chain = extract_chain(self.graph_module, self.ignored_layers)
+        self.candidates: list[Candidate] = enumerate_candidates(
+            self.chain, mode, max_kernel=max_kernel, inserted_act=self._inserted_act())
+        self._backend = backend
+        self._batch_size = batch_size or self.example_inputs[0].shape[0]
+        self._profiler_settings = dict(profiler_settings or {})
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+        self._profiler: Profiler | None = backend if isinstance(backend, Profiler) else None
+        self._latency: LatencyModel | None = None
+
+    def _inserted_act(self) -> str | None:
+        if self.rewrite.linear_boundary_act == "none":
+            return None
+        return self.rewrite.inserted_act or _dominant_activation(self.chain)
+
+    # ------------------------------------------------------------------------------------------- latency
+    @property
+    def profiler(self) -> Profiler:
+        """The profiler every latency of this pruner is measured with (created on first use)."""
+        if self._profiler is None:
+            self._profiler = get_profiler(str(self._backend), batch_size=self._batch_size,
+                                          **self._profiler_settings)
+        return self._profiler
+
+    def latency_model(self) -> LatencyModel:
+        """Build (or load from the cache) the latency table of every candidate block."""
+        if self._latency is None:
+            self._latency = build_latency_model(
+                self.graph_module, self.chain, self.candidates, self.example_inputs, self.profiler,
+                cache_dir=self.cache_dir, progress=self.progress)
+        return self._latency
+
+    def predict_latency(self, plan: Plan) -> float:
+        """Predicted end-to-end latency (ms) of the network ``plan`` deploys to."""
+        return self.latency_model().predict(plan)
+
+    def measure_latency(self, model: nn.Module) -> float:
+        """Measured latency (ms, median) of any model, with the same backend and settings as the table."""
+        return self.profiler.measure(model, self.example_inputs).median_ms
+
+    def budget_ms(self) -> float:
+        """The budget in ms (a ratio budget is relative to the original network's measured latency)."""
+        return self.budget.to_ms(self.latency_model().original_ms)
 
     @staticmethod
     def _names(model: nn.Module, layers: Iterable[nn.Module | str]) -> list[str]:

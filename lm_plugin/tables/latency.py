@@ -1,0 +1,160 @@
+"""Stage 3a: the latency table of a chain and the end-to-end latency model built on it.
+
+Every candidate block is timed as the module it becomes in the deployed network — the merged conv, plus the
+residual add that follows it when the block ends a residual it does not fold, plus its activation — at its
+*true* input shape (the traced shape, after any pooling). Projection skips are timed on their own, since
+folding a residual removes them. The rest of the network (stem pooling, head, ...) is measured once as
+
+    rest = T(original network) − Σ T(blocks of the identity plan) − Σ T(projection skips)
+
+so that ``predict(plan) = rest + Σ T(plan's blocks) + Σ T(its unfolded projection skips)`` is an end-to-end
+latency, and budgets can be stated as a fraction of the original network's measured latency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..blocks import block_geometry
+from ..candidates import Candidate
+from ..latency import LatencyTable, ModuleSpec, Profiler
+from ..latency.canonical import canonical_json
+from ..latency.conv_block import activation_module, conv_block_key, conv_block_module
+from ..plan import Plan
+from ..trace.chain import Chain, Residual
+
+
+class _ConvAddAct(nn.Module):
+    """Merged conv, then a residual add of a tensor of the same shape, then the activation."""
+
+    def __init__(self, block: nn.Sequential) -> None:
+        super().__init__()
+        self.conv, self.act = block[0], block[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.act(y + y)  # same memory traffic as adding the skip tensor
+
+
+def candidate_spec(c: Candidate) -> ModuleSpec:
+    """What to time for candidate ``c`` (shared across positions with the same geometry)."""
+    key = {**conv_block_key(c.geometry, c.activation), "residual_add": c.residual_add}
+    if c.residual_add:
+        return ModuleSpec(lambda: _ConvAddAct(conv_block_module(c.geometry, c.activation)),
+                          tuple(c.geometry.input_shape), key)
+    return ModuleSpec(lambda: conv_block_module(c.geometry, c.activation), tuple(c.geometry.input_shape), key)
+
+
+def skip_spec(chain: Chain, r: Residual) -> ModuleSpec:
+    """The projection conv of residual ``r`` (BN folded), at its input shape."""
+    src = chain.conv(r.source + 1).input_shape
+    cin, cout = src[1], chain.conv(r.target).out_channels
+
+    def build() -> nn.Module:
+        return nn.Conv2d(cin, cout, r.kernel_size, r.stride, r.padding, groups=r.groups, bias=True)
+
+    key = {"op": "skip_conv2d", "in_channels": cin, "out_channels": cout, "kernel_size": list(r.kernel_size),
+           "stride": list(r.stride), "padding": list(r.padding), "groups": r.groups, "input_shape": list(src[1:])}
+    return ModuleSpec(build, tuple(src), key)
+
+
+def network_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Cache key of the whole network: its traced code and module structure (weights do not matter)."""
+    text = gm.code + repr(gm)
+    return {"op": "network", "graph": hashlib.sha1(text.encode()).hexdigest()[:16],
+            "inputs": [list(t.shape[1:]) for t in example_inputs]}
+
+
+def cache_path(cache_dir: str | os.PathLike[str], profiler: Profiler) -> Path:
+    """One cache file per profiler signature, so backends and batch sizes never overwrite each other."""
+    digest = hashlib.sha1(canonical_json(profiler.signature()).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"latency-{profiler.name}-{digest}.jsonl"
+
+
+@dataclass
+class LatencyModel:
+    """End-to-end latency of any plan of a chain, from per-block measurements.
+
+    Attributes:
+        original_ms: measured latency of the uncompressed network.
+        rest_ms: latency of everything outside the chain's blocks and skips.
+        block_ms: ``Candidate.key -> ms``.
+        skip_ms: residual target -> ms of its projection skip.
+        signature: the profiler signature every number was measured with.
+    """
+
+    chain: Chain
+    original_ms: float
+    rest_ms: float
+    block_ms: dict[tuple, float]
+    skip_ms: dict[int, float]
+    signature: dict[str, Any]
+
+    def entry_key(self, st: int, end: int, kept) -> tuple:
+        geo = block_geometry(self.chain, st, end, kept)
+        return (st, end, geo.kernel_size[0], geo.kernel_size[1], geo.groups)
+
+    def block(self, st: int, end: int, kept) -> float:
+        """Latency of block ``(st, end]`` keeping ``kept``.
+
+        Raises:
+            KeyError: the block is not in the table (e.g. its kernel exceeds the table's ``max_kernel``).
+        """
+        key = self.entry_key(st, end, kept)
+        if key not in self.block_ms:
+            raise KeyError(f"block ({st},{end}] with kernel {key[2]}x{key[3]} is not in the latency table; "
+                           "rebuild it with a larger max_kernel")
+        return self.block_ms[key]
+
+    def predict(self, plan: Plan) -> float:
+        """Predicted end-to-end latency of ``plan`` in ms."""
+        plan.validate(self.chain)
+        total = self.rest_ms
+        for st, end in plan.blocks():
+            total += self.block(st, end, plan.kept_convs)
+        folded = {r.target for st, end in plan.blocks() for r in self.chain.residuals_within(st, end)}
+        total += sum(ms for target, ms in self.skip_ms.items() if target not in folded)
+        return total
+
+
+def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
+                        example_inputs: Sequence[torch.Tensor], profiler: Profiler, *,
+                        cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> LatencyModel:
+    """Time every candidate, the projection skips and the whole network; return the latency model.
+
+    The identity plan's blocks must be among ``candidates`` (single-conv blocks always are).
+    """
+    entries: list[tuple[Any, ModuleSpec]] = [(("block",) + c.key, candidate_spec(c)) for c in candidates]
+    skips = [r for r in chain.residuals if r.projection is not None]
+    entries += [(("skip", r.target), skip_spec(chain, r)) for r in skips]
+    net = _frozen(gm)
+    entries.append((("network",), ModuleSpec(lambda: net, tuple(tuple(t.shape) for t in example_inputs),
+                                              network_key(gm, example_inputs))))
+    cache = cache_path(cache_dir, profiler) if cache_dir is not None else None
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    table = LatencyTable.build(entries, profiler, cache=cache, progress=progress, description="latency table")
+    block_ms = {c.key: table.ms(("block",) + c.key) for c in candidates}
+    skip_ms = {r.target: table.ms(("skip", r.target)) for r in skips}
+    original = table.ms(("network",))
+    model = LatencyModel(chain, original, 0.0, block_ms, skip_ms, dict(table.signature))
+    identity = Plan.identity(chain)
+    model.rest_ms = original - (model.predict(identity) - model.rest_ms)
+    return model
+
+
+def _frozen(gm: fx.GraphModule) -> nn.Module:
+    """The traced network as timed: eval mode (the profiler copies it if it must change device or dtype)."""
+    return gm.eval()
+
+
+__all__ = ["LatencyModel", "activation_module", "build_latency_model", "cache_path", "candidate_spec"]
