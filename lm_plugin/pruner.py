@@ -23,6 +23,8 @@ from .merge import merge as _merge
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .rewrite.trainable import _dominant_activation
+from .solve import Entry, InfeasibleBudgetError, Solution, solve
+from .tables.importance import ImportanceEstimator, ImportanceTable, build_importance_table, make_estimator
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
@@ -53,6 +55,13 @@ class LayerMergePruner:
         cache_dir: where tables are cached (default ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``); None
             disables caching.
         progress: show progress bars on long work.
+        importance: importance estimator: ``"distill"`` (default; a few distillation steps per block),
+            ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or an
+            :class:`~lm_plugin.tables.importance.ImportanceEstimator`.
+        train_data: ``(inputs, targets)`` batches for the training estimators (a ``DataLoader``).
+        eval_data: batches the importance metric is measured on.
+        importance_settings: further estimator settings (``steps``, ``max_lr``, ``metric``, ``seed`` ...).
+        resolution: latency resolution of the DP, as a fraction of the original latency (0.001 = 0.1 %).
 
     Example:
         >>> pruner = LayerMergePruner(model, budget=0.7, example_inputs=torch.randn(1, 3, 224, 224))
@@ -76,6 +85,11 @@ class LayerMergePruner:
         profiler_settings: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = "default",
         progress: bool = True,
+        importance: str | ImportanceEstimator = "distill",
+        train_data: Any = None,
+        eval_data: Any = None,
+        importance_settings: dict[str, Any] | None = None,
+        resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
             raise LayerMergeError(
@@ -100,6 +114,16 @@ class LayerMergePruner:
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         self._profiler: Profiler | None = backend if isinstance(backend, Profiler) else None
         self._latency: LatencyModel | None = None
+        if isinstance(importance, ImportanceEstimator):
+            self.estimator = importance
+        else:
+            self.estimator = make_estimator(importance, train_data=train_data, eval_data=eval_data,
+                                            **(importance_settings or {}))
+        if not 0 < resolution < 1:
+            raise ValueError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
+        self.resolution = resolution
+        self._importance: ImportanceTable | None = None
+        self.solution: Solution | None = None
 
     def _inserted_act(self) -> str | None:
         if self.rewrite.linear_boundary_act == "none":
@@ -130,6 +154,61 @@ class LayerMergePruner:
     def measure_latency(self, model: nn.Module) -> float:
         """Measured latency (ms, median) of any model, with the same backend and settings as the table."""
         return self.profiler.measure(model, self.example_inputs).median_ms
+
+    # ---------------------------------------------------------------------------------------- selection
+    def importance_table(self) -> ImportanceTable:
+        """Build (or load from the cache) the importance of every candidate block."""
+        if self._importance is None:
+            cache = Path(self.cache_dir) if self.cache_dir is not None else None
+            self._importance = build_importance_table(self.graph_module, self.chain, self.candidates,
+                                                      self.estimator, rewrite=self.rewrite, cache_dir=cache,
+                                                      progress=self.progress)
+        return self._importance
+
+    def entries(self) -> list[Entry]:
+        """The DP's items: each candidate with its representative subset, latency cost and importance.
+
+        A block that folds a projection skip is credited with the skip's latency (the skip disappears).
+        """
+        lat, imp = self.latency_model(), self.importance_table()
+        out = []
+        for c in self.candidates:
+            saved = sum(lat.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(c.st, c.end))
+            out.append(Entry(c.st, c.end, imp.subsets[c.key], lat.block_ms[c.key] - saved, imp.values[c.key],
+                             c.key))
+        return out
+
+    def search(self, budget: float | str | Budget | None = None) -> Plan:
+        """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
+
+        Builds (or loads) the latency and importance tables, then solves the DP.
+
+        Raises:
+            InfeasibleBudgetError: no plan meets the budget; the message gives the smallest achievable latency.
+        """
+        target = Budget.parse(budget) if budget is not None else self.budget
+        lat = self.latency_model()
+        budget_ms = target.to_ms(lat.original_ms)
+        fixed = lat.rest_ms + sum(lat.skip_ms.values())  # outside the blocks, before any skip is folded
+        try:
+            solution = solve(self.entries(), self.chain.length, budget_ms - fixed,
+                             self.resolution * lat.original_ms)
+        except InfeasibleBudgetError as exc:
+            lowest = exc.min_latency_ms + fixed
+            raise InfeasibleBudgetError(
+                f"no plan meets the budget of {budget_ms:.3f} ms ({budget_ms / lat.original_ms:.1%} of the "
+                f"original {lat.original_ms:.3f} ms). The smallest achievable predicted latency is "
+                f"{lowest:.3f} ms ({lowest / lat.original_ms:.1%}) in mode {self.mode!r} with "
+                f"max_kernel={self.max_kernel}; raise the budget to at least that.", lowest) from None
+        self.solution = solution
+        kept_acts = {e.end for e in solution.entries} - {self.chain.length}
+        kept_convs = {j for e in solution.entries for j in e.kept}
+        return Plan(self.chain.length, kept_acts, kept_convs, self.chain.fingerprint())
+
+    def step(self, budget: float | str | Budget | None = None) -> fx.GraphModule:
+        """``search()`` then ``apply()``: the trainable form of the best plan (torch-pruning's habit)."""
+        self.plan = self.search(budget)
+        return self.apply(self.plan)
 
     def budget_ms(self) -> float:
         """The budget in ms (a ratio budget is relative to the original network's measured latency)."""

@@ -74,8 +74,12 @@ def signature_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(changed)
 
 
-class LatencyCache:
-    """Measurements by key for one profiler signature, optionally persisted to a file.
+class RecordCache:
+    """Values by key for one signature, optionally persisted to a checksummed JSON Lines file.
+
+    Subclasses say what a value is (``_encode_value`` / ``_decode_value``), the file's format name and the
+    entry field holding the value: :class:`LatencyCache` stores :class:`Measurement` s, the importance table
+    stores numbers. File format and recovery rules (module docstring) are the same for all.
 
     Keys are any JSON-able values (dicts, lists, tuples, dataclasses, ...; see
     :func:`~lm_plugin.latency.canonical.to_jsonable`) and are compared in canonical form, so ``{"a": 1,
@@ -97,17 +101,27 @@ class LatencyCache:
         self.path = Path(path) if path is not None else None
         self.signature: dict[str, Any] = to_jsonable(dict(signature))
         self.problems: list[str] = []
-        self._entries: dict[str, tuple[Any, Measurement]] = {}
+        self._entries: dict[str, tuple[Any, Any]] = {}
         if self.path is not None:
             self._open()
 
+    FORMAT: str = "lm_plugin.record-cache"
+    VALUE_FIELD: str = "value"
+    WHAT: str = "cache"
+
+    def _encode_value(self, value: Any) -> Any:
+        return value
+
+    def _decode_value(self, data: Any) -> Any:
+        return data
+
     # ----------------------------------------------------------------------------------------- mapping
-    def get(self, key: Any) -> Measurement | None:
+    def get(self, key: Any) -> Any:
         """The measurement stored for ``key``, or None."""
         entry = self._entries.get(canonical_json(key))
         return entry[1] if entry is not None else None
 
-    def __getitem__(self, key: Any) -> Measurement:
+    def __getitem__(self, key: Any) -> Any:
         found = self.get(key)
         if found is None:
             raise KeyError(f"no latency cached for key {canonical_json(key)}")
@@ -123,16 +137,16 @@ class LatencyCache:
         """Keys in JSON form (tuples read back as lists)."""
         return (key for key, _ in self._entries.values())
 
-    def items(self) -> Iterator[tuple[Any, Measurement]]:
+    def items(self) -> Iterator[tuple[Any, Any]]:
         """``(key, measurement)`` pairs, keys in JSON form."""
         return iter(list(self._entries.values()))
 
-    def put(self, key: Any, measurement: Measurement) -> None:
+    def put(self, key: Any, measurement: Any) -> None:
         """Store ``measurement`` under ``key``, appending it to the file and flushing it to disk at once."""
         canonical = canonical_json(key)
         jsonable = json.loads(canonical)
         if self.path is not None:
-            line = encode_line({"key": jsonable, "measurement": measurement.to_dict()})
+            line = encode_line({"key": jsonable, self.VALUE_FIELD: self._encode_value(measurement)})
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(line)
                 f.flush()
@@ -141,7 +155,7 @@ class LatencyCache:
 
     # ------------------------------------------------------------------------------------------ file io
     def _header(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "signature": self.signature}
+        return {"format": self.FORMAT, "version": FORMAT_VERSION, "signature": self.signature}
 
     def _open(self) -> None:
         assert self.path is not None
@@ -180,8 +194,8 @@ class LatencyCache:
             header = decode_line(raw)
         except CorruptLine as exc:
             return f"the header line is unreadable ({exc})"
-        if header.get("format") != FORMAT_NAME:
-            return f"it is not a latency cache (format {header.get('format')!r})"
+        if header.get("format") != self.FORMAT:
+            return f"it is not a {self.WHAT} (format {header.get('format')!r})"
         if header.get("version") != FORMAT_VERSION:
             return f"it has format version {header.get('version')!r}, this lm_plugin reads {FORMAT_VERSION}"
         signature = header.get("signature")
@@ -193,12 +207,12 @@ class LatencyCache:
 
     def _load_entry(self, raw: bytes) -> None:
         payload = decode_line(raw)
-        if set(payload) != {"key", "measurement"} or not isinstance(payload["measurement"], dict):
+        if set(payload) != {"key", self.VALUE_FIELD}:
             raise CorruptLine("not a cache entry")
         try:
-            measurement = Measurement.from_dict(payload["measurement"])
-        except (TypeError, ValueError) as exc:
-            raise CorruptLine(f"bad measurement ({exc})") from None
+            measurement = self._decode_value(payload[self.VALUE_FIELD])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CorruptLine(f"bad {self.VALUE_FIELD} ({exc})") from None
         self._entries[canonical_json(payload["key"])] = (payload["key"], measurement)
 
     def _rewrite(self) -> None:
@@ -209,10 +223,30 @@ class LatencyCache:
         with tmp.open("w", encoding="utf-8") as f:
             f.write(encode_line(self._header()))
             for key, measurement in self._entries.values():
-                f.write(encode_line({"key": key, "measurement": measurement.to_dict()}))
+                f.write(encode_line({"key": key, self.VALUE_FIELD: self._encode_value(measurement)}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def _warn(self, message: str) -> None:
-        warnings.warn(f"latency cache {self.path}: {message}", LatencyCacheWarning, stacklevel=3)
+        warnings.warn(f"{self.WHAT} {self.path}: {message}", LatencyCacheWarning, stacklevel=3)
+
+
+class LatencyCache(RecordCache):
+    """Measurements by key for one profiler signature, optionally persisted to a file (see :class:`RecordCache`).
+
+    Keys must include everything *besides the profiler* that changes a measurement (layer geometry, input
+    shape, activation ...).
+    """
+
+    FORMAT = FORMAT_NAME
+    VALUE_FIELD = "measurement"
+    WHAT = "latency cache"
+
+    def _encode_value(self, value: Measurement) -> dict[str, Any]:
+        return value.to_dict()
+
+    def _decode_value(self, data: Any) -> Measurement:
+        if not isinstance(data, dict):
+            raise TypeError("a measurement must be a JSON object")
+        return Measurement.from_dict(data)

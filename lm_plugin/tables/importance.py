@@ -1,0 +1,255 @@
+"""Stage 3b: the importance table — how much each candidate block costs in accuracy.
+
+Every estimator scores a candidate the same way: build the network with *only that block* compressed (the
+candidate's representative kept subset, everything else as in the original), optionally train it briefly, and
+measure the metric. ``importance = metric(compressed) − metric(original)`` (percentage points for accuracy).
+Summing these over the chosen blocks is the DP's objective; maximising the sum of ``Δacc`` is the same as
+maximising the paper's product of ``exp(Δacc / 100)``.
+
+Estimators (one interface, :class:`ImportanceEstimator`):
+
+* ``finetune``  — the paper's: fine-tune the whole network for ``steps`` on the training data, then evaluate;
+* ``zero_shot`` — no training: the metric right after compression, on a calibration set (cheapest);
+* ``distill``   — a few steps of distillation toward the original network's logits (our cheap proxy of
+  ``finetune``: the student starts next to the teacher, so a short KD run recovers most of what a longer
+  task-loss fine-tune recovers, at a fraction of the steps).
+
+Entries are independent, cached one by one (checksummed JSON Lines, like the latency cache) and resumable.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..candidates import Candidate
+from ..latency.cache import RecordCache
+from ..latency.canonical import canonical_json
+from ..plan import Plan
+from ..rewrite import RewriteOptions, to_trainable
+from ..train import evaluate, fit
+from ..trace.chain import Chain
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+class ImportanceCache(RecordCache):
+    """Importance values (floats) by candidate key, for one estimator signature."""
+
+    FORMAT = "lm_plugin.importance-cache"
+    VALUE_FIELD = "importance"
+    WHAT = "importance cache"
+
+    def _decode_value(self, data: Any) -> float:
+        if not isinstance(data, (int, float)) or isinstance(data, bool):
+            raise TypeError("importance must be a number")
+        return float(data)
+
+
+@dataclass
+class ImportanceEstimator:
+    """Scores candidate blocks. Subclasses set ``name`` and implement :meth:`adapt`.
+
+    Args:
+        train_data: batches ``(inputs, targets)`` used for training (finetune / distill).
+        eval_data: batches used to measure the metric.
+        metric: ``"accuracy"`` (top-1 %, higher is better) or ``metric(logits, targets) -> float`` (higher is
+            better).
+        steps: optimiser steps per entry (training estimators).
+        max_lr: peak learning rate of the per-entry OneCycle schedule.
+        seed: seed of every per-entry run, so entries are comparable.
+        device: where to train and evaluate.
+    """
+
+    train_data: Iterable[Any] | None = None
+    eval_data: Iterable[Any] | None = None
+    metric: str | MetricFn = "accuracy"
+    steps: int = 50
+    max_lr: float = 0.02
+    seed: int = 0
+    device: str | None = None
+
+    name = "base"
+
+    def adapt(self, model: nn.Module, original: nn.Module) -> None:
+        """Train ``model`` (the network with one block compressed) in place; default: nothing."""
+
+    def score(self, model: nn.Module) -> float:
+        if self.eval_data is None:
+            raise ValueError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
+        return evaluate(model, self.eval_data, self.metric, device=self.device)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes a score (part of the cache signature)."""
+        metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "custom")
+        return {"estimator": self.name, "metric": metric, "steps": self.steps, "max_lr": self.max_lr,
+                "seed": self.seed, "train": _data_id(self.train_data), "eval": _data_id(self.eval_data)}
+
+
+@dataclass
+class ZeroShotImportance(ImportanceEstimator):
+    """Metric change right after compression, no training."""
+
+    name = "zero_shot"
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "steps": 0, "max_lr": 0.0, "train": None}
+
+
+@dataclass
+class FinetuneImportance(ImportanceEstimator):
+    """The paper's estimator: fine-tune all weights for ``steps`` with the task loss, then evaluate."""
+
+    steps: int = 200
+    name = "finetune"
+
+    def adapt(self, model: nn.Module, original: nn.Module) -> None:
+        if self.train_data is None:
+            raise ValueError("the finetune importance estimator needs train_data (a DataLoader)")
+        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, device=self.device, progress=False,
+            seed=self.seed)
+
+
+@dataclass
+class DistillImportance(ImportanceEstimator):
+    """A few steps of distillation toward the original network (teacher), then evaluate."""
+
+    steps: int = 30
+    temperature: float = 4.0
+    name = "distill"
+
+    def adapt(self, model: nn.Module, original: nn.Module) -> None:
+        if self.train_data is None:
+            raise ValueError("the distill importance estimator needs train_data (a DataLoader)")
+        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=original, distill_alpha=1.0,
+            temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "temperature": self.temperature}
+
+
+ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
+    "zero_shot": ZeroShotImportance,
+    "finetune": FinetuneImportance,
+    "distill": DistillImportance,
+}
+
+
+def make_estimator(spec: str | ImportanceEstimator, **kwargs: Any) -> ImportanceEstimator:
+    """An estimator from its name (``"finetune"``, ``"zero_shot"``, ``"distill"``) or an instance."""
+    if isinstance(spec, ImportanceEstimator):
+        return spec
+    if spec not in ESTIMATORS:
+        raise ValueError(f"unknown importance estimator {spec!r}; use one of {sorted(ESTIMATORS)} or an instance")
+    return ESTIMATORS[spec](**kwargs)
+
+
+def representative(gm: fx.GraphModule, chain: Chain, candidate: Candidate) -> tuple[int, ...]:
+    """The kept subset that stands for a candidate: the one keeping the most ``Σ‖W‖₁`` (as the reference)."""
+    if len(candidate.subsets) == 1:
+        return candidate.subsets[0]
+    norms = {j: float(gm.get_submodule(chain.conv(j).name).weight.detach().abs().sum())
+             for j in range(candidate.st + 1, candidate.end + 1)}
+    return max(candidate.subsets, key=lambda kept: (sum(norms[j] for j in kept), kept))
+
+
+def single_block_plan(chain: Chain, st: int, end: int, kept: Sequence[int]) -> Plan:
+    """The identity plan except block ``(st, end]``, which keeps only ``kept``."""
+    L = chain.length
+    acts = set(range(1, L)) - set(range(st + 1, end))
+    convs = (set(range(1, L + 1)) - set(range(st + 1, end + 1))) | set(kept)
+    return Plan(L, acts, convs, chain.fingerprint())
+
+
+@dataclass
+class ImportanceTable:
+    """Importance per candidate key, the subset that represents each key, and the original's metric."""
+
+    values: dict[tuple, float]
+    subsets: dict[tuple, tuple[int, ...]]
+    base_metric: float
+    estimator: dict[str, Any]
+    evaluated: int = 0
+
+
+def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
+                           estimator: ImportanceEstimator, *, rewrite: RewriteOptions | None = None,
+                           cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
+                           ) -> ImportanceTable:
+    """Score every candidate that is not an uncompressed single conv (those score 0 by definition).
+
+    Each finished entry is written to the cache at once: an interrupted build resumes where it stopped.
+    """
+    original = copy.deepcopy(gm).eval()
+    signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
+                 "rewrite": asdict(rewrite or RewriteOptions())}
+    cache = ImportanceCache(_cache_path(cache_dir, signature), signature)
+    subsets = {c.key: representative(gm, chain, c) for c in candidates}
+    base_key = ["base_metric"]
+    if base_key in cache:
+        base = cache[base_key]
+    else:
+        base = estimator.score(original)
+        cache.put(base_key, base)
+    values: dict[tuple, float] = {}
+    todo = []
+    for c in candidates:
+        kept = subsets[c.key]
+        if c.end - c.st == 1 and kept == (c.end,):
+            values[c.key] = 0.0  # the original layer: nothing compressed
+        elif list(c.key) in cache:
+            values[c.key] = cache[list(c.key)]
+        else:
+            todo.append(c)
+    with tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc=f"importance ({estimator.name})",
+              unit="entry", disable=not progress) as bar:
+        for c in todo:
+            plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
+            model = to_trainable(gm, chain, plan, rewrite)
+            estimator.adapt(model, original)
+            value = estimator.score(model) - base
+            cache.put(list(c.key), value)
+            values[c.key] = value
+            bar.update(1)
+    return ImportanceTable(values, subsets, base, signature, evaluated=len(todo))
+
+
+def _cache_path(cache_dir: str | os.PathLike[str] | None, signature: dict[str, Any]) -> Path | None:
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha1(canonical_json(signature).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"importance-{signature['estimator']}-{digest}.jsonl"
+
+
+def _weights_id(module: nn.Module) -> str:
+    """Hash of the weights: a table is only valid for the network it was scored on."""
+    h = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _data_id(data: Iterable[Any] | None) -> Any:
+    """Identify a DataLoader cheaply: dataset type and size, batch size, and a hash of its first batch."""
+    if data is None:
+        return None
+    dataset = getattr(data, "dataset", None)
+    # The dataset's first sample, not the loader's first batch: a shuffling loader must not change the id.
+    first = dataset[0] if dataset is not None and hasattr(dataset, "__getitem__") else next(iter(data))
+    inputs = first[0] if isinstance(first, (list, tuple)) else first
+    digest = hashlib.sha1(inputs.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12] \
+        if isinstance(inputs, torch.Tensor) else None
+    return {"dataset": type(dataset).__name__ if dataset is not None else type(data).__name__,
+            "size": len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None,
+            "batch_size": getattr(data, "batch_size", None), "first_batch": digest}
