@@ -1,0 +1,135 @@
+"""Importance estimators on real data (scikit-learn digits), their cache, and search() end to end."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import ConvBN
+from test_dp import brute_force
+
+from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.latency import LatencyCacheWarning
+from lm_plugin.tables.importance import (
+    DistillImportance,
+    FinetuneImportance,
+    ZeroShotImportance,
+    build_importance_table,
+)
+from lm_plugin.train import evaluate, fit
+from lm_plugin.workloads.data import digits
+
+FAST = {"warmup": 1, "repeats": 3, "max_spread": 1e9}
+
+
+def digits_net() -> nn.Module:
+    layers = [ConvBN(1, 16), nn.ReLU()]
+    for _ in range(3):
+        layers += [ConvBN(16, 16), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = digits_net()
+    train, test = digits(64, train=True), digits(256, train=False)
+    fit(model, train, epochs=4, max_lr=0.1, progress=False, seed=0)
+    assert evaluate(model, test) > 80.0
+    return model.eval(), train, test
+
+
+def pruner_for(model, estimator, tmp_path, budget=0.8):
+    return LayerMergePruner(model, budget, example_inputs=torch.randn(1, 1, 8, 8), backend="cpu",
+                            profiler_settings=FAST, importance=estimator, cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("cls, kw", [(ZeroShotImportance, {}), (DistillImportance, {"steps": 4}),
+                                     (FinetuneImportance, {"steps": 4})])
+def test_estimators_run_end_to_end(trained, tmp_path, cls, kw):
+    model, train, test = trained
+    pruner = pruner_for(model, cls(train_data=train, eval_data=test, **kw), tmp_path)
+    table = pruner.importance_table()
+    assert set(table.values) == {c.key for c in pruner.candidates}
+    assert table.base_metric == pytest.approx(evaluate(model, test))
+    singles = [c.key for c in pruner.candidates if c.end - c.st == 1 and table.subsets[c.key] == (c.end,)]
+    assert singles and all(table.values[k] == 0.0 for k in singles)
+    others = [v for k, v in table.values.items() if k not in singles]
+    assert others and all(-100.0 <= v <= 100.0 for v in others)
+    if cls is ZeroShotImportance:  # removing activations without any training hurts a trained net
+        assert min(others) < -1.0
+
+
+def test_representative_subset_keeps_the_heaviest_convs(trained, tmp_path):
+    model, _, test = trained
+    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path)
+    table = pruner.importance_table()
+    multi = [c for c in pruner.candidates if len(c.subsets) > 1]
+    assert multi
+    for c in multi:
+        norms = {j: pruner.graph_module.get_submodule(pruner.chain.conv(j).name).weight.abs().sum().item()
+                 for j in range(c.st + 1, c.end + 1)}
+        best = max(sum(norms[j] for j in s) for s in c.subsets)
+        assert sum(norms[j] for j in table.subsets[c.key]) == pytest.approx(best)
+
+
+class Interrupting(ZeroShotImportance):
+    """A real estimator that is interrupted (Ctrl-C) after a few entries."""
+
+    def __init__(self, limit, **kw):
+        super().__init__(**kw)
+        self.limit, self.calls = limit, 0
+
+    def adapt(self, model, original):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise KeyboardInterrupt
+
+
+def test_importance_cache_resumes_and_detects_corruption(trained, tmp_path):
+    model, _, test = trained
+    pruner = pruner_for(model, Interrupting(3, eval_data=test), tmp_path)
+    chain, cands = pruner.chain, pruner.candidates
+    with pytest.raises(KeyboardInterrupt):
+        build_importance_table(pruner.graph_module, chain, cands, pruner.estimator, cache_dir=tmp_path,
+                               progress=False)
+    resumed = build_importance_table(pruner.graph_module, chain, cands, ZeroShotImportance(eval_data=test),
+                                     cache_dir=tmp_path, progress=False)
+    to_score = sum(1 for c in cands if not (c.end - c.st == 1 and resumed.subsets[c.key] == (c.end,)))
+    assert resumed.evaluated == to_score - 3  # the three finished entries were not scored again
+
+    (path,) = tmp_path.glob("importance-zero_shot-*.jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1] + [lines[-1][:-9] + "garbage}"]) + "\n")  # damage the last entry
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = build_importance_table(pruner.graph_module, chain, cands, ZeroShotImportance(eval_data=test),
+                                       cache_dir=tmp_path, progress=False)
+    assert any(issubclass(w.category, LatencyCacheWarning) and "damaged" in str(w.message) for w in caught)
+    assert again.evaluated == 1 and again.values == resumed.values
+
+
+def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
+    model, _, test = trained
+    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path, budget=0.9)
+    plan = pruner.search()
+    assert plan.is_valid(pruner.chain)
+    assert pruner.predict_latency(plan) <= pruner.budget_ms() + 1e-9
+    # No decomposition of the chain within the budget scores higher (exhaustive check).
+    lat, sol = pruner.latency_model(), pruner.solution
+    block_budget = pruner.budget_ms() - lat.rest_ms - sum(lat.skip_ms.values())
+    best = brute_force(pruner.entries(), pruner.chain.length, math.floor(block_budget / sol.step_ms + 1e-9),
+                       sol.step_ms)
+    assert sol.objective == pytest.approx(best)
+    trainable = pruner.step()
+    merged = pruner.merge(trainable.eval())
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(trainable(x), merged(x), atol=1e-4)
+    with pytest.raises(Exception, match="smallest achievable"):
+        pruner.search(0.01)
+    assert Plan.from_json(plan.to_json()) == plan
