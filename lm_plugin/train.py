@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-__all__ = ["fit", "evaluate", "predict_logits", "distillation_loss", "split_batch"]
+__all__ = ["distillation_loss", "evaluate", "fit", "predict_logits", "split_batch"]
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:

@@ -9,8 +9,8 @@ import torch
 from torchvision.models.resnet import BasicBlock
 
 from lm_plugin.workloads import (
-    DataUnavailableError,
     MODELS,
+    DataUnavailableError,
     create_model,
     digits,
     fashion_mnist,
@@ -33,7 +33,7 @@ def _one_thread():
 
 def test_digits_split_is_fixed_stratified_and_normalised():
     train, test = digits(2000, train=True, shuffle=False), digits(2000, train=False)
-    (x_tr, y_tr), (x_te, y_te) = next(iter(train)), next(iter(test))
+    (x_tr, _y_tr), (x_te, y_te) = next(iter(train)), next(iter(test))
     assert x_tr.shape == (1347, 1, 8, 8) and x_te.shape == (450, 1, 8, 8)
     assert abs(x_tr.mean().item()) < 1e-4 and abs(x_tr.std().item() - 1) < 1e-3
     assert torch.bincount(y_te).min() >= 40  # stratified: every class in the test split
@@ -41,7 +41,9 @@ def test_digits_split_is_fixed_stratified_and_normalised():
     assert torch.equal(x_te, x_again)
     # no test image is also a training image
     train_rows = {tuple(r.tolist()) for r in x_tr.flatten(1)}
-    assert sum(tuple(r.tolist()) in train_rows for r in x_te.flatten(1)) < 5  # digits has a few true duplicates
+    assert (
+        sum(tuple(r.tolist()) in train_rows for r in x_te.flatten(1)) < 5
+    )  # digits has a few true duplicates
 
 
 def test_reference_models_follow_the_workload_spec():
@@ -58,7 +60,11 @@ def test_reference_models_follow_the_workload_spec():
     m = mbv2_fm().eval()
     stem = m.features[0][0]
     assert (stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding) == (
-        1, 16, (3, 3), (1, 1), (1, 1)
+        1,
+        16,
+        (3, 3),
+        (1, 1),
+        (1, 1),
     )
     assert stem.bias is None
     assert m(x).shape == (2, 10)

@@ -28,7 +28,7 @@ from .spectrum import rank_profile
 
 AllocationRule = Literal["energy", "proportional"]
 
-__all__ = ["Allocation", "RedundancyBoundError", "allocate", "AllocationRule"]
+__all__ = ["Allocation", "AllocationRule", "RedundancyBoundError", "allocate"]
 
 
 class RedundancyBoundError(ValueError):
@@ -71,7 +71,7 @@ class Allocation:
 def _round_up(k: int, channels: int, round_to: int | None) -> int:
     if not round_to or round_to <= 1:
         return k
-    return min(channels, int(math.ceil(k / round_to)) * round_to)
+    return min(channels, math.ceil(k / round_to) * round_to)
 
 
 def _kept_energy(report: RedundancyReport, level: float, round_to: int | None) -> dict[str, int]:
@@ -87,7 +87,7 @@ def _kept_energy(report: RedundancyReport, level: float, round_to: int | None) -
 
 def _kept_proportional(report: RedundancyReport, level: float, round_to: int | None) -> dict[str, int]:
     return {
-        g.name: _round_up(g.channels - int(math.floor(level * g.redundant + 1e-9)), g.channels, round_to)
+        g.name: _round_up(g.channels - math.floor(level * g.redundant + 1e-9), g.channels, round_to)
         for g in report.groups
     }
 
@@ -107,7 +107,7 @@ def _levels(report: RedundancyReport, rule: AllocationRule) -> list[float]:
 
 def allocate(
     report: RedundancyReport,
-    reduction: float,
+    reduction: float | None,
     metric: str | CostFn = "macs",
     *,
     rule: AllocationRule = "energy",
@@ -120,6 +120,7 @@ def allocate(
     Args:
         report: The redundancy estimate; no group is pruned beyond its bound (its rank).
         reduction: Fraction of the cost to remove, in ``(0, 1)``; e.g. 0.4 keeps ≤ 60 % of the MACs.
+            ``None`` prunes every group to its bound (the maximum safe compression).
         metric: ``"macs"`` or ``"params"`` (analytic, fast), ``"latency"`` (median eager latency of
             ``model(example_inputs)``, measured on pruned copies) or a callable ``cost(model)``.
         rule: ``"energy"`` (default) or ``"proportional"``; see the module docstring.
@@ -128,14 +129,15 @@ def allocate(
         example_inputs: Its inputs; needed for measured metrics.
 
     Returns:
-        The smallest-level :class:`Allocation` that meets the target.
+        The smallest-level :class:`Allocation` that meets the target (its ``target_cost`` is the
+        predicted cost at the bounds when ``reduction`` is ``None``).
 
     Raises:
         RedundancyBoundError: If even every group at its bound cannot remove ``reduction``.
         ValueError: For bad arguments.
     """
-    if not 0.0 < reduction < 1.0:
-        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
+    if reduction is not None and not 0.0 < reduction < 1.0:
+        raise ValueError(f"reduction must be in (0, 1) or None, got {reduction}")
     if rule not in ("energy", "proportional"):
         raise ValueError(f"rule must be 'energy' or 'proportional', got {rule!r}")
     kept_at = _kept_energy if rule == "energy" else _kept_proportional
@@ -166,10 +168,12 @@ def allocate(
 
         base = measure_cost(model, example_inputs, metric)
 
-    target = (1.0 - reduction) * base
     levels = _levels(report, rule)
     best_kept = kept_at(report, levels[-1], round_to)
     best_cost = cost_of(best_kept)
+    if reduction is None:
+        return Allocation(best_kept, channels, levels[-1], metric_name, base, best_cost, best_cost)
+    target = (1.0 - reduction) * base
     if best_cost > target:
         raise RedundancyBoundError(
             f"removing {reduction:.1%} of {metric_name} exceeds the estimated redundancy: with every group at "

@@ -25,7 +25,7 @@ from .groups import GroupSpec
 
 CostFn = Callable[[nn.Module], float]
 
-__all__ = ["CostModel", "measure_cost", "latency_ms", "prune_copy", "CostFn"]
+__all__ = ["CostFn", "CostModel", "latency_ms", "measure_cost", "prune_copy"]
 
 
 def _forward(model: nn.Module, inputs: Any) -> Any:
@@ -54,7 +54,16 @@ class CostModel:
         self._layer = {
             m: (float(layer_macs.get(m) or 0.0), float(layer_params.get(m) or 0.0))
             for m in model.modules()
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+            if isinstance(
+                m,
+                (
+                    nn.modules.conv._ConvNd,
+                    nn.Linear,
+                    nn.modules.batchnorm._NormBase,
+                    nn.LayerNorm,
+                    nn.GroupNorm,
+                ),
+            )
         }
         # Sizes of the pruned dimensions, taken from the modules themselves.
         self._size: dict[tuple[nn.Module, str], int] = {}
@@ -93,7 +102,11 @@ class CostModel:
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels
+    )
 
 
 def _dim_size(module: nn.Module, dim: str) -> int:

@@ -31,7 +31,7 @@ from .groups import GroupSpec, LayerSlice, slice_rows
 Side = Literal["consumer", "producer", "both"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["GroupGram", "accumulate_grams", "Side"]
+__all__ = ["GroupGram", "Side", "accumulate_grams"]
 
 
 @dataclass
@@ -113,7 +113,11 @@ def accumulate_grams(
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     param = next(model.parameters(), None)
-    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (param.device if param is not None else torch.device("cpu"))
+    )
     criterion = loss_fn if loss_fn is not None else F.cross_entropy
 
     layer_sets = [_selected(spec, side) for spec in specs]
@@ -126,8 +130,10 @@ def accumulate_grams(
     position = {m: i for i, m in enumerate(modules)}
 
     # Per (group, layer) Gram, normalised per layer at the end.
-    grams = [[torch.zeros(spec.channels, spec.channels, dtype=torch.float64, device=dev) for _ in layers]
-             for spec, layers in zip(specs, layer_sets)]
+    grams = [
+        [torch.zeros(spec.channels, spec.channels, dtype=torch.float64, device=dev) for _ in layers]
+        for spec, layers in zip(specs, layer_sets)
+    ]
     columns = [[0 for _ in layers] for layers in layer_sets]
     usable = [[True for _ in layers] for layers in layer_sets]
 
@@ -147,7 +153,9 @@ def accumulate_grams(
             with torch.enable_grad():
                 loss = criterion(_forward(model, inputs), targets)
                 if not torch.isfinite(loss):
-                    raise ValueError(f"calibration loss is {loss.item()} on batch {batches}; check the data and model")
+                    raise ValueError(
+                        f"calibration loss is {loss.item()} on batch {batches}; check the data and model"
+                    )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for g_idx, (spec, layers) in enumerate(zip(specs, layer_sets)):
                 for l_idx, layer in enumerate(layers):

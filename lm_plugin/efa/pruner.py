@@ -34,7 +34,8 @@ class HierarchicalPruner(tp.pruner.BasePruner):
             for ``metric="latency"`` the batch you want timed).
         data: Calibration batches ``(inputs, targets)``. Needed unless ``report`` is given (and
             with ``iterative_steps > 1``, to re-analyse between steps).
-        reduction: Fraction of ``metric`` to remove, in ``(0, 1)``.
+        reduction: Fraction of ``metric`` to remove, in ``(0, 1)``; ``None`` prunes every group to
+            its estimated bound (the maximum safe compression).
         metric: ``"macs"`` (default), ``"params"``, ``"latency"`` or a callable ``cost(model)``.
         report: A precomputed :func:`~lm_plugin.efa.estimate_redundancy` report of ``model``.
         tol: Rank tolerance when the report is computed here.
@@ -71,7 +72,7 @@ class HierarchicalPruner(tp.pruner.BasePruner):
         example_inputs: Any,
         data: Iterable[Any] | None = None,
         *,
-        reduction: float,
+        reduction: float | None,
         metric: str | CostFn = "macs",
         report: RedundancyReport | None = None,
         tol: float = 0.01,
@@ -89,7 +90,13 @@ class HierarchicalPruner(tp.pruner.BasePruner):
         progress: bool = False,
         **kwargs: Any,
     ) -> None:
-        forbidden = {"pruning_ratio", "pruning_ratio_dict", "global_pruning", "importance", "ch_sparsity"} & set(kwargs)
+        forbidden = {
+            "pruning_ratio",
+            "pruning_ratio_dict",
+            "global_pruning",
+            "importance",
+            "ch_sparsity",
+        } & set(kwargs)
         if forbidden:
             raise TypeError(
                 f"HierarchicalPruner chooses per-group ratios itself; remove {sorted(forbidden)} "
@@ -97,7 +104,9 @@ class HierarchicalPruner(tp.pruner.BasePruner):
             )
         if report is None:
             if data is None:
-                raise ValueError("HierarchicalPruner needs calibration data (data=...) or a precomputed report")
+                raise ValueError(
+                    "HierarchicalPruner needs calibration data (data=...) or a precomputed report"
+                )
             report = estimate_redundancy(
                 model,
                 example_inputs,
@@ -116,7 +125,13 @@ class HierarchicalPruner(tp.pruner.BasePruner):
             )
         self.report = report
         self.allocation: Allocation = allocate(
-            report, reduction, metric, rule=allocation, round_to=round_to, model=model, example_inputs=example_inputs
+            report,
+            reduction,
+            metric,
+            rule=allocation,
+            round_to=round_to,
+            model=model,
+            example_inputs=example_inputs,
         )
         modules = dict(model.named_modules())
         ratio_dict: dict[nn.Module, float] = {}

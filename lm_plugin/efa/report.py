@@ -24,7 +24,7 @@ from .gradients import LossFn, Side, accumulate_grams
 from .groups import WEIGHTED_TYPES, GroupSpec, describe_groups
 from .spectrum import RankRule, effective_rank, pivoted_importance, singular_values
 
-__all__ = ["GroupRedundancy", "RedundancyReport", "estimate_redundancy", "build_dependency_graph"]
+__all__ = ["GroupRedundancy", "RedundancyReport", "build_dependency_graph", "estimate_redundancy"]
 
 
 @dataclass
@@ -229,7 +229,9 @@ class RedundancyReport:
             "groups": [g.to_dict() for g in self.groups],
         }
 
-    def plot(self, path: str | Path | None = None, groups: Sequence[str] | None = None, ax: Any = None) -> Any:
+    def plot(
+        self, path: str | Path | None = None, groups: Sequence[str] | None = None, ax: Any = None
+    ) -> Any:
         """Plot the normalised singular-value spectra (log scale), one line per group.
 
         A marker on each line shows the group's effective rank. Needs matplotlib
@@ -364,7 +366,14 @@ def estimate_redundancy(
             "(check ignored_layers and root_module_types)"
         )
     grams = accumulate_grams(
-        model, specs, data, loss_fn=loss_fn, num_batches=num_batches, side=side, device=device, progress=progress
+        model,
+        specs,
+        data,
+        loss_fn=loss_fn,
+        num_batches=num_batches,
+        side=side,
+        device=device,
+        progress=progress,
     )
     cost = CostModel(model, example_inputs, specs)
     groups = []

@@ -22,7 +22,7 @@ import torch
 
 RankRule = Literal["energy", "relative"]
 
-__all__ = ["RankRule", "singular_values", "effective_rank", "rank_profile", "pivoted_importance"]
+__all__ = ["RankRule", "effective_rank", "pivoted_importance", "rank_profile", "singular_values"]
 
 
 def singular_values(gram: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ from .data import DataUnavailableError, default_data_root, digits, fashion_mnist
 from .models import MODELS, create_model, list_models, mbv2_fm, register_model, resnet_fm, small_cnn, trained
 
 __all__ = [
-    "DataUnavailableError",
     "MODELS",
+    "DataUnavailableError",
     "create_model",
     "default_data_root",
     "digits",

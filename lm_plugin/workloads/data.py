@@ -15,15 +15,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
+    "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
-    "DEBIAN_FASHION_MNIST_DIR",
     "DataUnavailableError",
     "default_data_root",
-    "fashion_mnist",
-    "fashion_mnist_tensors",
     "digits",
     "digits_tensors",
+    "fashion_mnist",
+    "fashion_mnist_tensors",
 ]
 
 FASHION_MNIST_MEAN = 0.286
@@ -102,7 +102,7 @@ def fashion_mnist_tensors(root: str | os.PathLike[str] | None = None, train: boo
     else:
         try:
             ds = FashionMNIST(str(root_path), train=train, download=True)
-        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+        except Exception as exc:
             raise DataUnavailableError(
                 f"Fashion-MNIST is not available under {root_path} and could not be downloaded "
                 f"({type(exc).__name__}: {exc}). Either install the Debian package "

@@ -19,16 +19,16 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock
 
 __all__ = [
-    "ModelSpec",
     "MODELS",
+    "ModelSpec",
     "create_model",
+    "default_cache_dir",
     "list_models",
+    "mbv2_fm",
     "register_model",
     "resnet_fm",
-    "mbv2_fm",
     "small_cnn",
     "trained",
-    "default_cache_dir",
 ]
 
 
@@ -142,7 +142,9 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def register_model(name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]) -> None:
+def register_model(
+    name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]
+) -> None:
     """Add a model to :data:`MODELS` (``dataset`` is ``"fashion_mnist"`` or ``"digits"``)."""
     if name in MODELS:
         raise ValueError(f"a model named {name!r} is already registered")
