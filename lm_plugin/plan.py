@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .blocks import block_geometry, blocks_of, fold_problem, residual_relation

@@ -66,7 +66,7 @@ def test_ignored_layers_are_never_merged_or_pruned():
 
 
 def test_no_conv_model_raises_no_chain_error():
-    with pytest.raises(NoChainError, match="nn.Conv2d"):
+    with pytest.raises(NoChainError, match=r"nn\.Conv2d"):
         LayerMergePruner(NoConv(), example_inputs=torch.randn(2, 8))
 
 

@@ -23,7 +23,6 @@ from ..trace.chain import Chain
 from ..trace.graph import is_foldable_bn
 from .algebra import LinearConv
 
-
 MAX_MERGED_BYTES = 2 * 1024**3  # float64 bytes of one merged kernel we agree to build
 
 
@@ -55,7 +54,6 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
                 "or raise max_bytes"
             )
     gm = copy.deepcopy(trainable).eval()
-    mod = gm.get_submodule
     ref = next(iter(gm.parameters()))
     merged: list[tuple[dict, nn.Conv2d]] = []
     with torch.no_grad():
@@ -77,7 +75,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
         block_in = replaced.get(rec["input"], nodes[rec["input"]])
         with graph.inserting_before(out_node):
             new = graph.call_module(target, (block_in,))
-        out_node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        out_node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         replaced[rec["output"]] = new
         _set_submodule(gm, target, conv)
     graph.eliminate_dead_code()

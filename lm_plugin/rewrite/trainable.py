@@ -167,7 +167,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
             out.add_submodule(inserted, ACTIVATION_FACTORIES[act_kind]())
             with graph.inserting_after(position_value):
                 act_node = graph.call_module(inserted, (position_value,))
-            position_value.replace_all_uses_with(act_node, delete_user_cb=lambda user: user is not act_node)
+            position_value.replace_all_uses_with(act_node, delete_user_cb=lambda u, a=act_node: u is not a)
             alias[position_value.name] = act_node
         records.append({
             "st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,

@@ -37,8 +37,8 @@ from ..latency.cache import RecordCache
 from ..latency.canonical import canonical_json
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
-from ..train import evaluate, fit
 from ..trace.chain import Chain
+from ..train import evaluate, fit
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 

@@ -238,7 +238,7 @@ def _is_ancestor(src: fx.Node, node: fx.Node, order) -> bool:
 def _skip_readers(residual_adds) -> dict[fx.Node, set[fx.Node]]:
     """value -> the nodes that read it as a skip (the add itself, or the projection conv)."""
     readers: dict[fx.Node, set[fx.Node]] = {}
-    for add, (_, skip, proj, src) in residual_adds.items():
+    for add, (_, _skip, proj, src) in residual_adds.items():
         readers.setdefault(src, set()).add(proj.conv if proj is not None else add)
     return readers
 
