@@ -1,52 +1,79 @@
-"""End to end on one model, in under a minute on a laptop CPU.
+"""LayerMerge end to end on real data, in about a minute on a laptop CPU.
 
-trace -> chain -> a plan -> trainable form -> merged (deploy) form -> exactness and latency check.
-Run: python examples/quickstart.py  (this is what `make demo` runs until the full demo lands)
+A small residual CNN is trained on scikit-learn's digits; LayerMerge builds the latency table (CPU) and the
+importance table (few-step distillation), the DP picks the best plan for 60 % of the original latency, the
+trainable form is fine-tuned, merged, checked for exactness, and compared with the original.
+
+Run: python examples/quickstart.py   (what `make demo` runs until the full Fashion-MNIST demo lands)
 """
 
 from __future__ import annotations
 
-import torch
+import tempfile
 
-from lm_plugin import LayerMergePruner, Plan
-from lm_plugin.workloads.models import resnet_fm
+import torch
+import torch.nn as nn
+
+from lm_plugin import LayerMergePruner
+from lm_plugin.train import evaluate, fit
+from lm_plugin.workloads.data import digits
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b, self.relu = conv_bn(c, c), conv_bn(c, c), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.b(self.relu(self.a(x))) + x)
+
+
+def make_model(width: int = 32) -> nn.Module:
+    return nn.Sequential(conv_bn(1, width), nn.ReLU(), Block(width), Block(width), Block(width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
 def main() -> None:
     torch.manual_seed(0)
-    model = resnet_fm().eval()  # the reference workload's ResNet (random init here)
-    x = torch.randn(64, 1, 28, 28)
-    pruner = LayerMergePruner(model, budget=0.6, example_inputs=x, backend="cpu",
-                              profiler_settings={"warmup": 5, "repeats": 15})
-    print(pruner.chain.summary(), end="\n\n")
+    train, test = digits(64, train=True), digits(256, train=False)
+    model = make_model()
+    fit(model, train, epochs=10, max_lr=0.1, seed=0, progress=False)
+    model.eval()
 
-    plan = Plan.sample(pruner.chain, rng=3, p_merge=0.7, p_drop=0.5)
+    pruner = LayerMergePruner(
+        model, budget=0.6, example_inputs=torch.randn(64, 1, 8, 8), backend="cpu",
+        importance="distill", train_data=train, eval_data=test, importance_settings={"steps": 20},
+        cache_dir=tempfile.mkdtemp(prefix="lm_plugin-"),
+    )
+    print(pruner.chain.summary(), end="\n\n")
+    plan = pruner.search()
     print(plan.summary(pruner.chain), end="\n\n")
 
-    trainable = pruner.apply(plan)  # fine-tune this one
-    merged = pruner.merge(trainable.eval())  # one conv per block, BN folded
+    trainable = pruner.apply(plan)
+    fit(trainable, train, epochs=3, max_lr=0.02, teacher=model, distill_alpha=0.5, seed=0, progress=False)
+    merged = pruner.merge(trainable.eval())
 
-    # Exactness: the deploy form computes what the trainable form computes (float64 to see rounding only).
-    x64 = x.double()
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
-        ref, out = trainable.double()(x64), pruner.merge(trainable)(x64)
-    err = ((ref - out).norm() / ref.norm()).item()
+        err = ((trainable.double()(x) - pruner.merge(trainable)(x)).norm() / trainable(x).norm()).item()
+    trainable.float()
 
-    original_ms = pruner.measure_latency(model)
-    merged_ms = pruner.measure_latency(merged)
-    predicted_ms = pruner.predict_latency(plan)
-    convs = lambda m: sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())  # noqa: E731
-    rows = [
-        ("conv layers", f"{convs(model)}", f"{convs(merged)}"),
-        ("latency, batch 64, CPU (ms)", f"{original_ms:.2f}", f"{merged_ms:.2f}"),
-        ("predicted latency (ms)", f"{pruner.latency_model().original_ms:.2f}", f"{predicted_ms:.2f}"),
-        ("merged vs trainable, rel. error (fp64)", "", f"{err:.1e}"),
-    ]
-    print(f"{'':40} {'original':>10} {'merged':>10}")
-    for name, a, b in rows:
-        print(f"{name:40} {a:>10} {b:>10}")
-    print(f"\nmeasured speed-up: {original_ms / merged_ms:.2f}x "
-          "(random plan; `pruner.search()` picks the best plan for a budget once issue #4 lands)")
+    acc0, acc1 = evaluate(model, test), evaluate(merged, test)
+    ms0, ms1 = pruner.measure_latency(model), pruner.measure_latency(merged)
+    convs = lambda m: sum(isinstance(mod, nn.Conv2d) for mod in m.modules())  # noqa: E731
+    print(f"{'':34} {'original':>10} {'merged':>10}")
+    print(f"{'test accuracy (%)':34} {acc0:>10.2f} {acc1:>10.2f}")
+    print(f"{'conv layers':34} {convs(model):>10} {convs(merged):>10}")
+    print(f"{'latency, batch 64, CPU (ms)':34} {ms0:>10.3f} {ms1:>10.3f}")
+    print(f"{'predicted latency (ms)':34} {pruner.latency_model().original_ms:>10.3f} "
+          f"{pruner.predict_latency(plan):>10.3f}")
+    print(f"{'merged vs trainable (fp64 rel err)':34} {'':>10} {err:>10.1e}")
+    print(f"\nmeasured speed-up {ms0 / ms1:.2f}x at budget {pruner.budget} "
+          f"(accuracy change {acc1 - acc0:+.2f} %p)")
 
 
 if __name__ == "__main__":
