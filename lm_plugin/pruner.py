@@ -210,6 +210,13 @@ class LayerMergePruner:
         self.plan = self.search(budget)
         return self.apply(self.plan)
 
+    def baseline(self) -> fx.GraphModule:
+        """The uncompressed network in deploy form (identity plan merged: BN folded).
+
+        This is what the latency table calls "original": compare compressed models against it.
+        """
+        return self.merge(self.apply(self.identity_plan()))
+
     def budget_ms(self) -> float:
         """The budget in ms (a ratio budget is relative to the original network's measured latency)."""
         return self.budget.to_ms(self.latency_model().original_ms)

@@ -9,6 +9,10 @@ folding a residual removes them. The rest of the network (stem pooling, head, ..
 
 so that ``predict(plan) = rest + Σ T(plan's blocks) + Σ T(its unfolded projection skips)`` is an end-to-end
 latency, and budgets can be stated as a fraction of the original network's measured latency.
+
+"The original network" is timed in its deploy form — the identity plan merged, i.e. every BN folded — because
+that is what a deployment of the uncompressed network runs, and because blocks are timed BN-free: timing the
+unfolded original would charge all BatchNorms to ``rest`` and overstate every prediction.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..latency import LatencyTable, ModuleSpec, Profiler
 from ..latency.canonical import canonical_json
 from ..latency.conv_block import activation_module, conv_block_key, conv_block_module
 from ..plan import Plan
+from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
 
 
@@ -70,7 +75,7 @@ def skip_spec(chain: Chain, r: Residual) -> ModuleSpec:
 def network_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
     """Cache key of the whole network: its traced code and module structure (weights do not matter)."""
     text = gm.code + repr(gm)
-    return {"op": "network", "graph": hashlib.sha1(text.encode()).hexdigest()[:16],
+    return {"op": "network-bn-folded", "graph": hashlib.sha1(text.encode()).hexdigest()[:16],
             "inputs": [list(t.shape[1:]) for t in example_inputs]}
 
 
@@ -131,13 +136,21 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
                         cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> LatencyModel:
     """Time every candidate, the projection skips and the whole network; return the latency model.
 
-    The identity plan's blocks must be among ``candidates`` (single-conv blocks always are).
+    Args:
+        gm: the traced original network.
+        chain: its chain.
+        candidates: the table's entries; the identity plan's blocks must be among them (single-conv blocks
+            always are).
+        example_inputs: inputs the network is timed with (the profiler's batch size replaces theirs).
+        profiler: the profiler for every measurement.
+        cache_dir: cache folder (one file per profiler signature), or None for no cache.
+        progress: show a progress bar.
     """
     entries: list[tuple[Any, ModuleSpec]] = [(("block",) + c.key, candidate_spec(c)) for c in candidates]
     skips = [r for r in chain.residuals if r.projection is not None]
     entries += [(("skip", r.target), skip_spec(chain, r)) for r in skips]
-    net = _frozen(gm)
-    entries.append((("network",), ModuleSpec(lambda: net, tuple(tuple(t.shape) for t in example_inputs),
+    deployed = deploy_identity(gm, chain)
+    entries.append((("network",), ModuleSpec(lambda: deployed, tuple(tuple(t.shape) for t in example_inputs),
                                               network_key(gm, example_inputs))))
     cache = cache_path(cache_dir, profiler) if cache_dir is not None else None
     if cache is not None:
@@ -152,9 +165,11 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     return model
 
 
-def _frozen(gm: fx.GraphModule) -> nn.Module:
-    """The traced network as timed: eval mode (the profiler copies it if it must change device or dtype)."""
-    return gm.eval()
+def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
+    """The uncompressed network as deployed: the identity plan merged (every BN folded)."""
+    from ..merge import merge  # local: merge imports the rewrite stage, which imports tables' neighbours
+
+    return merge(to_trainable(gm, chain, Plan.identity(chain)), chain)
 
 
 __all__ = ["LatencyModel", "activation_module", "build_latency_model", "cache_path", "candidate_spec"]
