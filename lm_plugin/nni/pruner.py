@@ -88,6 +88,10 @@ class LayerMergePruner(Pruner):
         if "ignored_layers" in layermerge_kwargs:
             raise TypeError("the NNI face selects layers with config_list: use exclude_op_names=[...] in a "
                             "config instead of ignored_layers")
+        wrapped = [name for name, m in model.named_modules() if hasattr(m, "_nni_wrapper")]
+        if wrapped:
+            raise ValueError(f"the model is wrapped by another NNI compressor ({wrapped[:3]} ...): call that "
+                             "compressor's unwrap_model() (or compress() it first) before LayerMergePruner")
         configs = normalize_config_list(config_list)
         if example_inputs is None and evaluator is not None:
             example_inputs = evaluator.get_dummy_input()
