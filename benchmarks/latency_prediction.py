@@ -31,6 +31,15 @@ MODELS = {
 }
 
 
+def _write(summary: list, rows: list, args: argparse.Namespace, pruner: LayerMergePruner) -> None:
+    prof = pruner.profiler.signature()
+    result = {"machine": prof.get("device_name") or platform.processor(), "threads": prof.get("threads"),
+              "torch": torch.__version__, "input": [3, args.size, args.size], "max_kernel": args.max_kernel,
+              "summary": summary, "rows": rows}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -87,12 +96,7 @@ def main() -> None:
                             "original_ms": lat.original_ms, "rest_ms": lat.rest_ms,
                             "median_abs_rel_error": statistics.median(errors), "max_abs_rel_error": max(errors),
                             "median_abs_speedup_error": statistics.median(ratio_errors)})
-    prof = pruner.profiler.signature()
-    result = {"machine": prof.get("device_name") or platform.processor(), "threads": prof.get("threads"),
-              "torch": torch.__version__, "input": [3, args.size, args.size], "max_kernel": args.max_kernel,
-              "summary": summary, "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
+            _write(summary, rows, args, pruner)  # after every model: an interrupted run keeps what it measured
     print(f"\n{'model':<13} {'batch':>5} {'entries':>8} {'original ms':>12} {'median |err|':>13} {'max |err|':>10} "
           f"{'median |speed-up err|':>22}")
     for s in summary:
