@@ -69,6 +69,7 @@ class ImportanceEstimator:
         max_lr: peak learning rate of the per-entry OneCycle schedule.
         seed: seed of every per-entry run, so entries are comparable.
         device: where to train and evaluate.
+        loss_fn: task loss ``loss_fn(outputs, targets)`` for training (default: cross-entropy).
     """
 
     train_data: Iterable[Any] | None = None
@@ -78,6 +79,7 @@ class ImportanceEstimator:
     max_lr: float = 0.02
     seed: int = 0
     device: str | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     name = "base"
 
@@ -92,8 +94,10 @@ class ImportanceEstimator:
     def settings(self) -> dict[str, Any]:
         """Everything that changes a score (part of the cache signature)."""
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "custom")
-        return {"estimator": self.name, "metric": metric, "steps": self.steps, "max_lr": self.max_lr,
-                "seed": self.seed, "train": _data_id(self.train_data), "eval": _data_id(self.eval_data)}
+        loss = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
+        return {"estimator": self.name, "metric": metric, "loss": loss, "steps": self.steps,
+                "max_lr": self.max_lr, "seed": self.seed, "train": _data_id(self.train_data),
+                "eval": _data_id(self.eval_data)}
 
 
 @dataclass
@@ -116,8 +120,8 @@ class FinetuneImportance(ImportanceEstimator):
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
             raise ValueError("the finetune importance estimator needs train_data (a DataLoader)")
-        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, device=self.device, progress=False,
-            seed=self.seed)
+        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn, device=self.device,
+            progress=False, seed=self.seed)
 
 
 @dataclass
