@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ class RedundancyReport:
                 return g
         raise KeyError(f"no analysed group is rooted at {name!r}; groups: {[g.name for g in self.groups]}")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[GroupRedundancy]:
         return iter(self.groups)
 
     def __len__(self) -> int:

@@ -199,8 +199,9 @@ def trained(
     """Return registered model ``name`` trained with the workload recipe, training it only once.
 
     The first call trains with :func:`lm_plugin.train.fit` (SGD Nesterov 0.9, weight decay 5e-4,
-    batch 128, OneCycle max lr 0.1; 3 epochs on Fashion-MNIST, 30 on digits) and saves the
-    checkpoint with its test accuracy; later calls with the same arguments load it.
+    OneCycle max lr 0.1; Fashion-MNIST: batch 128, 3 epochs — the workload recipe; digits: batch 64,
+    30 epochs) and saves the checkpoint with its test accuracy; later calls with the same
+    arguments load it.
 
     Args:
         name: A key of :data:`MODELS`.
