@@ -27,26 +27,9 @@ from nni.compression.pruning import L1NormPruner
 from lm_plugin.nni import LayerMergePruner, speedup
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import digits
+from lm_plugin.workloads.models import digits_resnet
 
 TRAIN, TEST = digits(64, train=True), digits(256, train=False)
-
-
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.a, self.b, self.relu = conv_bn(c, c), conv_bn(c, c), nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.b(self.relu(self.a(x))) + x)
-
-
-def make_model(width: int = 32) -> nn.Sequential:
-    return nn.Sequential(conv_bn(1, width), nn.ReLU(), Block(width), Block(width), Block(width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
 # ---- the three functions an NNI TorchEvaluator is made of (NNI's contract, written by the user) ----
@@ -87,7 +70,7 @@ def main(budget: float = 0.7, *, epochs: int = 8, importance_steps: int = 20, fi
          profiler_settings: dict[str, Any] | None = None) -> dict[str, float]:
     """Run the demo; the keyword arguments only shorten it (the test runs a quick version)."""
     torch.manual_seed(0)
-    model = make_model()
+    model = digits_resnet()
     fit(model, TRAIN, epochs=epochs, max_lr=0.1, seed=0, progress=False)
     model.eval()
 

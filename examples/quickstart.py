@@ -17,30 +17,13 @@ import torch.nn as nn
 from lm_plugin import LayerMergePruner
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import digits
-
-
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.a, self.b, self.relu = conv_bn(c, c), conv_bn(c, c), nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.b(self.relu(self.a(x))) + x)
-
-
-def make_model(width: int = 32) -> nn.Module:
-    return nn.Sequential(conv_bn(1, width), nn.ReLU(), Block(width), Block(width), Block(width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+from lm_plugin.workloads.models import digits_resnet
 
 
 def main() -> None:
     torch.manual_seed(0)
     train, test = digits(64, train=True), digits(256, train=False)
-    model = make_model()
+    model = digits_resnet()
     fit(model, train, epochs=10, max_lr=0.1, seed=0, progress=False)
     model.eval()
 

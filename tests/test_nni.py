@@ -28,27 +28,10 @@ from lm_plugin.nni import LayerMergePruner, ignored_convs, selected_convs, speed
 from lm_plugin.solve import InfeasibleBudgetError  # noqa: E402
 from lm_plugin.train import evaluate, fit  # noqa: E402
 from lm_plugin.workloads.data import digits  # noqa: E402
+from lm_plugin.workloads.models import digits_resnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"backend": "cpu", "profiler_settings": {"warmup": 1, "repeats": 3, "max_spread": 1e9}, "progress": False}
-
-
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.a, self.b, self.relu = conv_bn(c, c), conv_bn(c, c), nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.b(self.relu(self.a(x))) + x)
-
-
-def small_cnn(width: int = 16) -> nn.Sequential:
-    return nn.Sequential(conv_bn(1, width), nn.ReLU(), Block(width), Block(width), Block(width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
 def random_loader(shape: tuple[int, ...], n: int = 8) -> DataLoader:
@@ -85,7 +68,7 @@ def assert_excluded(pruner: LayerMergePruner, name: str) -> None:
 @pytest.fixture(scope="module")
 def digits_model() -> nn.Module:
     torch.manual_seed(0)
-    model = small_cnn()
+    model = digits_resnet(width=16)
     fit(model, digits(64, train=True), epochs=3, seed=0, progress=False)
     return model.eval()
 
@@ -206,7 +189,7 @@ def test_mobilenet_v2_with_op_names_re(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- config_list
 def test_config_list_follows_nnis_schema_and_rules():
-    model = small_cnn()
+    model = digits_resnet(width=16)
     with pytest.raises(SchemaError):  # NNI's strict schema: the budget is not a config key
         LayerMergePruner(model, 0.5, [{"op_types": ["Conv2d"], "budget": 0.5}], example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="budget"):

@@ -23,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "create_model",
     "default_cache_dir",
+    "digits_resnet",
     "list_models",
     "mbv2_fm",
     "register_model",
@@ -126,6 +127,33 @@ def small_cnn(in_ch: int = 1, num_classes: int = 10) -> nn.Module:
     return SmallCNN(in_ch=in_ch, num_classes=num_classes)
 
 
+class _DigitsBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + identity, then ReLU (a BasicBlock without stride or projection)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b, self.relu = _conv_bn(c, c), _conv_bn(c, c), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.b(self.relu(self.a(x))) + x)
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+
+
+def digits_resnet(width: int = 32, blocks: int = 3, in_chans: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """A small residual CNN for 8×8 digits: stem conv, ``blocks`` identity residual blocks, pool, linear.
+
+    Module names are positional (``"0.0"`` is the stem conv, ``"2.a.0"`` the first block's first conv), which is
+    what the examples' NNI ``config_list`` s refer to.
+    """
+    layers: list[nn.Module] = [_conv_bn(in_chans, width), nn.ReLU()]
+    layers += [_DigitsBlock(width) for _ in range(blocks)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered model: its factory, the dataset it is trained on, and an input example shape."""
@@ -139,6 +167,7 @@ MODELS: dict[str, ModelSpec] = {
     "resnet_fm": ModelSpec(resnet_fm, "fashion_mnist", (1, 28, 28)),
     "mbv2_fm": ModelSpec(mbv2_fm, "fashion_mnist", (1, 28, 28)),
     "small_cnn": ModelSpec(small_cnn, "digits", (1, 8, 8)),
+    "digits_resnet": ModelSpec(digits_resnet, "digits", (1, 8, 8)),
 }
 
 
