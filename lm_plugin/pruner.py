@@ -123,7 +123,8 @@ class LayerMergePruner:
             raise ValueError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
         self.resolution = resolution
         self._importance: ImportanceTable | None = None
-        self.solution: Solution | None = None
+        self.solution: Solution | None = None  # the DP's last answer (entries, objective, latency)
+        self.plan: Plan | None = None  # the plan of the last step()
 
     def _inserted_act(self) -> str | None:
         if self.rewrite.linear_boundary_act == "none":
