@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--merged-ft-lr", type=float, default=0.005, help="max lr when fine-tuning a merged (BN-free) network"
     )
     parser.add_argument(
-        "--target-speedup", type=float, default=1.3, help="batch-64 speed-up of the composition comparison"
+        "--target-speedup", type=float, default=1.5, help="batch-64 speed-up of the composition comparison"
     )
     parser.add_argument(
         "--parts",
