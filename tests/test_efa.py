@@ -290,10 +290,11 @@ def test_params_and_latency_targets(cnn):
     p = HierarchicalPruner(model, X8, calib(), reduction=0.25, metric=filters, report=report)
     p.step()
     assert filters(model) <= 0.75 * 80
+    # latency is measured on pruned copies; no target (reduction=None), so timing noise cannot flake the test
     p = HierarchicalPruner(
-        copy.deepcopy(cnn), torch.randn(8, 1, 8, 8), calib(), reduction=0.05, metric="latency", report=report
+        copy.deepcopy(cnn), torch.randn(8, 1, 8, 8), calib(), reduction=None, metric="latency", report=report
     )
-    assert p.allocation.metric == "latency" and p.allocation.base_cost > 0
+    assert p.allocation.metric == "latency" and p.allocation.base_cost > 0 and p.allocation.predicted_cost > 0
 
 
 def test_importance_plugs_into_torch_pruning_and_reanalyses_after_pruning(cnn):
