@@ -81,9 +81,7 @@ def test_pivoted_importance_ranks_duplicates_and_dead_channels_last():
     rows = torch.cat([rows, rows[1:2] * 2.0, torch.zeros(1, 40)])  # channel 5 = 2 x channel 1, channel 6 dead
     gram = rows.double() @ rows.double().T
     scores = pivoted_importance(gram)
-    assert sorted(torch.argsort(scores)[:2].tolist()) == [1, 6] or sorted(
-        torch.argsort(scores)[:2].tolist()
-    ) == [5, 6]
+    assert sorted(torch.argsort(scores)[:2].tolist()) == [1, 6] or sorted(torch.argsort(scores)[:2].tolist()) == [5, 6]
     assert singular_values(gram)[-2:].max() < 1e-6 * singular_values(gram)[0]
 
 
@@ -103,9 +101,7 @@ def test_estimate_is_stable_across_calibration_seeds(cnn):
     assert max(reductions) - min(reductions) < 0.05
 
 
-def _widen_with_duplicates(
-    model: nn.Module, dup: int, seed: int = 0
-) -> tuple[nn.Module, list[tuple[int, int]]]:
+def _widen_with_duplicates(model: nn.Module, dup: int, seed: int = 0) -> tuple[nn.Module, list[tuple[int, int]]]:
     """Copy ``dup`` filters of conv2 (and their BN entries); split conv3's weights on each copied channel
     between the original and the copy in random proportions, so the network computes the same function."""
     g = torch.Generator().manual_seed(seed)
@@ -141,9 +137,7 @@ def test_duplicated_filters_are_detected_as_redundant(cnn, dup):
     widened = estimate_redundancy(wide, X8, calib(), rank_rule="relative", measure=False)["conv2"]
     assert widened.channels == 32 + dup
     assert abs(widened.rank - base.rank) <= 1
-    assert widened.max_ratio == pytest.approx(
-        dup / (32 + dup) + base.redundant / (32 + dup), abs=1.5 / (32 + dup)
-    )
+    assert widened.max_ratio == pytest.approx(dup / (32 + dup) + base.redundant / (32 + dup), abs=1.5 / (32 + dup))
 
     # Default energy rule: the duplicates add exactly their number of redundant channels.
     base_e = estimate_redundancy(cnn, X8, calib(), measure=False)["conv2"]
@@ -237,9 +231,7 @@ def test_no_group_is_pruned_beyond_its_bound(cnn):
     # ask for nearly all the estimated redundancy: stage 1 must saturate bounds, never pass them
     target = report.max_macs_reduction * 0.95
     model = copy.deepcopy(cnn)
-    pruner = HierarchicalPruner(
-        model, X8, calib(), reduction=target, report=report, ignored_layers=[model.fc]
-    )
+    pruner = HierarchicalPruner(model, X8, calib(), reduction=target, report=report, ignored_layers=[model.fc])
     pruner.step()
     kept = _channels_of(model, report)
     for g in report:
@@ -300,9 +292,7 @@ def test_params_and_latency_targets(cnn):
 def test_importance_plugs_into_torch_pruning_and_reanalyses_after_pruning(cnn):
     model = copy.deepcopy(cnn)
     imp = EffectiveFilterImportance(calib())
-    pruner = tp.pruner.MetaPruner(
-        model, X8, imp, pruning_ratio=0.25, iterative_steps=2, ignored_layers=[model.fc]
-    )
+    pruner = tp.pruner.MetaPruner(model, X8, imp, pruning_ratio=0.25, iterative_steps=2, ignored_layers=[model.fc])
     pruner.step()
     first = model.conv2.out_channels
     pruner.step()  # channel counts changed: the importance must re-analyse the pruned network
@@ -313,9 +303,7 @@ def test_importance_plugs_into_torch_pruning_and_reanalyses_after_pruning(cnn):
     model = copy.deepcopy(cnn)
     report = estimate_redundancy(model, X8, calib(), measure=False)
     imp = EffectiveFilterImportance.from_report(report)
-    pruner = tp.pruner.MetaPruner(
-        model, X8, imp, pruning_ratio=0.25, iterative_steps=2, ignored_layers=[model.fc]
-    )
+    pruner = tp.pruner.MetaPruner(model, X8, imp, pruning_ratio=0.25, iterative_steps=2, ignored_layers=[model.fc])
     pruner.step()
     with pytest.raises(RuntimeError, match="calibration data"):
         pruner.step()

@@ -41,9 +41,7 @@ def test_digits_split_is_fixed_stratified_and_normalised():
     assert torch.equal(x_te, x_again)
     # no test image is also a training image
     train_rows = {tuple(r.tolist()) for r in x_tr.flatten(1)}
-    assert (
-        sum(tuple(r.tolist()) in train_rows for r in x_te.flatten(1)) < 5
-    )  # digits has a few true duplicates
+    assert sum(tuple(r.tolist()) in train_rows for r in x_te.flatten(1)) < 5  # digits has a few true duplicates
 
 
 def test_reference_models_follow_the_workload_spec():

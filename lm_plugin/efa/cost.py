@@ -46,9 +46,7 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, specs: Sequence[GroupSpec]):
-        macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
-            model, example_inputs, layer_wise=True
-        )
+        macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
         self.base = {"macs": float(macs), "params": float(params)}
         self.specs = list(specs)
         self._layer = {
@@ -102,11 +100,7 @@ class CostModel:
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and module.groups > 1
-        and module.groups == module.in_channels
-    )
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
 
 
 def _dim_size(module: nn.Module, dim: str) -> int:

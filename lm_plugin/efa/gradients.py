@@ -113,11 +113,7 @@ def accumulate_grams(
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     param = next(model.parameters(), None)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else (param.device if param is not None else torch.device("cpu"))
-    )
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     criterion = loss_fn if loss_fn is not None else F.cross_entropy
 
     layer_sets = [_selected(spec, side) for spec in specs]
@@ -153,9 +149,7 @@ def accumulate_grams(
             with torch.enable_grad():
                 loss = criterion(_forward(model, inputs), targets)
                 if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"calibration loss is {loss.item()} on batch {batches}; check the data and model"
-                    )
+                    raise ValueError(f"calibration loss is {loss.item()} on batch {batches}; check the data and model")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for g_idx, (spec, layers) in enumerate(zip(specs, layer_sets)):
                 for l_idx, layer in enumerate(layers):

@@ -113,9 +113,7 @@ def describe_group(DG: tp.DependencyGraph, group: tp.Group) -> GroupSpec | None:
         root_idxs = list(item.root_idxs)
         if any(r is None for r in root_idxs):
             return None
-        spec.slices.append(
-            LayerSlice(module, mod_name or type(module).__name__, role, _plain(idxs), _plain(root_idxs))
-        )
+        spec.slices.append(LayerSlice(module, mod_name or type(module).__name__, role, _plain(idxs), _plain(root_idxs)))
     if channels < 2 or not spec.consumers:
         return None
     return spec
@@ -182,9 +180,7 @@ def slice_rows(grad: torch.Tensor, layer: LayerSlice, channels: int) -> torch.Te
         else:
             # Grouped conv: input channel i is read only by the output channels of its group.
             out_per, in_per = grad.shape[0] // groups, grad.shape[1]
-            pieces = [
-                grad[(i // in_per) * out_per : (i // in_per + 1) * out_per, i % in_per] for i in layer.idxs
-            ]
+            pieces = [grad[(i // in_per) * out_per : (i // in_per + 1) * out_per, i % in_per] for i in layer.idxs]
             rows = torch.stack(pieces).flatten(1)
     # Order rows by (group channel, layer index) so that, e.g., the k-th spatial position of a
     # flattened channel lines up with the k-th position of every other channel.

@@ -31,8 +31,7 @@ def _producer_key(DG: tp.DependencyGraph, group: tp.Group) -> frozenset[str]:
     return frozenset(
         DG._module2name.get(item.dep.target.module, str(id(item.dep.target.module)))
         for item in group.items
-        if isinstance(item.dep.target.module, WEIGHTED_TYPES)
-        and DG.is_out_channel_pruning_fn(item.dep.handler)
+        if isinstance(item.dep.target.module, WEIGHTED_TYPES) and DG.is_out_channel_pruning_fn(item.dep.handler)
     )
 
 
@@ -90,9 +89,7 @@ class EffectiveFilterImportance(tp.importance.Importance):
                     self._report_scores[_spec_key(g.spec)] = g.importance
 
     @classmethod
-    def from_report(
-        cls, report: RedundancyReport, data: Iterable[Any] | None = None
-    ) -> EffectiveFilterImportance:
+    def from_report(cls, report: RedundancyReport, data: Iterable[Any] | None = None) -> EffectiveFilterImportance:
         """Reuse a report's analysis (``data`` enables re-analysis after the network changes)."""
         return cls(data, report=report)
 

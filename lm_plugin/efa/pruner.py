@@ -104,9 +104,7 @@ class HierarchicalPruner(tp.pruner.BasePruner):
             )
         if report is None:
             if data is None:
-                raise ValueError(
-                    "HierarchicalPruner needs calibration data (data=...) or a precomputed report"
-                )
+                raise ValueError("HierarchicalPruner needs calibration data (data=...) or a precomputed report")
             report = estimate_redundancy(
                 model,
                 example_inputs,

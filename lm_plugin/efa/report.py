@@ -229,9 +229,7 @@ class RedundancyReport:
             "groups": [g.to_dict() for g in self.groups],
         }
 
-    def plot(
-        self, path: str | Path | None = None, groups: Sequence[str] | None = None, ax: Any = None
-    ) -> Any:
+    def plot(self, path: str | Path | None = None, groups: Sequence[str] | None = None, ax: Any = None) -> Any:
         """Plot the normalised singular-value spectra (log scale), one line per group.
 
         A marker on each line shows the group's effective rank. Needs matplotlib

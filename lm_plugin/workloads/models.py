@@ -54,9 +54,7 @@ class ResNetFM(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
                 )
-            stages.append(
-                nn.Sequential(BasicBlock(inplanes, width, stride, downsample), BasicBlock(width, width))
-            )
+            stages.append(nn.Sequential(BasicBlock(inplanes, width, stride, downsample), BasicBlock(width, width)))
             inplanes = width
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -171,9 +169,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def register_model(
-    name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]
-) -> None:
+def register_model(name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]) -> None:
     """Add a model to :data:`MODELS` (``dataset`` is ``"fashion_mnist"`` or ``"digits"``)."""
     if name in MODELS:
         raise ValueError(f"a model named {name!r} is already registered")
