@@ -94,6 +94,18 @@ def fold_problem(chain: Chain, residual: Residual, kept: Iterable[int]) -> str |
     return None
 
 
+def end_activation(chain: Chain, st: int, end: int, inserted: str | None) -> str | None:
+    """The activation that follows block ``(st, end]`` once merged.
+
+    The position's own activation; or, where a block of several layers ends at an originally linear, non-break
+    position, ``inserted`` (the reference implementation's rule for MobileNetV2 bottleneck outputs; None = off).
+    """
+    position = chain.positions[end]
+    if position.activation is None and inserted is not None and end - st >= 2 and not position.is_break:
+        return inserted
+    return position.activation
+
+
 def blocks_of(boundaries: Iterable[int], length: int) -> list[Pair]:
     """``(st, end]`` spans between consecutive boundaries (0 and ``length`` are always boundaries)."""
     cuts = sorted(set(boundaries) | {0, length})

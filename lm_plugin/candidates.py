@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .blocks import BlockGeometry, block_geometry, fold_problem, residual_relation
+from .blocks import BlockGeometry, block_geometry, end_activation, fold_problem, residual_relation
 from .trace.chain import Chain
 
 MODES = ("layermerge", "act_only", "layer_only")
@@ -79,10 +79,7 @@ def enumerate_candidates(chain: Chain, mode: str = "layermerge", *, max_kernel: 
             for kept in _subsets(chain, st, end, mode, max_kernel):
                 geo = block_geometry(chain, st, end, kept)
                 by_geometry.setdefault((geo.kernel_size, geo.groups), []).append(kept)
-            position = chain.positions[end]
-            act = position.activation
-            if act is None and inserted_act and end - st >= 2 and not position.is_break:
-                act = inserted_act
+            act = end_activation(chain, st, end, inserted_act)
             res = chain.residual_at(end)
             unfolded_add = res is not None and res.source < st
             for (_, _), subsets in sorted(by_geometry.items()):

@@ -22,7 +22,6 @@ from .latency import Profiler, get_profiler
 from .merge import merge as _merge
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
-from .rewrite.trainable import _dominant_activation
 from .solve import Entry, InfeasibleBudgetError, Solution, solve
 from .tables.importance import ImportanceEstimator, ImportanceTable, build_importance_table, make_estimator
 from .tables.latency import LatencyModel, build_latency_model
@@ -107,7 +106,7 @@ class LayerMergePruner:
         self.ignored_layers = tuple(self._names(model, ignored_layers))
         self.chain: Chain = extract_chain(self.graph_module, self.ignored_layers)
         self.candidates: list[Candidate] = enumerate_candidates(
-            self.chain, mode, max_kernel=max_kernel, inserted_act=self._inserted_act())
+            self.chain, mode, max_kernel=max_kernel, inserted_act=self.rewrite.inserted_kind(self.chain))
         self._backend = backend
         self._batch_size = batch_size or self.example_inputs[0].shape[0]
         self._profiler_settings = dict(profiler_settings or {})
@@ -125,11 +124,6 @@ class LayerMergePruner:
         self._importance: ImportanceTable | None = None
         self.solution: Solution | None = None  # the DP's last answer (entries, objective, latency)
         self.plan: Plan | None = None  # the plan of the last step()
-
-    def _inserted_act(self) -> str | None:
-        if self.rewrite.linear_boundary_act == "none":
-            return None
-        return self.rewrite.inserted_act or _dominant_activation(self.chain)
 
     # ------------------------------------------------------------------------------------------- latency
     @property
@@ -172,12 +166,8 @@ class LayerMergePruner:
         A block that folds a projection skip is credited with the skip's latency (the skip disappears).
         """
         lat, imp = self.latency_model(), self.importance_table()
-        out = []
-        for c in self.candidates:
-            saved = sum(lat.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(c.st, c.end))
-            out.append(Entry(c.st, c.end, imp.subsets[c.key], lat.block_ms[c.key] - saved, imp.values[c.key],
-                             c.key))
-        return out
+        return [Entry(c.st, c.end, imp.subsets[c.key], lat.cost(c.st, c.end, imp.subsets[c.key]), imp.values[c.key],
+                      c.key) for c in self.candidates]
 
     def search(self, budget: float | str | Budget | None = None) -> Plan:
         """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
@@ -190,7 +180,7 @@ class LayerMergePruner:
         target = Budget.parse(budget) if budget is not None else self.budget
         lat = self.latency_model()
         budget_ms = target.to_ms(lat.original_ms)
-        fixed = lat.rest_ms + sum(lat.skip_ms.values())  # outside the blocks, before any skip is folded
+        fixed = lat.fixed_ms
         try:
             solution = solve(self.entries(), self.chain.length, budget_ms - fixed,
                              self.resolution * lat.original_ms)

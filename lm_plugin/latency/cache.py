@@ -20,6 +20,7 @@ The cache assumes one writer at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -72,6 +73,13 @@ def signature_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         if old.get(name, "<absent>") != new.get(name, "<absent>")
     ]
     return "; ".join(changed)
+
+
+def signed_cache_path(cache_dir: str | os.PathLike[str], stem: str, signature: Mapping[str, Any]) -> Path:
+    """``<cache_dir>/<stem>-<hash of signature>.jsonl``: one file per signature, so caches of different settings
+    (backends, batch sizes, estimators) sit side by side instead of overwriting each other."""
+    digest = hashlib.sha1(canonical_json(to_jsonable(dict(signature))).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{stem}-{digest}.jsonl"
 
 
 class RecordCache:

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import block_geometry, skip_offset
+from ..blocks import block_geometry, end_activation, skip_offset
 from ..plan import Plan
 from ..trace.chain import Chain
 
@@ -56,6 +56,15 @@ class RewriteOptions:
     linear_boundary_act: str = "reference"
     inserted_act: str | None = None
 
+    def inserted_kind(self, chain: Chain) -> str | None:
+        """The activation kind the rule inserts for ``chain`` (None when the rule is off)."""
+        if self.linear_boundary_act == "none":
+            return None
+        if self.inserted_act is not None:
+            return self.inserted_act
+        kinds = Counter(p.activation for p in chain.positions if p.activation is not None)
+        return kinds.most_common(1)[0][0] if kinds else None
+
     def __post_init__(self) -> None:
         if self.linear_boundary_act not in ("reference", "none"):
             raise ValueError("linear_boundary_act must be 'reference' or 'none'")
@@ -80,7 +89,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
     graph = out.graph
     nodes = {n.name: n for n in graph.nodes}
     alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
-    act_kind = options.inserted_act or _dominant_activation(chain)
+    inserted_kind = options.inserted_kind(chain)
     records = []
 
     def resolve(name: str) -> fx.Node:
@@ -121,7 +130,6 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         members |= {nodes[r.projection_node] for r in folded if r.projection_node}
         for j in kept:
             out.get_submodule(chain.conv(j).name).padding = (0, 0)
-        padded = block_in
         if geo.padding != (0, 0):
             ph, pw = geo.padding
             with graph.inserting_after(block_in):
@@ -160,19 +168,16 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         else:
             block_out = position_value
         assert isinstance(block_out, fx.Node)
-        inserted = None
-        if (options.linear_boundary_act == "reference" and end_pos.activation is None and not end_pos.is_break
-                and end - st >= 2 and act_kind is not None):
+        act_kind = end_activation(chain, st, end, inserted_kind)
+        if act_kind != end_pos.activation:
+            assert act_kind is not None
             inserted = f"lm_inserted_act_{end}"
             out.add_submodule(inserted, ACTIVATION_FACTORIES[act_kind]())
             with graph.inserting_after(position_value):
                 act_node = graph.call_module(inserted, (position_value,))
             position_value.replace_all_uses_with(act_node, delete_user_cb=lambda u, a=act_node: u is not a)
             alias[position_value.name] = act_node
-        records.append({
-            "st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,
-            "inserted_act": inserted, "padded": padded.name,
-        })
+        records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name})
 
     graph.lint()
     out.recompile()
@@ -185,8 +190,3 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         "blocks": records,
     }
     return out
-
-
-def _dominant_activation(chain: Chain) -> str | None:
-    kinds = Counter(p.activation for p in chain.positions if p.activation is not None)
-    return kinds.most_common(1)[0][0] if kinds else None

@@ -33,8 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..candidates import Candidate
-from ..latency.cache import RecordCache
-from ..latency.canonical import canonical_json
+from ..latency.cache import RecordCache, signed_cache_path
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
 from ..trace.chain import Chain
@@ -231,8 +230,7 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
 def _cache_path(cache_dir: str | os.PathLike[str] | None, signature: dict[str, Any]) -> Path | None:
     if cache_dir is None:
         return None
-    digest = hashlib.sha1(canonical_json(signature).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"importance-{signature['estimator']}-{digest}.jsonl"
+    return signed_cache_path(cache_dir, f"importance-{signature['estimator']}", signature)
 
 
 def _weights_id(module: nn.Module) -> str:

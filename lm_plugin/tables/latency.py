@@ -31,8 +31,8 @@ import torch.nn as nn
 from ..blocks import block_geometry
 from ..candidates import Candidate
 from ..latency import LatencyTable, ModuleSpec, Profiler
-from ..latency.canonical import canonical_json
-from ..latency.conv_block import activation_module, conv_block_key, conv_block_module
+from ..latency.cache import signed_cache_path
+from ..latency.conv_block import conv_block_key, conv_block_module
 from ..plan import Plan
 from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
@@ -81,8 +81,7 @@ def network_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> d
 
 def cache_path(cache_dir: str | os.PathLike[str], profiler: Profiler) -> Path:
     """One cache file per profiler signature, so backends and batch sizes never overwrite each other."""
-    digest = hashlib.sha1(canonical_json(profiler.signature()).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"latency-{profiler.name}-{digest}.jsonl"
+    return signed_cache_path(cache_dir, f"latency-{profiler.name}", profiler.signature())
 
 
 @dataclass
@@ -120,15 +119,21 @@ class LatencyModel:
                            "rebuild it with a larger max_kernel")
         return self.block_ms[key]
 
+    @property
+    def fixed_ms(self) -> float:
+        """What every plan pays outside its blocks: the rest of the network and every projection skip."""
+        return self.rest_ms + sum(self.skip_ms.values())
+
+    def cost(self, st: int, end: int, kept) -> float:
+        """What choosing block ``(st, end]`` adds to :attr:`fixed_ms`: its latency, minus the projection skips it
+        folds (they disappear from the deployed network)."""
+        saved = sum(self.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(st, end))
+        return self.block(st, end, kept) - saved
+
     def predict(self, plan: Plan) -> float:
         """Predicted end-to-end latency of ``plan`` in ms."""
         plan.validate(self.chain)
-        total = self.rest_ms
-        for st, end in plan.blocks():
-            total += self.block(st, end, plan.kept_convs)
-        folded = {r.target for st, end in plan.blocks() for r in self.chain.residuals_within(st, end)}
-        total += sum(ms for target, ms in self.skip_ms.items() if target not in folded)
-        return total
+        return self.fixed_ms + sum(self.cost(st, end, plan.kept_convs) for st, end in plan.blocks())
 
 
 def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
@@ -160,8 +165,7 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     skip_ms = {r.target: table.ms(("skip", r.target)) for r in skips}
     original = table.ms(("network",))
     model = LatencyModel(chain, original, 0.0, block_ms, skip_ms, dict(table.signature))
-    identity = Plan.identity(chain)
-    model.rest_ms = original - (model.predict(identity) - model.rest_ms)
+    model.rest_ms = original - model.predict(Plan.identity(chain))  # rest is 0 here: this is what remains
     return model
 
 
@@ -172,4 +176,4 @@ def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
     return merge(to_trainable(gm, chain, Plan.identity(chain)), chain)
 
 
-__all__ = ["LatencyModel", "activation_module", "build_latency_model", "cache_path", "candidate_spec"]
+__all__ = ["LatencyModel", "build_latency_model", "cache_path", "candidate_spec"]
