@@ -12,14 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lm_plugin.train import distillation_loss, evaluate, fit, predict_logits
 from lm_plugin.workloads import digits, small_cnn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI machines are small and shared: one intra-op thread is faster than contended two.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from lm_plugin.workloads import (
 )
 from lm_plugin.workloads import data as data_mod
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_split_is_fixed_stratified_and_normalised():

@@ -12,8 +12,6 @@ constant, so the predicted reduction is slightly *smaller* than the real one, ne
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,14 +24,6 @@ from .groups import GroupSpec
 CostFn = Callable[[nn.Module], float]
 
 __all__ = ["CostFn", "CostModel", "latency_ms", "measure_cost", "prune_copy"]
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 class CostModel:
@@ -121,22 +111,15 @@ def _dim_size(module: nn.Module, dim: str) -> int:
 def latency_ms(model: nn.Module, example_inputs: Any, warmup: int = 8, runs: int = 30) -> float:
     """Median eager-mode latency of ``model(example_inputs)`` in milliseconds (eval mode).
 
-    Follows the workload's protocol (≥ 8 warm-up runs, median of ≥ 30). The caller chooses the
-    device and thread count; timings on a shared machine are noisy, compare ratios measured together.
+    Measured by the project's profiler (:mod:`lm_plugin.latency`) on the model's device with the current thread
+    count, following the workload's protocol (≥ 8 warm-up runs, median of ≥ 30). Timings on a shared machine are
+    noisy: compare ratios measured together.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(warmup):
-            _forward(model, example_inputs)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            _forward(model, example_inputs)
-            times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
-    return statistics.median(times)
+    from ..latency import measure  # local: keeps importing lm_plugin.efa light
+
+    param = next(model.parameters(), None)
+    backend = "cuda" if param is not None and param.is_cuda else "cpu"
+    return measure(model, example_inputs, backend=backend, warmup=warmup, repeats=runs).median_ms
 
 
 def measure_cost(model: nn.Module, example_inputs: Any, metric: str | CostFn) -> float:
