@@ -17,6 +17,7 @@ See ``docs/latency.md`` for the measurement protocol and the cache file format.
 # Import for the side effect of registering the built-in backends, and to expose their classes.
 from .backends import CUDAProfiler, EagerCPUProfiler, OnnxRuntimeProfiler, TensorRTProfiler
 from .cache import LatencyCache
+from .compare import compare_latency
 from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
 from .errors import BackendUnavailableError, LatencyCacheWarning, LatencyError, UnstableMeasurementWarning
 from .inputs import InputsLike
@@ -59,6 +60,7 @@ __all__ = [
     "UnstableMeasurementWarning",
     "activation_module",
     "available_backends",
+    "compare_latency",
     "backend_class",
     "backend_names",
     "conv_block_key",

@@ -1,6 +1,7 @@
 """Stage 6 of the data flow: trainable form -> deploy form (exactly merged convolutions)."""
 
 from .algebra import LinearConv
-from .deploy import merge
+from .check import merge_error, output_error
+from .deploy import internal_layers, merge
 
-__all__ = ["LinearConv", "merge"]
+__all__ = ["LinearConv", "internal_layers", "merge", "merge_error", "output_error"]

@@ -1,0 +1,233 @@
+"""The whole LayerMerge workflow on one pruner: search → fine-tune the trainable form → merge → check → measure.
+
+This is what the CLI's ``compress`` and ``demo`` commands, the pipeline's LayerMerge stage and the quality
+benchmark run, so that they all compress the same way:
+
+```python
+pruner = LayerMergePruner(model, budget=0.6, example_inputs=x, train_data=train, eval_data=val)
+result = compress(pruner, train_data=train, test_data=test)
+print(result.summary())
+result.merged  # the deploy form
+```
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from .budget import Budget
+from .latency import compare_latency
+from .merge import merge_error, output_error
+from .metrics import ModelCost, model_cost
+from .plan import Plan
+from .pruner import LayerMergePruner
+from .train import evaluate, fit
+
+__all__ = ["CompressionResult", "FinetuneSettings", "compress"]
+
+#: Relative float64 error above which a merge is reported as inexact (rounding alone gives ~1e-15).
+EXACTNESS_TOLERANCE = 1e-8
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How the trainable form is fine-tuned (defaults: the reference workload's recipe).
+
+    Attributes:
+        epochs: Epochs over the training data (fractions allowed); 0 skips fine-tuning.
+        max_lr: Peak learning rate of the OneCycle schedule.
+        distill_alpha: Weight of distillation toward the original network (0 = plain cross-entropy).
+        seed: Shuffling / initialisation seed.
+    """
+
+    epochs: float = 1.0
+    max_lr: float = 0.02
+    distill_alpha: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or not self.max_lr > 0 or not 0 <= self.distill_alpha <= 1:
+            raise ValueError(
+                f"fine-tuning needs epochs >= 0, max_lr > 0 and 0 <= distill_alpha <= 1; got {self.epochs}, "
+                f"{self.max_lr}, {self.distill_alpha}")
+
+
+@dataclass
+class CompressionResult:
+    """Everything one compression run produced and measured.
+
+    Attributes:
+        plan: The plan the DP chose.
+        trainable: The fine-tuned trainable form (fx GraphModule, eval mode).
+        merged: The deploy form (one conv per block, BN folded).
+        budget: The budget that was asked for.
+        budget_ms: The budget in ms of the latency table's backend.
+        predicted_ms: Predicted end-to-end latency of the plan and of the original (``"original"``).
+        measured_ms: Side-by-side measured latency of the BN-folded original and the merged network.
+        accuracy: Test accuracy (%) of the original and the merged network, if test data was given.
+        cost: MACs (per image) / params / conv layers of the original and the merged network.
+        merge_error: Float64 relative error of the merge algebra, merged vs trainable (exact ≈ 1e-15).
+        float32_deviation: Relative output difference of the float32 merged network from the trainable form
+            (rounding of the merged kernels, ~1e-7).
+        seconds: Wall-clock seconds of each stage.
+        latency_settings: The profiler's signature (backend, device, threads, batch, torch version).
+    """
+
+    plan: Plan
+    trainable: fx.GraphModule
+    merged: fx.GraphModule
+    budget: Budget
+    budget_ms: float
+    predicted_ms: dict[str, float]
+    measured_ms: dict[str, float]
+    accuracy: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, ModelCost] = field(default_factory=dict)
+    merge_error: float = float("nan")
+    float32_deviation: float = float("nan")
+    seconds: dict[str, float] = field(default_factory=dict)
+    latency_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Measured speed-up of the merged network over the BN-folded original."""
+        return self.measured_ms["original"] / self.measured_ms["compressed"]
+
+    @property
+    def exact(self) -> bool:
+        """True if the merged network matches the trainable form to float64 rounding."""
+        return self.merge_error <= EXACTNESS_TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (models excluded; the plan as in ``plan.json``)."""
+        return {
+            "budget": str(self.budget),
+            "budget_ms": self.budget_ms,
+            "plan": self.plan.to_dict(),
+            "predicted_ms": self.predicted_ms,
+            "measured_ms": self.measured_ms,
+            "speedup": self.speedup,
+            "accuracy": self.accuracy,
+            "cost": {k: v.to_dict() for k, v in self.cost.items()},
+            "merge_error": self.merge_error,
+            "float32_deviation": self.float32_deviation,
+            "exact": self.exact,
+            "seconds": self.seconds,
+            "latency_settings": self.latency_settings,
+        }
+
+    def summary(self) -> str:
+        """The before/after table every entry point prints."""
+        rows = [("", "original", "compressed")]
+        if self.accuracy:
+            rows.append(("test accuracy (%)", f"{self.accuracy['original']:.2f}", f"{self.accuracy['compressed']:.2f}"))
+        rows.append(("measured latency (ms)", f"{self.measured_ms['original']:.3f}",
+                     f"{self.measured_ms['compressed']:.3f}"))
+        rows.append(("predicted latency (ms)", f"{self.predicted_ms['original']:.3f}",
+                     f"{self.predicted_ms['compressed']:.3f}"))
+        if self.cost:
+            o, c = self.cost["original"], self.cost["compressed"]
+            rows += [("MACs per image (M)", f"{o.macs / 1e6:.2f}", f"{c.macs / 1e6:.2f}"),
+                     ("parameters (k)", f"{o.params / 1e3:.1f}", f"{c.params / 1e3:.1f}"),
+                     ("conv layers", str(o.convs), str(c.convs))]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
+        tail = f"measured speed-up {self.speedup:.2f}x (budget {self.budget}, {self.budget_ms:.3f} ms)"
+        if self.accuracy:
+            tail += f", accuracy change {self.accuracy['compressed'] - self.accuracy['original']:+.2f} %p"
+        tail += f"; merge error {self.merge_error:.1e} ({'exact' if self.exact else 'NOT EXACT'})"
+        return "\n".join([*lines, tail])
+
+
+def compress(
+    pruner: LayerMergePruner,
+    budget: float | str | Budget | None = None,
+    *,
+    train_data: Any = None,
+    test_data: Any = None,
+    finetune: FinetuneSettings | None = None,
+    rounds: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompressionResult:
+    """Search, fine-tune, merge, verify and measure, with the pruner's tables and profiler.
+
+    Args:
+        pruner: A configured :class:`LayerMergePruner` (its model is never modified).
+        budget: Overrides the pruner's budget.
+        train_data: Loader of ``(inputs, targets)`` for fine-tuning; without it the trainable form is merged as is.
+        test_data: Loader for the accuracy of the original and the merged network (held out: not the data the
+            importance table was estimated on).
+        finetune: Fine-tuning settings (default: 1 epoch, max lr 0.02 — the reference workload).
+        rounds: Interleaved rounds of the side-by-side latency measurement.
+        progress: Show progress bars while fine-tuning.
+        log: Called with a line of text at the start of each stage (e.g. ``print``).
+
+    Returns:
+        The plan, the models and every measured number.
+
+    Raises:
+        InfeasibleBudgetError: no plan meets the budget (the message gives the smallest achievable latency).
+    """
+    say = log or (lambda _msg: None)
+    settings = finetune or FinetuneSettings()
+    seconds: dict[str, float] = {}
+    target = Budget.parse(budget) if budget is not None else pruner.budget
+
+    start = time.perf_counter()
+    say("building the latency table")
+    lat = pruner.latency_model()
+    seconds["latency_table"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    say("building the importance table")
+    pruner.importance_table()
+    seconds["importance_table"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    plan = pruner.search(target)
+    seconds["solve"] = time.perf_counter() - start
+    say(plan.summary(pruner.chain))
+
+    start = time.perf_counter()
+    trainable = pruner.apply(plan)
+    if train_data is not None and settings.epochs > 0:
+        say(f"fine-tuning the trainable form ({settings.epochs:g} epoch(s), max lr {settings.max_lr:g})")
+        teacher = pruner.model if settings.distill_alpha > 0 else None
+        fit(trainable, train_data, epochs=settings.epochs, max_lr=settings.max_lr, teacher=teacher,
+            distill_alpha=settings.distill_alpha, seed=settings.seed, progress=progress)
+    trainable.eval()
+    seconds["finetune"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    say("merging")
+    merged = pruner.merge(trainable)
+    error = merge_error(trainable, pruner.merge, pruner.example_inputs)
+    deviation = output_error(trainable, merged, pruner.example_inputs)
+    seconds["merge"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    say(f"measuring latency side by side ({rounds} rounds)")
+    # The fair baseline is the original as it would be deployed: BN folded, nothing merged.
+    measured = compare_latency(pruner.profiler, {"original": pruner.baseline(), "compressed": merged},
+                               pruner.example_inputs, rounds=rounds)
+    seconds["measure"] = time.perf_counter() - start
+
+    accuracy: dict[str, float] = {}
+    if test_data is not None:
+        start = time.perf_counter()
+        say("evaluating")
+        accuracy = {"original": evaluate(pruner.model, test_data), "compressed": evaluate(merged, test_data)}
+        seconds["evaluate"] = time.perf_counter() - start
+    one = tuple(x[:1] for x in pruner.example_inputs)
+    cost = {"original": model_cost(pruner.model, one), "compressed": model_cost(merged, one)}
+    return CompressionResult(
+        plan=plan, trainable=trainable, merged=merged, budget=target, budget_ms=target.to_ms(lat.original_ms),
+        predicted_ms={"original": lat.original_ms, "compressed": lat.predict(plan)}, measured_ms=measured,
+        accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
+        latency_settings=dict(pruner.profiler.signature()))
+
