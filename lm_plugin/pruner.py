@@ -19,7 +19,9 @@ from .budget import Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
 from .errors import LayerMergeError
 from .latency import Profiler, get_profiler
+from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
+from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import Entry, InfeasibleBudgetError, Solution, solve
@@ -32,6 +34,14 @@ from .trace.graph import normalize_inputs
 def default_cache_dir() -> Path:
     """``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``."""
     return Path(os.environ.get("LM_PLUGIN_CACHE", Path.home() / ".cache" / "lm_plugin"))
+
+
+def _si(n: float) -> str:
+    """``3.6 M``-style count (torch-pruning prints MACs in G and params in M)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 class LayerMergePruner:
@@ -150,6 +160,24 @@ class LayerMergePruner:
         """Measured latency (ms, median) of any model, with the same backend and settings as the table."""
         return self.profiler.measure(model, self.example_inputs).median_ms
 
+    def cost_report(self, compressed: nn.Module, *, show: bool = True) -> dict[str, ModelCost]:
+        """torch-pruning's before/after habit: MACs and params of the original and ``compressed``.
+
+        Counted with ``tp.utils.count_ops_and_params`` (:func:`lm_plugin.metrics.model_cost`) on one example
+        image, so MACs are per image. Prints one line such as
+        ``MACs: 3.60 M -> 2.86 M (79.2%), #Params: 56.4 k -> 44.8 k (79.4%), convs: 7 -> 4`` unless ``show=False``.
+
+        Returns:
+            ``{"original": ModelCost, "compressed": ModelCost}``.
+        """
+        one = tuple(x[:1] for x in self.example_inputs)
+        before, after = model_cost(self.model, one), model_cost(compressed, one)
+        if show:
+            print(f"MACs: {_si(before.macs)} -> {_si(after.macs)} ({after.macs / before.macs:.1%}), "
+                  f"#Params: {_si(before.params)} -> {_si(after.params)} ({after.params / before.params:.1%}), "
+                  f"convs: {before.convs} -> {after.convs}")
+        return {"original": before, "compressed": after}
+
     # ---------------------------------------------------------------------------------------- selection
     def importance_table(self) -> ImportanceTable:
         """Build (or load from the cache) the importance of every candidate block."""
@@ -238,5 +266,25 @@ class LayerMergePruner:
         return to_trainable(self.graph_module, self.chain, plan, self.rewrite)
 
     def merge(self, trainable: fx.GraphModule) -> fx.GraphModule:
-        """Deploy form: one conv per block, BN folded, exact w.r.t. ``trainable`` (in eval mode)."""
+        """Deploy form: one conv per block, BN folded, exact w.r.t. ``trainable`` (in eval mode).
+
+        ``trainable`` may have been channel-pruned in place since :meth:`apply` (torch-pruning, or
+        :class:`lm_plugin.efa.HierarchicalPruner`); the merged convs then have the pruned widths.
+        """
         return _merge(trainable, self.chain)
+
+    def internal_layers(self, trainable: fx.GraphModule) -> list[nn.Module]:
+        """Convs of ``trainable`` whose output channels exist only inside a merged block.
+
+        Pass them as ``ignored_layers`` when channel-pruning the trainable form: merging removes those
+        channels anyway (a merged conv's size depends only on its block's input and output widths), so
+        pruning them would cost accuracy without shrinking the deploy network. Block boundaries, residual
+        streams included, stay prunable.
+
+        Example:
+            >>> trainable = pruner.apply(plan)
+            >>> ignored = pruner.internal_layers(trainable) + [trainable.fc]
+            >>> tp.pruner.MetaPruner(trainable, x, imp, pruning_ratio=0.3, ignored_layers=ignored).step()
+            >>> deployed = pruner.merge(trainable)  # after fine-tuning
+        """
+        return _internal_layers(trainable, self.chain)

@@ -30,21 +30,15 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     """Deploy form of a trainable-form model made by :func:`lm_plugin.rewrite.to_trainable`.
 
     The trainable model is not modified. The result is an eval-mode ``GraphModule`` with one conv per block.
+    The trainable form may have been channel-pruned in place after ``to_trainable`` (e.g. by torch-pruning):
+    channel counts are read from the modules present, so the merged convs have the pruned widths.
 
     Raises:
         MergeError: not a trainable form of this chain, or a block would merge into an absurdly large kernel.
     """
-    info = trainable.meta.get(META_KEY) if isinstance(trainable, fx.GraphModule) else None
-    if not info or info.get("form") != "trainable":
-        raise MergeError(
-            "merge() expects the trainable form returned by LayerMergePruner.apply(plan) (a GraphModule carrying "
-            "its plan). To merge a fine-tuned checkpoint, rebuild it with pruner.apply(plan), "
-            "load_state_dict(checkpoint), then merge."
-        )
-    if info["chain_id"] != chain.fingerprint():
-        raise MergeError("this trainable model was made from a different chain (model or ignored_layers differ)")
-    plan = Plan.from_dict(info["plan"])
+    info, plan = _trainable_plan(trainable, chain)
     for st, end in plan.blocks():
+        # The chain's channel counts are those of the original network: an upper bound for a pruned one.
         geo = block_geometry(chain, st, end, plan.kept_convs)
         size = geo.out_channels * geo.in_channels // geo.groups * geo.kernel_size[0] * geo.kernel_size[1] * 8
         if size > max_bytes:
@@ -87,6 +81,63 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     return gm.eval()
 
 
+def _trainable_plan(trainable: fx.GraphModule, chain: Chain) -> tuple[dict, Plan]:
+    """The trainable form's record and plan, checked against ``chain``."""
+    info = trainable.meta.get(META_KEY) if isinstance(trainable, fx.GraphModule) else None
+    if not info or info.get("form") != "trainable":
+        raise MergeError(
+            "merge() expects the trainable form returned by LayerMergePruner.apply(plan) (a GraphModule carrying "
+            "its plan). To merge a fine-tuned checkpoint, rebuild it with pruner.apply(plan), "
+            "load_state_dict(checkpoint), then merge."
+        )
+    if info["chain_id"] != chain.fingerprint():
+        raise MergeError("this trainable model was made from a different chain (model or ignored_layers differ)")
+    return info, Plan.from_dict(info["plan"])
+
+
+def internal_layers(trainable: fx.GraphModule, chain: Chain) -> list[nn.Module]:
+    """Convs of ``trainable`` whose output channels exist only inside a merged block.
+
+    A block merges into one conv whose shape depends only on the block's input and output widths (and its
+    kernel), so channels *inside* a block vanish at merge time. Pruning them keeps the merge exact but does not
+    shrink the deploy network; it only lowers the merged kernel's rank. Pass these layers as ``ignored_layers``
+    to a channel pruner (torch-pruning skips a group as soon as one of its producers is ignored, so only convs
+    whose *whole* coupled channel set is internal are returned; block boundaries stay prunable).
+
+    Inside a block, channel spaces are tracked by position: a dropped conv passes its input's channels on, an
+    identity skip ties its source and target, a projection skip writes into its target's channels. A space not
+    tied to the block's input or output position is internal.
+    """
+    info, plan = _trainable_plan(trainable, chain)
+    layers: list[nn.Module] = []
+    for rec in info["blocks"]:
+        st, end = rec["st"], rec["end"]
+        space = {p: p for p in range(st, end + 1)}  # position -> a position with the same channels
+        for j in range(st + 1, end + 1):
+            if j not in plan.kept_convs:
+                _join(space, j, j - 1)
+        folded = chain.residuals_within(st, end)
+        for r in folded:
+            if r.projection is None:
+                _join(space, r.target, r.source)
+        boundary = {_root(space, st), _root(space, end)}
+        layers += [trainable.get_submodule(chain.conv(j).name) for j in rec["kept"]
+                   if _root(space, j) not in boundary]
+        layers += [trainable.get_submodule(r.projection) for r in folded
+                   if r.projection is not None and _root(space, r.target) not in boundary]
+    return layers
+
+
+def _root(space: dict[int, int], p: int) -> int:
+    while space[p] != p:
+        p = space[p]
+    return p
+
+
+def _join(space: dict[int, int], a: int, b: int) -> None:
+    space[_root(space, a)] = _root(space, b)
+
+
 def _unit(gm: fx.GraphModule, conv_name: str, bn_name: str | None) -> LinearConv:
     conv = gm.get_submodule(conv_name)
     bn = gm.get_submodule(bn_name) if bn_name else None
@@ -108,15 +159,20 @@ def _block_map(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) 
             stack.append((current, r))
             current = None
 
+    # Channel counts come from the modules present, never from the chain: the trainable form may have been
+    # channel-pruned (e.g. by torch-pruning) after apply(). Dropped convs are identities, so the width of the
+    # value at a position is that of the last kept conv before it in the block, or the block's input width.
+    width = _block_in_channels(gm, chain, plan, st, end)
     push(st)
     for j in range(st + 1, end + 1):
         c = chain.conv(j)
         if j in plan.kept_convs:
             step = _unit(gm, c.name, c.bn)
             current = step if current is None else current.then(step)
+            width = step.out_channels
         while stack and stack[-1][1].target == j:  # type: ignore[attr-defined]
             before, r = stack.pop()
-            channels = c.out_channels
+            channels = current.out_channels if current is not None else width
             branch = current or LinearConv.identity(channels, channels, device=_device(gm))
             if r.projection is None:  # type: ignore[attr-defined]
                 skip = LinearConv.identity(channels, branch.groups, device=_device(gm))
@@ -130,6 +186,19 @@ def _block_map(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) 
     if current is None:
         raise MergeError(f"block ({st},{end}] keeps no conv")
     return current
+
+
+def _block_in_channels(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) -> int:
+    """Input channels of block ``(st, end]`` as the modules present say (its first kept conv or a folded
+    projection; every other map inside the block preserves the channel count it reads)."""
+    for j in range(st + 1, end + 1):
+        if j in plan.kept_convs:
+            conv = gm.get_submodule(chain.conv(j).name)
+            return int(conv.in_channels)  # type: ignore[arg-type]
+    for r in chain.residuals_within(st, end):
+        if r.projection is not None:
+            return int(gm.get_submodule(r.projection).in_channels)  # type: ignore[arg-type]
+    raise MergeError(f"block ({st},{end}] keeps no conv")
 
 
 def _device(gm: fx.GraphModule) -> torch.device:
