@@ -6,12 +6,13 @@ import math
 import re
 from dataclasses import dataclass
 
+_NUMBER = re.compile(r"^[-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf)$", re.IGNORECASE)
 _MS = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*ms\s*$")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """``Budget.parse(0.6)`` = 60 % of the original latency; ``Budget.parse("12.5ms")`` = 12.5 ms."""
+    """``Budget.parse(0.6)`` (or ``"0.6"``, ``"60%"``) = 60 % of the original latency; ``"12.5ms"`` = 12.5 ms."""
 
     value: float
     unit: str  # "ratio" or "ms"
@@ -26,10 +27,16 @@ class Budget:
         if isinstance(budget, Budget):
             return budget
         if isinstance(budget, str):
+            text = budget.strip()
+            # Command lines and config files give ratios as text too: "0.6" or "60%".
+            if _NUMBER.match(text):
+                return cls.parse(float(text))
+            if text.endswith("%") and _NUMBER.match(text[:-1].strip()):
+                return cls.parse(float(text[:-1]) / 100)
             match = _MS.match(budget)
             if not match:
-                raise ValueError(f"budget {budget!r} not understood: use a ratio such as 0.7 (70 % of the "
-                                 "original latency) or a time such as '12.5ms'")
+                raise ValueError(f"budget {budget!r} not understood: use a ratio such as 0.7 or '70%' (of "
+                                 "the original latency) or a time such as '12.5ms'")
             ms = float(match.group(1))
             if not ms > 0 or math.isinf(ms):
                 raise ValueError(f"budget must be a positive time, got {budget!r}")

@@ -26,9 +26,10 @@ from .merge import merge_error, output_error
 from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .pruner import LayerMergePruner
+from .solve import InfeasibleBudgetError
 from .train import evaluate, fit
 
-__all__ = ["CompressionResult", "FinetuneSettings", "compress"]
+__all__ = ["CompressionResult", "FinetuneSettings", "TradeoffPoint", "compress", "tradeoff"]
 
 #: Relative float64 error above which a merge is reported as inexact (rounding alone gives ~1e-15).
 EXACTNESS_TOLERANCE = 1e-8
@@ -231,3 +232,42 @@ def compress(
         accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
         latency_settings=dict(pruner.profiler.signature()))
 
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One DP solution on the latency/accuracy trade-off (before any fine-tuning).
+
+    Attributes:
+        budget: The budget as a fraction of the original's predicted latency.
+        predicted_ms: Predicted end-to-end latency of the chosen plan.
+        estimated_accuracy: The original's metric plus the chosen blocks' summed importance (the DP objective):
+            the estimator's guess of the accuracy right after compression.
+        blocks: Number of blocks (merged convs) of the plan.
+    """
+
+    budget: float
+    predicted_ms: float
+    estimated_accuracy: float
+    blocks: int
+
+
+def tradeoff(pruner: LayerMergePruner, fractions: list[float] | None = None) -> list[TradeoffPoint]:
+    """Solve the DP at several budgets (cheap: the tables are built once) and return the feasible solutions.
+
+    Args:
+        pruner: A pruner whose tables are built or buildable.
+        fractions: Budgets as fractions of the original latency (default 0.30, 0.35, ..., 1.00).
+    """
+    fractions = fractions or [round(0.30 + 0.05 * i, 2) for i in range(15)]
+    base = pruner.importance_table().base_metric
+    points = []
+    for fraction in fractions:
+        try:
+            plan = pruner.search(fraction)
+        except InfeasibleBudgetError:
+            continue
+        assert pruner.solution is not None
+        points.append(TradeoffPoint(fraction, pruner.predict_latency(plan), base + pruner.solution.objective,
+                                    len(plan.blocks())))
+    return points

@@ -15,7 +15,7 @@ See ``docs/latency.md`` for the measurement protocol and the cache file format.
 """
 
 # Import for the side effect of registering the built-in backends, and to expose their classes.
-from .backends import CUDAProfiler, EagerCPUProfiler, OnnxRuntimeProfiler, TensorRTProfiler
+from .backends import CUDAProfiler, EagerCPUProfiler, MacsProfiler, OnnxRuntimeProfiler, TensorRTProfiler
 from .cache import LatencyCache
 from .compare import compare_latency
 from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
@@ -51,6 +51,7 @@ __all__ = [
     "LatencyCacheWarning",
     "LatencyError",
     "LatencyTable",
+    "MacsProfiler",
     "Measurement",
     "ModuleSpec",
     "OnnxRuntimeProfiler",
@@ -60,9 +61,9 @@ __all__ = [
     "UnstableMeasurementWarning",
     "activation_module",
     "available_backends",
-    "compare_latency",
     "backend_class",
     "backend_names",
+    "compare_latency",
     "conv_block_key",
     "conv_block_module",
     "get_profiler",

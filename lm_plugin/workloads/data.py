@@ -9,21 +9,27 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
+    "DATASETS",
     "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "DataSplits",
     "DataUnavailableError",
+    "data_splits",
     "default_data_root",
     "digits",
     "digits_tensors",
     "fashion_mnist",
     "fashion_mnist_tensors",
+    "register_dataset",
 ]
 
 FASHION_MNIST_MEAN = 0.286
@@ -228,3 +234,67 @@ def digits(
     """
     dataset = digits_tensors(train=train, split_seed=split_seed)
     return _loader(dataset, batch_size, train if shuffle is None else shuffle, seed, drop_last, 0)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three loaders a compression run needs, plus the input shape of one example.
+
+    Attributes:
+        train: Shuffled training loader (fine-tuning, importance adaptation).
+        val: A fixed subset of the *training* split on which importance is scored, so that the test split
+            stays unseen until the final accuracy.
+        test: The held-out test split (reported accuracy).
+        input_shape: Shape of one example, without the batch dimension, e.g. ``(1, 28, 28)``.
+    """
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    input_shape: tuple[int, ...]
+
+
+def _fashion_mnist_splits(root: str | os.PathLike[str] | None, batch_size: int, val_size: int, seed: int) -> DataSplits:
+    return DataSplits(
+        fashion_mnist(root, train=True, batch_size=batch_size, seed=seed),
+        fashion_mnist(root, train=True, batch_size=512, shuffle=False, subset=val_size, seed=seed),
+        fashion_mnist(root, train=False, batch_size=512),
+        (1, 28, 28),
+    )
+
+
+def _digits_splits(root: str | os.PathLike[str] | None, batch_size: int, val_size: int, seed: int) -> DataSplits:
+    train = digits_tensors(train=True)
+    return DataSplits(
+        digits(batch_size, train=True, seed=seed),
+        _loader(_subset(train, min(val_size, len(train)), seed), 512, False, seed, False, 0),
+        digits(512, train=False),
+        (1, 8, 8),
+    )
+
+
+#: Named datasets the CLI and the benchmarks accept (``--data NAME``); add yours with :func:`register_dataset`.
+DATASETS: dict[str, Callable[[str | os.PathLike[str] | None, int, int, int], DataSplits]] = {
+    "fashion_mnist": _fashion_mnist_splits,
+    "digits": _digits_splits,
+}
+
+
+def register_dataset(name: str, factory: Callable[[str | os.PathLike[str] | None, int, int, int], DataSplits]) -> None:
+    """Make ``factory(root, batch_size, val_size, seed) -> DataSplits`` available as ``--data name``."""
+    DATASETS[name] = factory
+
+
+def data_splits(
+    name: str, root: str | os.PathLike[str] | None = None, *, batch_size: int = 128, val_size: int = 2000,
+    seed: int = 0,
+) -> DataSplits:
+    """Train / importance-validation / test loaders of a registered dataset.
+
+    Raises:
+        KeyError: unknown dataset name (the message lists the known ones).
+        DataUnavailableError: the data cannot be found or downloaded (the message says how to get it).
+    """
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](root, batch_size, val_size, seed)

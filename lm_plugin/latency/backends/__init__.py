@@ -2,7 +2,8 @@
 
 from .cuda import CUDAProfiler
 from .eager import EagerCPUProfiler
+from .macs import MacsProfiler
 from .ort import OnnxRuntimeProfiler
 from .tensorrt import TensorRTProfiler
 
-__all__ = ["CUDAProfiler", "EagerCPUProfiler", "OnnxRuntimeProfiler", "TensorRTProfiler"]
+__all__ = ["CUDAProfiler", "EagerCPUProfiler", "MacsProfiler", "OnnxRuntimeProfiler", "TensorRTProfiler"]

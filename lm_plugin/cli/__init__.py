@@ -1,0 +1,73 @@
+"""The ``lm-plugin`` command line (also ``python -m lm_plugin``): compress, profile, solve, merge, demo.
+
+Exit status: 0 on success, 2 on bad input (the message says what to fix), 1 on any other failure. Every
+command that writes results stages them and publishes the output folder only when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import LayerMergeError
+from ..solve import InfeasibleBudgetError
+from ..workloads.data import DataUnavailableError
+from .commands import DEMO_DEFAULTS, run_compress, run_merge, run_profile, run_solve, say
+from .options import Options, add_options, resolve
+from .specs import CLIError
+
+__all__ = ["main"]
+
+MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "seed", "cache_dir", "progress"]
+LATENCY = ["backend", "batch_size", "threads"]
+SELECT = ["budget", "importance", "importance_steps", "val_size", "mode", "max_kernel", "ignored_layers",
+          "train_batch_size"]
+FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds"]
+OUTPUT = ["output", "overwrite"]
+
+# name -> (help, options, runner, command defaults)
+COMMANDS: dict[str, tuple[str, list[str], Callable[[Options], int], dict]] = {
+    "compress": ("search, fine-tune, merge, check and measure; write report, plan and models",
+                 MODEL + LATENCY + SELECT + FINETUNE + OUTPUT, run_compress, {}),
+    "profile": ("build the latency table only", MODEL + LATENCY + ["mode", "max_kernel", "ignored_layers"] + OUTPUT,
+                run_profile, {}),
+    "solve": ("build the tables and write the plan for a budget (no fine-tuning)", MODEL + LATENCY + SELECT + OUTPUT,
+              run_solve, {}),
+    "merge": ("turn a fine-tuned trainable form into the deploy form (TorchScript + ONNX)",
+              MODEL + LATENCY + ["plan", "trainable", "ignored_layers"] + OUTPUT, run_merge, {}),
+    "demo": ("the offline demo: resnet_fm on Fashion-MNIST, end to end, with a report",
+             MODEL + LATENCY + SELECT + FINETUNE + OUTPUT, run_compress, DEMO_DEFAULTS),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="lm-plugin", description="LayerMerge depth compression.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, options, runner, _) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        add_options(cmd, options)
+        cmd.set_defaults(func=runner)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        opts = resolve(args, COMMANDS[args.command][3])
+        return args.func(opts)
+    except (CLIError, InfeasibleBudgetError, DataUnavailableError) as exc:
+        say(f"error: {exc}")
+        return 2
+    except LayerMergeError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; caches keep what was measured, the next run resumes")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

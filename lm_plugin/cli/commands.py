@@ -1,0 +1,241 @@
+"""What each CLI command does, on top of the library (no logic here that Python users cannot call)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..compress import FinetuneSettings, compress, tradeoff
+from ..export import export_onnx, export_torchscript, onnx_error
+from ..merge import merge_error
+from ..plan import Plan
+from ..pruner import LayerMergePruner
+from ..report import plot_plan, write_run
+from ..workloads.data import DATASETS, DataSplits, data_splits
+from .options import Options
+from .specs import CLIError, load_model, parse_shape
+
+__all__ = ["DEMO_DEFAULTS", "run_compress", "run_merge", "run_profile", "run_solve"]
+
+#: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, on the CPU.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "model": "lm_plugin:resnet_fm",
+    "train": True,
+    "data": "fashion_mnist",
+    "budget": "0.6",
+    "backend": "cpu",
+    "importance": "distill",
+    "importance_steps": 10,
+    "val_size": 1000,
+    "output": "lm_plugin_demo",
+    "overwrite": True,
+}
+
+
+def say(message: str) -> None:
+    """Progress line on stderr (stdout is kept for the final summary)."""
+    print(f"[lm-plugin] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def _check_data(opts: Options, required: bool) -> None:
+    if opts.data is None:
+        if required:
+            raise CLIError("this command needs data for the importance table and fine-tuning: pass "
+                           f"--data ({', '.join(sorted(DATASETS))})")
+    elif opts.data not in DATASETS:
+        raise CLIError(f"unknown dataset {opts.data!r}; known: {', '.join(sorted(DATASETS))}")
+
+
+def _splits(opts: Options) -> DataSplits | None:
+    if opts.data is None:
+        return None
+    say(f"loading {opts.data}")
+    return data_splits(opts.data, opts.data_root, batch_size=opts.train_batch_size, val_size=opts.val_size,
+                       seed=opts.seed)
+
+
+def _prepare(opts: Options, data_required: bool) -> tuple[nn.Module, torch.Tensor, DataSplits | None]:
+    """Validate the cheap things first (budget, data name, shape), then build the model and load the data."""
+    _check_budget(opts.budget)
+    _check_data(opts, data_required)
+    if opts.input_shape is not None:
+        parse_shape(opts.input_shape)
+    elif opts.data is None:
+        raise CLIError("pass --input-shape (e.g. 3,224,224) or --data so the input shape is known")
+    model = _model(opts)
+    splits = _splits(opts)
+    return model, _example(opts, splits), splits
+
+
+def _model(opts: Options) -> nn.Module:
+    if not opts.model:
+        raise CLIError("no model given: pass --model (e.g. torchvision:resnet18:num_classes=10)")
+    if opts.train:
+        source, _, name = opts.model.partition(":")
+        if source != "lm_plugin" or ":" in name:
+            raise CLIError("--train works with registered workload models (lm_plugin:NAME); train other models "
+                           "yourself and pass --checkpoint")
+        from ..workloads.models import trained
+
+        say(f"training {name} with the workload recipe (cached after the first run)")
+        model = trained(name, data_root=opts.data_root, seed=opts.seed, progress=opts.progress)
+        return model.eval()
+    return load_model(opts.model, opts.checkpoint)
+
+
+def _example(opts: Options, splits: DataSplits | None) -> torch.Tensor:
+    assert opts.input_shape is not None or splits is not None
+    shape = parse_shape(opts.input_shape) if opts.input_shape is not None else splits.input_shape  # type: ignore
+    return torch.randn(opts.batch_size, *shape, generator=torch.Generator().manual_seed(opts.seed))
+
+
+def _pruner(opts: Options, model: nn.Module, example: torch.Tensor, splits: DataSplits | None) -> LayerMergePruner:
+    settings = {"steps": opts.importance_steps} if opts.importance_steps is not None and opts.importance != \
+        "zero_shot" else {}
+    profiler = {"threads": opts.threads} if opts.threads is not None else {}
+    try:
+        budget = Budget.parse(opts.budget)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"bad --budget {opts.budget!r}: {exc}") from None
+    return LayerMergePruner(
+        model, budget, example_inputs=example, ignored_layers=opts.ignored_layers, mode=opts.mode,
+        max_kernel=opts.max_kernel, backend=opts.backend, batch_size=opts.batch_size, profiler_settings=profiler,
+        cache_dir=opts.cache_dir or "default", progress=opts.progress, importance=opts.importance,
+        train_data=splits.train if splits else None, eval_data=splits.val if splits else None,
+        importance_settings=settings)
+
+
+@contextlib.contextmanager
+def staged_output(output: str | None, overwrite: bool) -> Iterator[Path]:
+    """A fresh staging folder that becomes ``output`` only if the block finishes without an error.
+
+    A failed or interrupted run leaves the previous output (if any) untouched and no half-written folder.
+    """
+    if not output:
+        raise CLIError("pass --output FOLDER for the results")
+    final = Path(output)
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())) and not overwrite:
+        raise CLIError(f"output {output!r} already exists; choose another --output or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    staging.replace(final)
+
+
+def _context(opts: Options) -> dict[str, Any]:
+    return {"command": shlex.join(["lm-plugin", *sys.argv[1:]]), "model": opts.model, "data": opts.data,
+            "options": {k: v for k, v in vars(opts).items() if k not in ("progress",)}}
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def run_compress(opts: Options) -> int:
+    """Search, fine-tune, merge, verify, measure, and write the output folder."""
+    with staged_output(opts.output, opts.overwrite) as folder:
+        model, example, splits = _prepare(opts, data_required=True)
+        assert splits is not None
+        pruner = _pruner(opts, model, example, splits)
+        say(f"chain: {pruner.chain.length} convs, {len(pruner.candidates)} candidate blocks")
+        settings = FinetuneSettings(epochs=opts.finetune_epochs, max_lr=opts.finetune_lr,
+                                    distill_alpha=opts.distill_alpha, seed=opts.seed)
+        result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=settings,
+                          rounds=opts.rounds, progress=opts.progress, log=say)
+        say("writing the report")
+        write_run(folder, result, pruner, frontier=tradeoff(pruner), context=_context(opts))
+    print(result.summary())
+    print(f"\nreport: {Path(opts.output) / 'report.md'}")
+    return 0
+
+
+def run_profile(opts: Options) -> int:
+    """Build (or load) the latency table and write it as ``latency.json``."""
+    with staged_output(opts.output, opts.overwrite) as folder:
+        model, example, _ = _prepare(opts, data_required=False)
+        pruner = _pruner(opts, model, example, None)
+        lat = pruner.latency_model()
+        entries = [{"key": list(key), "ms": ms} for key, ms in sorted(lat.block_ms.items(), key=str)]
+        skips = [{"residual_target": t, "ms": ms} for t, ms in sorted(lat.skip_ms.items())]
+        report = {"context": _context(opts), "profiler": pruner.profiler.signature(), "original_ms": lat.original_ms,
+                  "outside_chain_ms": lat.rest_ms, "entries": entries, "projection_skips": skips}
+        (folder / "latency.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"{len(entries)} latency entries; original {lat.original_ms:.3f} ms, outside the chain "
+          f"{lat.rest_ms:.3f} ms ({pruner.profiler.signature()['backend']}, batch {opts.batch_size})")
+    print(f"table: {Path(opts.output) / 'latency.json'}")
+    return 0
+
+
+def run_solve(opts: Options) -> int:
+    """Build (or load) both tables, solve at the budget, write ``plan.json`` and the predicted trade-off."""
+    with staged_output(opts.output, opts.overwrite) as folder:
+        model, example, splits = _prepare(opts, data_required=True)
+        pruner = _pruner(opts, model, example, splits)
+        plan = pruner.search()
+        assert pruner.solution is not None
+        predicted, objective = pruner.predict_latency(plan), pruner.solution.objective
+        frontier = tradeoff(pruner)
+        plan.to_json(str(folder / "plan.json"))
+        plot_plan(pruner.chain, plan, folder / "plan.png", title=f"plan at budget {pruner.budget}")
+        report = {"context": _context(opts), "budget": str(pruner.budget), "budget_ms": pruner.budget_ms(),
+                  "predicted_ms": {"original": pruner.latency_model().original_ms, "compressed": predicted},
+                  "estimated_accuracy_change": objective, "plan": plan.to_dict(),
+                  "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in frontier]}
+        (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(plan.summary(pruner.chain))
+    print(f"\npredicted {predicted:.3f} ms vs original {report['predicted_ms']['original']:.3f} ms; estimated "
+          f"accuracy change before fine-tuning {objective:+.2f} %p\nplan: {Path(opts.output) / 'plan.json'}")
+    return 0
+
+
+def run_merge(opts: Options) -> int:
+    """Merge a fine-tuned trainable form (``--plan`` + ``--trainable``) into the deploy form and export it."""
+    if not opts.plan or not Path(opts.plan).is_file():
+        raise CLIError("pass --plan PLAN.json (written by `lm-plugin solve` or `compress`)")
+    if not opts.trainable or not Path(opts.trainable).is_file():
+        raise CLIError("pass --trainable TRAINABLE.pt (the fine-tuned trainable form's state dict)")
+    with staged_output(opts.output, opts.overwrite) as folder:
+        model, example, _ = _prepare(opts, data_required=False)
+        pruner = _pruner(opts, model, example, None)
+        plan = Plan.from_json(opts.plan)
+        trainable = pruner.apply(plan)
+        state = torch.load(opts.trainable, map_location="cpu", weights_only=True)
+        try:
+            trainable.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CLIError(f"{opts.trainable!r} is not the trainable form of this plan and model: {exc}") from None
+        merged = pruner.merge(trainable.eval())
+        error = merge_error(trainable, pruner.merge, pruner.example_inputs)
+        export_torchscript(merged, example[:1], folder / "model.ts")
+        export_onnx(merged, example[:1], folder / "model.onnx")
+        report = {"context": _context(opts), "plan": plan.to_dict(), "merge_error": error,
+                  "onnx_error": onnx_error(folder / "model.onnx", merged, example[:4])}
+        (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"merged {pruner.chain.length} convs into {len(plan.blocks())}; float64 merge error {error:.1e}\n"
+          f"models: {Path(opts.output) / 'model.ts'}, {Path(opts.output) / 'model.onnx'}")
+    return 0
+
+
+def _check_budget(text: str) -> None:
+    """Fail fast on a bad budget, before any data is loaded or a folder is made."""
+    try:
+        Budget.parse(text)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"bad --budget {text!r}: {exc}") from None

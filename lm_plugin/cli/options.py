@@ -1,0 +1,141 @@
+"""Every CLI option in one place: defaults, YAML config files, and their precedence.
+
+Precedence: an option given on the command line > the same key in ``--config FILE.yaml`` > the default.
+YAML keys are the long option names with ``_`` or ``-`` (``finetune_epochs`` or ``finetune-epochs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .specs import CLIError
+
+__all__ = ["Options", "add_options", "resolve"]
+
+
+@dataclass
+class Options:
+    """Settings of one CLI run (each field is a ``--long-option`` and a YAML key)."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    train: bool = False
+    input_shape: str | None = None
+    data: str | None = None
+    data_root: str | None = None
+    budget: str = "0.6"
+    backend: str = "auto"
+    batch_size: int = 64
+    threads: int | None = None
+    importance: str = "distill"
+    importance_steps: int | None = None
+    val_size: int = 2000
+    mode: str = "layermerge"
+    max_kernel: int = 7
+    ignored_layers: list[str] = field(default_factory=list)
+    finetune_epochs: float = 1.0
+    finetune_lr: float = 0.02
+    distill_alpha: float = 0.0
+    train_batch_size: int = 128
+    rounds: int = 3
+    seed: int = 0
+    plan: str | None = None
+    trainable: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+HELP = {
+    "model": "model spec: torchvision:NAME[:k=v,...], lm_plugin:NAME, package.module:factory[:k=v,...] or file.pt",
+    "checkpoint": "state dict to load into the model (a .pt file)",
+    "train": "for lm_plugin:NAME models: train with the workload recipe first (cached after the first run)",
+    "input_shape": "shape of one input without batch, e.g. 3,224,224 (default: the dataset's)",
+    "data": "dataset for importance, fine-tuning and accuracy: fashion_mnist or digits",
+    "data_root": "dataset directory (default: $LM_PLUGIN_DATA or ~/.cache/lm_plugin/data)",
+    "budget": "latency budget: a fraction of the original (0.6) or milliseconds (12ms)",
+    "backend": "latency backend: auto, cpu, cuda, onnxruntime, tensorrt",
+    "batch_size": "batch size of the latency measurements",
+    "threads": "CPU threads for latency measurements (default: torch's)",
+    "importance": "importance estimator: distill, finetune or zero_shot",
+    "importance_steps": "training steps per candidate of the distill/finetune estimators",
+    "val_size": "training images on which importance is scored (the test split stays unseen)",
+    "mode": "layermerge (default), act_only (2023 depth compression) or layer_only",
+    "max_kernel": "largest merged kernel a candidate may have",
+    "ignored_layers": "module names never merged or dropped (repeatable)",
+    "finetune_epochs": "fine-tuning epochs of the trainable form (0: none)",
+    "finetune_lr": "peak learning rate of fine-tuning (OneCycle)",
+    "distill_alpha": "weight of distillation toward the original while fine-tuning (0: none)",
+    "train_batch_size": "batch size of training and fine-tuning",
+    "rounds": "interleaved rounds of the final side-by-side latency measurement",
+    "seed": "random seed",
+    "plan": "plan.json to merge with (merge command)",
+    "trainable": "fine-tuned trainable-form state dict, trainable.pt (merge command)",
+    "output": "output folder",
+    "overwrite": "replace an existing output folder",
+    "cache_dir": "table cache directory (default: $LM_PLUGIN_CACHE or ~/.cache/lm_plugin)",
+    "progress": "show progress bars",
+}
+
+
+def _type(f: dataclasses.Field) -> Any:
+    text = str(f.type)
+    if "int" in text and "str" not in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def add_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """Add ``--config`` and the given options; unset options stay absent so YAML and defaults can fill them."""
+    parser.add_argument("--config", help="YAML file with any of the options below (command line wins)")
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    for name in names:
+        f, flag = fields[name], "--" + name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=HELP[name])
+        elif name == "ignored_layers":
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, metavar="NAME", help=HELP[name])
+        else:
+            parser.add_argument(flag, type=_type(f), default=argparse.SUPPRESS, help=HELP[name])
+
+
+def resolve(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Options:
+    """Defaults ← command defaults ← YAML config ← explicit command-line options."""
+    values: dict[str, Any] = dict(defaults or {})
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    if getattr(args, "config", None):
+        values.update(_load_yaml(Path(args.config)))
+    values.update(given)
+    try:
+        return Options(**values)
+    except TypeError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CLIError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CLIError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {str(path)!r} must be a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(Options)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise CLIError(f"unknown option {key!r} in {str(path)!r}; known options: {', '.join(sorted(known))}")
+        out[name] = str(value) if name == "budget" else value
+    return out

@@ -1,0 +1,152 @@
+"""The output folder of a compression run: report.md / report.json, plan.json, figures and the models.
+
+Layout (every file is written into a staging folder that replaces the target only when all of them are
+done, so a failed run never leaves a folder that looks like a finished one):
+
+    report.md       human-readable summary (tables, the plan, figures)
+    report.json     every number of report.md, machine-readable
+    plan.json       the plan (``Plan.from_json`` reads it back)
+    plan.png        the plan drawn over the layers
+    tradeoff.png    accuracy vs latency: DP solutions and the measured models
+    trainable.pt    state dict of the fine-tuned trainable form (``lm-plugin merge`` turns it into a deploy form)
+    model.ts        the merged network, TorchScript
+    model.onnx      the merged network, ONNX (checked in onnxruntime when installed)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..compress import CompressionResult, TradeoffPoint
+from ..export import export_onnx, export_torchscript, onnx_error
+from ..pruner import LayerMergePruner
+from .figures import plot_plan, plot_tradeoff
+
+__all__ = ["render_markdown", "write_run"]
+
+
+def write_run(
+    folder: str | Path,
+    result: CompressionResult,
+    pruner: LayerMergePruner,
+    *,
+    frontier: Sequence[TradeoffPoint] = (),
+    context: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write every output of one compression run into ``folder`` (which must exist and be empty).
+
+    Args:
+        folder: Destination (the CLI passes a staging folder and renames it when this returns).
+        result: What :func:`lm_plugin.compress.compress` returned.
+        pruner: The pruner that produced it (chain, tables, example inputs).
+        frontier: DP solutions at other budgets, for the trade-off plot.
+        context: What was run (model spec, data, settings, command line); copied into report.json.
+
+    Returns:
+        The report as written to ``report.json``.
+    """
+    out = Path(folder)
+    example = pruner.example_inputs[0][:1]
+    result.plan.to_json(str(out / "plan.json"))
+    torch.save(result.trainable.state_dict(), out / "trainable.pt")
+    export_torchscript(result.merged, example, out / "model.ts")
+    export_onnx(result.merged, example, out / "model.onnx")
+    ort_error = onnx_error(out / "model.onnx", result.merged, pruner.example_inputs[0][:4])
+
+    original_pred, original_meas = result.predicted_ms["original"], result.measured_ms["original"]
+    measured_points = {}
+    if result.accuracy:
+        measured_points = {
+            "original": (1.0, result.accuracy["original"]),
+            "compressed": (result.measured_ms["compressed"] / original_meas, result.accuracy["compressed"]),
+        }
+    plot_plan(pruner.chain, result.plan, out / "plan.png",
+              title=f"plan at budget {result.budget}: {len(result.plan.blocks())} convs from {pruner.chain.length}")
+    plot_tradeoff([(p.predicted_ms / original_pred, p.estimated_accuracy) for p in frontier], measured_points,
+                  out / "tradeoff.png")
+
+    report = {
+        "lm_plugin": __version__,
+        "torch": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "context": context or {},
+        "chain": {"convs": pruner.chain.length, "candidates": len(pruner.candidates), "mode": pruner.mode,
+                  "max_kernel": pruner.max_kernel},
+        "importance": dict(pruner.estimator.settings()),
+        **result.to_dict(),
+        "onnx_error": ort_error,
+        "frontier": [vars(p) for p in frontier],
+        "plan_summary": result.plan.summary(pruner.chain),
+        "files": sorted(["report.md", "report.json", "plan.json", "plan.png", "tradeoff.png", "trainable.pt",
+                         "model.ts", "model.onnx"]),
+    }
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=1, default=str))
+    (out / "report.md").write_text(render_markdown(report, result))
+    return report
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
+    """The report as Markdown: summary table, the plan, figures, how it was measured."""
+    ctx = report.get("context", {})
+    lat = report.get("latency_settings", {})
+    lines = [f"# LayerMerge report — {ctx.get('model', 'model')}", ""]
+    if ctx.get("command"):
+        lines += [f"Command: `{ctx['command']}`", ""]
+    lines += ["## Summary", "", "| | original | compressed |", "|---|---:|---:|"]
+    if result.accuracy:
+        lines.append(f"| test accuracy (%) | {result.accuracy['original']:.2f} | {result.accuracy['compressed']:.2f} |")
+    lines.append(f"| measured latency (ms) | {result.measured_ms['original']:.3f} | "
+                 f"{result.measured_ms['compressed']:.3f} |")
+    lines.append(f"| predicted latency (ms) | {result.predicted_ms['original']:.3f} | "
+                 f"{result.predicted_ms['compressed']:.3f} |")
+    if result.cost:
+        o, c = result.cost["original"], result.cost["compressed"]
+        lines += [f"| MACs per image (M) | {o.macs / 1e6:.2f} | {c.macs / 1e6:.2f} |",
+                  f"| parameters (k) | {o.params / 1e3:.1f} | {c.params / 1e3:.1f} |",
+                  f"| conv layers | {o.convs} | {c.convs} |"]
+    lines += ["", f"**Measured speed-up {result.speedup:.2f}×** at budget {result.budget} "
+              f"({result.budget_ms:.3f} ms predicted)"
+              + (f", accuracy change {result.accuracy['compressed'] - result.accuracy['original']:+.2f} %p"
+                 if result.accuracy else "") + ".", ""]
+    ort = report.get("onnx_error")
+    lines += [f"Merge check: float64 relative error {result.merge_error:.1e} "
+              f"({'exact' if result.exact else 'NOT EXACT — please report this'}); the float32 deploy form "
+              f"differs from the trainable form by {result.float32_deviation:.1e} (rounding)"
+              + (f"; ONNX in onnxruntime vs PyTorch: {ort:.1e}" if ort is not None else "") + ".", ""]
+    lines += ["## Plan", "", "```", report["plan_summary"], "```", "", "![plan](plan.png)", "",
+              "Green: conv kept as is; blue: convs merged into one; grey: conv dropped. Filled circles: kept "
+              "activations; open circles: removed.", "",
+              "## Accuracy vs latency", "", "![trade-off](tradeoff.png)", "",
+              "Grey: the DP's solutions at other budgets, predicted latency and estimated accuracy (original "
+              "accuracy + summed importance) before fine-tuning. Markers: the measured models.", ""]
+    lines += ["## How this was measured", "",
+              f"- Latency: backend `{lat.get('backend')}` on {lat.get('device_name')}, threads {lat.get('threads')}, "
+              f"batch {lat.get('batch_size')}, {lat.get('dtype')}, torch {lat.get('torch')}; original = the "
+              "uncompressed network with BN folded; both measured side by side in interleaved rounds (medians).",
+              f"- Importance: `{report['importance'].get('estimator')}` "
+              f"({', '.join(f'{k}={v}' for k, v in report['importance'].items() if k != 'estimator')}).",
+              f"- Chain: {report['chain']['convs']} convs, {report['chain']['candidates']} candidate blocks, "
+              f"mode `{report['chain']['mode']}`, max kernel {report['chain']['max_kernel']}.",
+              "- Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + ".", "",
+              "## Files", ""]
+    lines += [f"- `{name}`" for name in report["files"]]
+    return "\n".join(lines) + "\n"
