@@ -1,0 +1,197 @@
+"""Quality benchmark: accuracy vs measured CPU speed-up, LayerMerge against its baselines (reference workload).
+
+For each model (``resnet_fm``, ``mbv2_fm``: ../shared/WORKLOAD.md) trained with the workload recipe and each
+latency budget (a fraction of the BN-folded original's measured latency, CPU eager, batch 64):
+
+* ``layermerge``  — activations and convs selected jointly (LayerMerge, this library's default);
+* ``act_only``    — activations only, every conv kept (the 2023 depth-compression method);
+* ``layer_only``  — convs only, every activation kept;
+* ``channel_tp``  — torch-pruning ``MetaPruner`` + ``GroupMagnitudeImportance(p=1)``, one uniform ratio chosen
+  by bisection so that the pruned network's *measured* latency matches LayerMerge's at that budget.
+
+Every compressed model gets the same fine-tuning (1 epoch, OneCycle max lr 0.02, cross-entropy) and is evaluated on
+the 10,000 test images; every latency is the BN-folded deploy form measured side by side with the original in
+interleaved rounds (speed-ups are ratios from one run). The three depth modes share one importance table
+(same estimator, same candidates where they overlap) and one latency table.
+
+    python benchmarks/pareto.py                                    # both models, budgets 0.4 0.5 0.6 0.7
+    python benchmarks/pareto.py --models resnet_fm --budgets 0.5 0.6
+
+Writes ``benchmarks/results/pareto_<model>.json`` and ``pareto_<model>.png``; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lm_plugin import LayerMergePruner
+from lm_plugin.compress import FinetuneSettings, compress
+from lm_plugin.latency import compare_latency
+from lm_plugin.metrics import model_cost
+from lm_plugin.solve import InfeasibleBudgetError
+from lm_plugin.train import evaluate, fit
+from lm_plugin.workloads import trained
+from lm_plugin.workloads.data import data_splits
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("layermerge", "act_only", "layer_only")
+X1 = torch.randn(1, 1, 28, 28)
+
+
+def tp_prune(model: nn.Module, ratio: float) -> nn.Module:
+    """Uniform channel pruning of every coupled group except the classifier's outputs."""
+    model = copy.deepcopy(model).eval()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(model, X1, tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
+                                  ignored_layers=[head])
+    pruner.step()
+    return model
+
+
+def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """BN folded, nothing merged: how a channel-pruned network is deployed (the same rule as the originals)."""
+    return LayerMergePruner(model, 1.0, example_inputs=example, cache_dir=None, progress=False).baseline()
+
+
+def tp_at_latency(base: nn.Module, target_ratio: float, pruner: LayerMergePruner, example: torch.Tensor,
+                  steps: int = 7) -> tuple[float, nn.Module]:
+    """Uniform tp ratio whose pruned network's measured latency / original is closest to ``target_ratio``."""
+    original = pruner.baseline()
+    lo, hi, best = 0.0, 0.9, (float("inf"), 0.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ms = compare_latency(pruner.profiler, {"o": original, "p": deployed(tp_prune(base, mid), example)}, example,
+                             rounds=1)
+        rel = ms["p"] / ms["o"]
+        best = min(best, (abs(rel - target_ratio), mid))
+        lo, hi = (mid, hi) if rel > target_ratio else (lo, mid)
+    return best[1], tp_prune(base, best[1])
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    splits = data_splits("fashion_mnist", batch_size=128, val_size=args.val_size)
+    base = trained(name, progress=not args.quiet)
+    example = torch.randn(args.batch, *splits.input_shape)
+    settings = FinetuneSettings(epochs=args.ft_epochs, max_lr=0.02)
+    importance = {"steps": args.importance_steps}
+    rows: list[dict[str, Any]] = []
+    pruners = {mode: LayerMergePruner(base, 0.6, example_inputs=example, mode=mode, backend="cpu",
+                                      importance="distill", train_data=splits.train, eval_data=splits.val,
+                                      importance_settings=importance, cache_dir=args.cache_dir,
+                                      progress=not args.quiet)
+               for mode in MODES}
+    base_acc = evaluate(base, splits.test)
+    for budget in args.budgets:
+        lm_rel = None
+        for mode in MODES:
+            start = time.time()
+            try:
+                result = compress(pruners[mode], budget, train_data=splits.train, test_data=splits.test,
+                                  finetune=settings, rounds=args.rounds, progress=not args.quiet)
+            except InfeasibleBudgetError as exc:
+                rows.append({"model": name, "budget": budget, "method": mode, "infeasible": str(exc)})
+                print(f"{name} {budget} {mode}: infeasible")
+                continue
+            rel = result.measured_ms["compressed"] / result.measured_ms["original"]
+            lm_rel = rel if mode == "layermerge" else lm_rel
+            rows.append({"model": name, "budget": budget, "method": mode, "accuracy": result.accuracy["compressed"],
+                         "original_accuracy": result.accuracy["original"], "speedup": result.speedup,
+                         "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms,
+                         "convs": result.cost["compressed"].convs, "macs": result.cost["compressed"].macs,
+                         "params": result.cost["compressed"].params, "plan": result.plan.to_dict(),
+                         "merge_error": result.merge_error, "seconds": time.time() - start})
+            print(f"{name} {budget} {mode}: acc {result.accuracy['compressed']:.2f} speed-up {result.speedup:.2f}x",
+                  flush=True)
+        if lm_rel is None:
+            continue
+        start = time.time()
+        ratio, pruned = tp_at_latency(base, lm_rel, pruners["layermerge"], example)
+        fit(pruned, splits.train, epochs=settings.epochs, max_lr=settings.max_lr, seed=settings.seed,
+            progress=not args.quiet)
+        pruned.eval()
+        ms = compare_latency(pruners["layermerge"].profiler,
+                             {"original": pruners["layermerge"].baseline(), "compressed": deployed(pruned, example)},
+                             example, rounds=args.rounds)
+        cost = model_cost(pruned, X1)
+        acc = evaluate(pruned, splits.test)
+        rows.append({"model": name, "budget": budget, "method": "channel_tp", "ratio": ratio, "accuracy": acc,
+                     "original_accuracy": base_acc, "speedup": ms["original"] / ms["compressed"], "measured_ms": ms,
+                     "convs": cost.convs, "macs": cost.macs, "params": cost.params, "seconds": time.time() - start})
+        print(f"{name} {budget} channel_tp (ratio {ratio:.3f}): acc {acc:.2f} speed-up "
+              f"{ms['original'] / ms['compressed']:.2f}x", flush=True)
+    sig = pruners["layermerge"].profiler.signature()
+    out = {"model": name, "original_accuracy": base_acc, "budgets": args.budgets, "rows": rows,
+           "settings": {"finetune_epochs": args.ft_epochs, "finetune_max_lr": 0.02, "importance": "distill",
+                        "importance_steps": args.importance_steps, "val_size": args.val_size,
+                        "batch": args.batch, "rounds": args.rounds},
+           "machine": {"cpu": sig.get("device_name"), "threads": sig.get("threads"), "torch": torch.__version__,
+                       "python": platform.python_version()}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"pareto_{name}.json").write_text(json.dumps(out, indent=1))
+    plot(out, RESULTS / f"pareto_{name}.png")
+    return out
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for method, marker in zip((*MODES, "channel_tp"), "os^D", strict=True):
+        pts = sorted((r["speedup"], r["accuracy"]) for r in out["rows"] if r["method"] == method and "accuracy" in r)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+    ax.axhline(out["original_accuracy"], color="grey", ls="--", lw=1, label="original")
+    ax.set_xlabel("measured CPU speed-up (batch 64, BN-folded original = 1)")
+    ax.set_ylabel("test accuracy after 1 epoch fine-tuning (%)")
+    ax.set_title(out["model"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [f"{out['model']} (original {out['original_accuracy']:.2f} %)",
+             f"{'budget':>6}  {'method':<11} {'acc %':>6} {'Δacc':>6} {'speed-up':>8} {'convs':>5} {'MMACs':>6}"]
+    for r in out["rows"]:
+        if "accuracy" not in r:
+            lines.append(f"{r['budget']:>6}  {r['method']:<11} infeasible")
+            continue
+        lines.append(f"{r['budget']:>6}  {r['method']:<11} {r['accuracy']:>6.2f} "
+                     f"{r['accuracy'] - out['original_accuracy']:>+6.2f} {r['speedup']:>7.2f}x {r['convs']:>5} "
+                     f"{r['macs'] / 1e6:>6.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet_fm", "mbv2_fm"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7])
+    ap.add_argument("--ft-epochs", type=float, default=1.0)
+    ap.add_argument("--importance-steps", type=int, default=10)
+    ap.add_argument("--val-size", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cache-dir", default=str(RESULTS / "cache"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    for name in args.models:
+        print(table(run_model(name, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
