@@ -155,3 +155,13 @@ def test_python_dash_m_entry_point():
                           cwd=Path(__file__).parent)
     for command in ("compress", "profile", "solve", "merge", "demo"):
         assert command in done.stdout
+
+
+def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
+    from lm_plugin.cli import COMMANDS, build_parser
+    from lm_plugin.cli.options import resolve
+
+    args = build_parser().parse_args(["demo", "--budget", "0.5"])
+    opts = resolve(args, COMMANDS["demo"][3])
+    assert (opts.model, opts.data, opts.train, opts.backend) == ("lm_plugin:resnet_fm", "fashion_mnist", True, "cpu")
+    assert opts.budget == "0.5" and opts.finetune_epochs == 1.0 and opts.finetune_lr == 0.02  # the workload's recipe

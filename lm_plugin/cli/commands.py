@@ -36,7 +36,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "budget": "0.6",
     "backend": "cpu",
     "importance": "distill",
-    "importance_steps": 10,
+    "importance_steps": 5,
     "val_size": 1000,
     "output": "lm_plugin_demo",
     "overwrite": True,
