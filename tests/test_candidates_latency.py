@@ -107,3 +107,66 @@ def test_budget_units():
     assert Budget.parse(0.5).to_ms(10.0) == 5.0
     assert Budget.parse("12.5ms").to_ms(10.0) == 12.5
     assert Budget.parse(1).unit == "ratio"
+
+
+def _timed_parts(module):
+    """(conv, activation module, residual add?) of a module a latency table times for a candidate."""
+    if hasattr(module, "conv"):  # conv, residual add, activation
+        return module.conv, module.act, True
+    return module[0], module[1], False
+
+
+@pytest.mark.parametrize("model, size", [(TinyResNet, 16), (Zoo, 16),
+                                         (lambda: torchvision.models.mobilenet_v2(num_classes=10), 32)],
+                         ids=["tinyresnet", "zoo", "mobilenet_v2"])
+def test_timed_module_is_the_deployed_block(model, size):
+    """Each plan block's table entry times the module the deployed network runs for it: the same conv
+    (channels, kernel, stride, padding, groups, bias), on an input of the same shape and layout, followed by
+    the same residual add and activation."""
+    from lm_plugin.tables.latency import candidate_spec
+    from lm_plugin.trace.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, ADD_METHODS, activation_kind
+
+    torch.manual_seed(0)
+    pruner = LayerMergePruner(model().eval(), example_inputs=torch.randn(1, 3, size, size), cache_dir=None,
+                              max_kernel=5)
+    by_key = {c.key: c for c in pruner.candidates}
+    plans = [Plan.identity(pruner.chain)] + [
+        Plan.sample(pruner.chain, seed, p_merge=p, p_drop=0.5, max_kernel=5)
+        for seed, p in [(1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)]
+    ]
+    for plan in plans:
+        deployed = pruner.merge(pruner.apply(plan).eval())
+        nodes = {str(n.target): n for n in deployed.graph.nodes if n.op == "call_module"}
+        inputs = {}
+        for name in nodes:
+            deployed.get_submodule(name).register_forward_hook(
+                lambda m, args, out, name=name, seen=inputs: seen.__setitem__(name, args[0]))
+        with torch.no_grad():
+            deployed(torch.randn(1, 3, size, size))
+        for st, end in plan.blocks():
+            geo = block_geometry(pruner.chain, st, end, plan.kept_convs)
+            cand = by_key[(st, end, *geo.kernel_size, geo.groups)]
+            spec = candidate_spec(cand)
+            conv, act, add = _timed_parts(spec.build())
+            name = pruner.chain.conv(min(j for j in plan.kept_convs if st < j <= end)).name
+            real = deployed.get_submodule(name)
+            fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                      "padding_mode")
+            assert {f: getattr(conv, f) for f in fields} == {f: getattr(real, f) for f in fields}, (st, end)
+            assert (conv.bias is None) == (real.bias is None)
+            x = inputs[name]
+            assert tuple(spec.inputs) == tuple(x.shape) and x.is_contiguous(), (st, end)
+            # What the deployed network does with the conv's output: an add (unfolded residual), then the act.
+            node = nodes[name]
+            after = list(node.users)
+            is_add = [(u.op == "call_function" and u.target in ADD_FUNCTIONS)
+                      or (u.op == "call_method" and u.target in ADD_METHODS) for u in after]
+            assert add == cand.residual_add == (len(after) == 1 and is_add[0]), (st, end)
+            if add:
+                after = list(after[0].users)
+            kinds = {activation_kind(deployed, u) for u in after}
+            timed_kind = ACTIVATION_MODULES.get(type(act))
+            if cand.activation is None:
+                assert isinstance(act, torch.nn.Identity) and kinds <= {None}, (st, end)
+            else:
+                assert kinds == {cand.activation} == {timed_kind}, (st, end)

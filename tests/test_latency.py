@@ -74,6 +74,36 @@ def test_cpu_backend_measures_a_small_conv(no_warnings):
     assert all(mod.training for mod in model.modules()), "training flags must be restored"
 
 
+def test_cpu_backend_evicts_private_caches_before_each_timed_run(monkeypatch):
+    """A module timed alone in a loop keeps its weights in L1/L2, a layer inside a network does not: the CPU
+    profiler touches a buffer before every timed run (not during warm-up), outside the timed interval."""
+    from lm_plugin.latency import EagerCPUProfiler
+    from lm_plugin.latency.system import private_cache_bytes
+
+    seen: list[int | None] = []
+    original = EagerCPUProfiler._before_timed_run
+
+    def spy(self):
+        seen.append(None if self._flush_buffer is None else self._flush_buffer.numel())
+        original(self)
+
+    monkeypatch.setattr(EagerCPUProfiler, "_before_timed_run", spy)
+    profiler = cpu_profiler(flush_bytes=4096, repeats=5)
+    profiler.measure(small_conv(), (1, 4, 8, 8))
+    assert seen == [1024] * 5
+    assert profiler._flush_buffer is None, "the buffer lives only while measuring"
+    seen.clear()
+    off = cpu_profiler(flush_bytes=0)
+    off.measure(small_conv(), (1, 4, 8, 8))
+    assert seen == [None] * FAST["repeats"]
+    # Flushing changes what is measured, so it is part of the signature (caches are not shared across it).
+    assert profiler.signature()["flush_bytes"] == 4096 and off.signature()["flush_bytes"] == 0
+    default = get_profiler("cpu", threads=2)
+    assert default.flush_bytes == 2 * 2 * (private_cache_bytes() or 1024**2)
+    with pytest.raises(ValueError, match="flush_bytes"):
+        get_profiler("cpu", flush_bytes=-1)
+
+
 def test_measure_accepts_example_tensors_and_leaves_the_module_alone():
     model = small_conv()
     m = measure(model, torch.randn(3, 4, 6, 6), backend="cpu", batch_size=5, dtype=torch.float64, **FAST)

@@ -212,10 +212,16 @@ class Profiler(abc.ABC):
         timing happen inside.
         """
 
+    def _before_timed_run(self) -> None:
+        """Called before every timed run, outside the timed interval (default: nothing). The CPU backend
+        evicts its core's private caches here, see :class:`~lm_plugin.latency.EagerCPUProfiler`."""
+        return
+
     def _timed_runs(self, run: RunFn, count: int) -> list[float]:
         """Latency of ``count`` calls of ``run`` in milliseconds (wall clock; synchronous backends)."""
         samples = []
         for _ in range(count):
+            self._before_timed_run()
             start = time.perf_counter()
             run()
             samples.append((time.perf_counter() - start) * 1e3)

@@ -34,3 +34,30 @@ def package_version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+_CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@functools.lru_cache(maxsize=1)
+def private_cache_bytes() -> int | None:
+    """Size in bytes of the largest cache private to one core (L2 on most x86 / ARM server parts), read from
+    ``/sys/devices/system/cpu/cpu0/cache`` on Linux; None where it cannot be read.
+
+    A cache counts as private when its ``shared_cpu_list`` names a single CPU.
+    """
+    best = None
+    try:
+        for index in sorted(_CPU_CACHES.glob("index*")):
+            kind = (index / "type").read_text().strip()
+            shared = (index / "shared_cpu_list").read_text().strip()
+            raw = (index / "size").read_text().strip()
+            if kind == "Instruction" or "," in shared or "-" in shared:
+                continue
+            unit = _SIZE_UNITS.get(raw[-1:].upper(), 1)
+            size = int(raw.rstrip("KMGkmg")) * unit
+            best = size if best is None else max(best, size)
+    except (OSError, ValueError):
+        return None
+    return best

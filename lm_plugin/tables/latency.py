@@ -2,7 +2,10 @@
 
 Every candidate block is timed as the module it becomes in the deployed network — the merged conv, plus the
 residual add that follows it when the block ends a residual it does not fold, plus its activation — at its
-*true* input shape (the traced shape, after any pooling). Projection skips are timed on their own, since
+*true* input shape (the traced shape, after any pooling), with the core's private caches flushed before each
+timed run as a layer inside the network finds them (see ``EagerCPUProfiler``: timed in a warm tight loop, small
+blocks look cheaper than they are in the network, the difference lands in ``rest`` and the model under-credits
+every block a plan removes). Projection skips are timed on their own, since
 folding a residual removes them. The rest of the network (stem pooling, head, ...) is measured once as
 
     rest = T(original network) − Σ T(blocks of the identity plan) − Σ T(projection skips)
