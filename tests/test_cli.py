@@ -35,20 +35,12 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compressed(env, one_thread_module):
+def compressed(env, one_thread):
     out = env / "run"
     code = main(["compress", "--model", "lm_plugin:digits_resnet", "--train", "--budget", "0.6", *FAST,
                  "--output", str(out)])
     assert code == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_compress_writes_a_consistent_output_folder(compressed):
