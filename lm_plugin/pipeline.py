@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import LayerMergeError
 from .latency import Profiler, compare_latency, get_profiler
@@ -47,6 +47,7 @@ from .train import evaluate, fit
 
 __all__ = [
     "STAGES",
+    "LayerMergeHandoff",
     "PipelineContext",
     "PipelineError",
     "PipelineResult",
@@ -65,6 +66,28 @@ class PipelineError(LayerMergeError):
 
 # ---------------------------------------------------------------------------------------------- the contract
 @dataclass
+class LayerMergeHandoff:
+    """What the ``layermerge`` stage leaves behind for the stage after it.
+
+    Channel pruning right after LayerMerge should prune the *trainable form* (BatchNorms still there, so it
+    fine-tunes with the usual recipe) and merge afterwards, rather than prune the BN-free merged network. The
+    merged network cannot be turned back into its trainable form, so the ``layermerge`` stage keeps it here.
+
+    Attributes:
+        pruner: The :class:`lm_plugin.pruner.LayerMergePruner` (its ``merge`` and ``internal_layers``).
+        plan: The plan the trainable form was built from.
+        trainable: The fine-tuned trainable form (eval mode). Stages must not modify it (copy it first).
+        merged: ``pruner.merge(trainable)``: the model the stage handed on. The hand-off only applies to a
+            stage that receives exactly this object.
+    """
+
+    pruner: Any
+    plan: Any
+    trainable: nn.Module
+    merged: nn.Module
+
+
+@dataclass
 class PipelineContext:
     """What every stage may use besides the model it is given.
 
@@ -79,6 +102,8 @@ class PipelineContext:
         cache_dir: LayerMerge's table cache (``"default"``, a path, or None for no cache).
         progress: Show progress bars.
         log: Called with one line of text per event.
+        layermerge: Set by the ``layermerge`` stage (and kept up to date by channel pruning that merges
+            again); use :meth:`handoff` to read it.
     """
 
     original: nn.Module
@@ -91,6 +116,12 @@ class PipelineContext:
     cache_dir: Any = "default"
     progress: bool = False
     log: Callable[[str], None] = field(default=lambda _msg: None)
+    layermerge: LayerMergeHandoff | None = None
+
+    def handoff(self, model: nn.Module) -> LayerMergeHandoff | None:
+        """The LayerMerge hand-off if ``model`` is the merged network it produced (the stage directly
+        follows ``layermerge``), else None. Identity, not equality: any stage in between breaks the link."""
+        return self.layermerge if self.layermerge is not None and self.layermerge.merged is model else None
 
     @property
     def one(self) -> tuple[torch.Tensor, ...]:
@@ -121,11 +152,13 @@ class StageOutput:
         model: The compressed model (a new module, or a modified *copy* of the input).
         precision: ``"fp32"``, ``"int8"`` (real integer kernels) or ``"int8 (simulated)"`` (fake quantisation).
         notes: Anything worth keeping in the result (JSON-able).
+        extras: Objects worth keeping that are not JSON-able (e.g. a pruned trainable form); not serialized.
     """
 
     model: nn.Module
     precision: str = "fp32"
     notes: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 Stage = Callable[..., StageOutput]
@@ -197,6 +230,7 @@ class StageRecord:
         seconds: Wall-clock seconds of the stage (measurement excluded).
         notes: The stage's notes.
         model: The model (not serialized).
+        extras: The stage's non-JSON objects (not serialized).
     """
 
     name: str
@@ -212,6 +246,7 @@ class StageRecord:
     seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def speedup(self) -> float:
@@ -427,7 +462,7 @@ def _record(ctx: PipelineContext, name: str, settings: dict[str, Any], model: nn
         macs, params = float_macs, _weight_count(model)
     ctx.log(f"  {name}: accuracy {accuracy}, {latency_ms:.3f} ms (original {original_ms:.3f} ms)")
     return StageRecord(name, settings, accuracy, latency_ms, original_ms, macs, params, _size_bytes(model),
-                       _conv_count(model), out.precision, seconds, out.notes, model)
+                       _conv_count(model), out.precision, seconds, out.notes, model, out.extras)
 
 
 def _weight_count(model: nn.Module) -> int:
@@ -477,6 +512,40 @@ def _classifiers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[nn.
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
 
 
+def _trainable_names(hand: LayerMergeHandoff, names: Iterable[str]) -> list[str]:
+    """Module names of the merged network (what the user sees) as module names of the trainable form.
+
+    A merged conv keeps the name of its block's first conv but produces the channels of the block's last one,
+    so keeping it unpruned means ignoring every conv of its block in the trainable form.
+    """
+    chain, plan = hand.pruner.chain, hand.plan
+    blocks: dict[str, list[str]] = {}
+    for st, end in plan.blocks():
+        kept = [j for j in range(st + 1, end + 1) if j in plan.kept_convs]
+        if kept:
+            blocks[chain.conv(kept[0]).name] = [chain.conv(j).name for j in kept]
+    return [n for name in names for n in blocks.get(name, [name])]
+
+
+def _merge_pruned(hand: LayerMergeHandoff, trainable: nn.Module, ctx: PipelineContext,
+                  notes: dict[str, Any]) -> StageOutput:
+    """Merge a channel-pruned, fine-tuned copy of the hand-off's trainable form; check it; hand it on."""
+    from .compress import EXACTNESS_TOLERANCE
+    from .merge import merge_error
+
+    trainable.eval()
+    merged = hand.pruner.merge(trainable)
+    # float64: rounding is ~1e-15 there, so anything larger is a real mismatch (a bug), not noise
+    error = merge_error(trainable, hand.pruner.merge, ctx.example_inputs)
+    if not error <= EXACTNESS_TOLERANCE:
+        raise PipelineError(f"merging the channel-pruned trainable form is not exact (float64 relative error "
+                            f"{error:.1e}); please report this model")
+    # a further channel-pruning stage right after this one can again prune the trainable form
+    ctx.layermerge = LayerMergeHandoff(hand.pruner, hand.plan, trainable, merged)
+    notes.update(path="trainable", merge_error=error, exact=True)
+    return StageOutput(merged, notes=notes, extras={"trainable": trainable, "pruner": hand.pruner})
+
+
 # -------------------------------------------------------------------------------------------------- stages
 @register_stage("layermerge")
 def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | str = 0.7, mode: str = "layermerge",
@@ -515,7 +584,10 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
                       progress=ctx.progress)
     notes.update(plan=result.plan.to_dict(), merge_error=result.merge_error, exact=result.exact,
                  predicted_ms=result.predicted_ms, speedup_over_input=result.speedup)
-    return StageOutput(result.merged, notes=notes)
+    # the merged network has no BatchNorm left; a channel-pruning stage right after this one prunes the
+    # trainable form instead and merges it again (see LayerMergeHandoff)
+    ctx.layermerge = LayerMergeHandoff(pruner, result.plan, result.trainable, result.merged)
+    return StageOutput(result.merged, notes=notes, extras={"trainable": result.trainable, "pruner": pruner})
 
 
 @register_stage("channel_prune_tp")
@@ -529,25 +601,48 @@ def channel_prune_tp_stage(model: nn.Module, ctx: PipelineContext, *, macs_ratio
     Prunes in small steps until the model's MACs are at most ``macs_ratio`` of the received model's (coupled
     channels — residual streams — are found by torch-pruning's ``DependencyGraph``), then fine-tunes. The
     classifier and ``ignored_layers`` (module names) are never pruned.
+
+    Directly after ``layermerge`` it prunes LayerMerge's trainable form instead (BatchNorms still there, so
+    fine-tuning works as usual), leaving block-internal convs alone, fine-tunes it, merges it and checks the
+    merge in float64 (``notes["path"] == "trainable"``); the MACs counted are those of the merged network.
+    Otherwise it prunes the model it receives (``notes["path"] == "received"``).
     """
     import torch_pruning as tp
 
     if not 0 < macs_ratio <= 1:
         raise PipelineError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
-    model = copy.deepcopy(model).eval()
-    ignored = _classifiers(model, ctx.one) + _names_to_modules(model, ignored_layers)
-    base = model_cost(model, ctx.one).macs
+    hand = ctx.handoff(model)
+    _names_to_modules(model, ignored_layers)  # the user names modules of the model this stage receives
+    if hand is not None:
+        target = copy.deepcopy(hand.trainable).eval()
+        # channels inside a merged block vanish at merge time: pruning them would cost accuracy for nothing
+        ignored = (hand.pruner.internal_layers(target)
+                   + _names_to_modules(target, _trainable_names(hand, ignored_layers)))
+
+        def deployed_macs(m: nn.Module) -> int:  # the target refers to the network that will be deployed
+            return model_cost(hand.pruner.merge(m), ctx.one).macs
+    else:
+        target = copy.deepcopy(model).eval()
+        ignored = _names_to_modules(target, ignored_layers)
+
+        def deployed_macs(m: nn.Module) -> int:
+            return model_cost(m, ctx.one).macs
+    ignored += _classifiers(target, ctx.one)
+    base = deployed_macs(target)
     with torch.enable_grad():
-        pruner = tp.pruner.MetaPruner(model, ctx.one, tp.importance.GroupMagnitudeImportance(p=1),
+        pruner = tp.pruner.MetaPruner(target, ctx.one, tp.importance.GroupMagnitudeImportance(p=1),
                                       pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
                                       ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning)
         macs, steps = base, 0
         while macs > macs_ratio * base and steps < iterative_steps:
             pruner.step()
             steps += 1
-            macs = model_cost(model, ctx.one).macs
-    ctx.finetune(model, epochs, max_lr, seed)
-    return StageOutput(model, notes={"steps": steps, "macs_ratio_reached": macs / base})
+            macs = deployed_macs(target)
+    ctx.finetune(target, epochs, max_lr, seed)
+    notes: dict[str, Any] = {"steps": steps, "macs_ratio_reached": macs / base}
+    if hand is None:
+        return StageOutput(target, notes={**notes, "path": "received"})
+    return _merge_pruned(hand, target, ctx, notes)
 
 
 @register_stage("channel_prune_nni")
@@ -556,23 +651,42 @@ def channel_prune_nni_stage(model: nn.Module, ctx: PipelineContext, *, sparse_ra
                             epochs: float = 1.0, max_lr: float = 0.02, seed: int = 0) -> StageOutput:
     """NNI ``L1NormPruner`` masks, made physical with :func:`lm_plugin.nni.speedup`, then fine-tuned.
 
-    ``exclude_op_names`` lists modules never pruned. NNI's speedup resolves coupled channels (residual adds)
-    itself, so the reached sparsity can be lower than ``sparse_ratio``.
+    ``exclude_op_names`` lists modules never pruned (the classifier never is). NNI's speedup resolves coupled
+    channels (residual adds) itself, so the reached sparsity can be lower than ``sparse_ratio``.
+
+    Directly after ``layermerge`` it prunes LayerMerge's trainable form instead (BatchNorms still there),
+    excluding block-internal convs, fine-tunes it, merges it and checks the merge in float64
+    (``notes["path"] == "trainable"``); ``sparse_ratio`` then applies to the trainable form's prunable convs.
+    Otherwise it prunes the model it receives (``notes["path"] == "received"``).
     """
     from nni.compression.pruning import L1NormPruner
 
     from .nni import speedup
 
-    model = copy.deepcopy(model).eval()
-    config: dict[str, Any] = {"op_types": list(op_types), "sparse_ratio": sparse_ratio}
-    if exclude_op_names:
-        config["exclude_op_names"] = list(exclude_op_names)
-    pruner = L1NormPruner(model, [config])
+    hand = ctx.handoff(model)
+    _names_to_modules(model, exclude_op_names)  # the user names modules of the model this stage receives
+    target = copy.deepcopy(hand.trainable if hand is not None else model).eval()
+    names = {id(m): n for n, m in target.named_modules()}
+    exclude = [names[id(m)] for m in _classifiers(target, ctx.one)]
+    if hand is not None:
+        # channels inside a merged block vanish at merge time: pruning them would cost accuracy for nothing
+        exclude += [names[id(m)] for m in hand.pruner.internal_layers(target)]
+        exclude += _trainable_names(hand, exclude_op_names)
+    else:
+        exclude += list(exclude_op_names)
+    config: dict[str, Any] = {"op_types": list(op_types), "sparse_ratio": sparse_ratio,
+                              "exclude_op_names": exclude}
+    pruner = L1NormPruner(target, [config])
     _, masks = pruner.compress()
     pruner.unwrap_model()
-    model = speedup(model, masks, ctx.one)
-    ctx.finetune(model, epochs, max_lr, seed)
-    return StageOutput(model, notes={"masked_modules": len(masks)})
+    # A GraphModule is given its own graph: re-tracing it would trace *through* the leaf functions it calls
+    # (the trainable form's cropped skips), which NNI's mask propagation cannot replay.
+    target = speedup(target, masks, ctx.one, graph_module=target if isinstance(target, fx.GraphModule) else None)
+    ctx.finetune(target, epochs, max_lr, seed)
+    notes: dict[str, Any] = {"masked_modules": len(masks)}
+    if hand is None:
+        return StageOutput(target, notes={**notes, "path": "received"})
+    return _merge_pruned(hand, target, ctx, notes)
 
 
 @register_stage("quantize_nni", final=True)
