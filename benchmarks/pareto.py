@@ -20,6 +20,10 @@ latency does not depend on the weights) is timed once more, all together with th
 (``--joint-rounds``); ``speedup_joint`` is the figure to compare methods by, and the plot uses it.
 ``--remeasure`` redoes only this step from an existing JSON.
 
+Interrupted runs resume: the latency and importance tables are cached entry by entry, and every finished row is
+kept in ``pareto_<model>.partial.json`` (deleted once the run completes) and reused by a rerun with the same
+settings.
+
     python benchmarks/pareto.py                                    # both models, budgets 0.4 0.5 0.6 0.7
     python benchmarks/pareto.py --models resnet_fm --budgets 0.5 0.6
     python benchmarks/pareto.py --models resnet_fm --remeasure       # joint re-timing of an existing result
@@ -95,7 +99,22 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     example = torch.randn(args.batch, *splits.input_shape)
     settings = FinetuneSettings(epochs=args.ft_epochs, max_lr=0.02)
     importance = {"steps": args.importance_steps}
+    recorded = {"finetune_epochs": args.ft_epochs, "finetune_max_lr": 0.02, "importance": "distill",
+                "importance_steps": args.importance_steps, "val_size": args.val_size, "batch": args.batch,
+                "rounds": args.rounds}
+    # Rows finished by an interrupted run with the same settings are kept, not recomputed: one row is a
+    # 1-epoch fine-tune, and mbv2_fm's full run takes hours on a 2-core machine.
+    partial = RESULTS / f"pareto_{name}.partial.json"
+    done = resumable_rows(partial, recorded)
     rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": recorded, "rows": rows}, indent=1))
+        tmp.replace(partial)  # atomic: an interrupt never leaves half a file
+
     pruners = {mode: LayerMergePruner(base, 0.6, example_inputs=example, mode=mode, backend="cpu",
                                       importance="distill", train_data=splits.train, eval_data=splits.val,
                                       importance_settings=importance, cache_dir=args.cache_dir,
@@ -106,24 +125,35 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         lm_rel = None
         for mode in MODES:
             start = time.time()
+            if (budget, mode) in done:
+                row = done[(budget, mode)]
+                record(row)
+                if mode == "layermerge" and "measured_ms" in row:
+                    lm_rel = row["measured_ms"]["compressed"] / row["measured_ms"]["original"]
+                print(f"{name} {budget} {mode}: kept from {partial.name}", flush=True)
+                continue
             try:
                 result = compress(pruners[mode], budget, train_data=splits.train, test_data=splits.test,
                                   finetune=settings, rounds=args.rounds, progress=not args.quiet)
             except InfeasibleBudgetError as exc:
-                rows.append({"model": name, "budget": budget, "method": mode, "infeasible": str(exc)})
+                record({"model": name, "budget": budget, "method": mode, "infeasible": str(exc)})
                 print(f"{name} {budget} {mode}: infeasible")
                 continue
             rel = result.measured_ms["compressed"] / result.measured_ms["original"]
             lm_rel = rel if mode == "layermerge" else lm_rel
-            rows.append({"model": name, "budget": budget, "method": mode, "accuracy": result.accuracy["compressed"],
-                         "original_accuracy": result.accuracy["original"], "speedup": result.speedup,
-                         "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms,
-                         "convs": result.cost["compressed"].convs, "macs": result.cost["compressed"].macs,
-                         "params": result.cost["compressed"].params, "plan": result.plan.to_dict(),
-                         "merge_error": result.merge_error, "seconds": time.time() - start})
+            record({"model": name, "budget": budget, "method": mode, "accuracy": result.accuracy["compressed"],
+                    "original_accuracy": result.accuracy["original"], "speedup": result.speedup,
+                    "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms,
+                    "convs": result.cost["compressed"].convs, "macs": result.cost["compressed"].macs,
+                    "params": result.cost["compressed"].params, "plan": result.plan.to_dict(),
+                    "merge_error": result.merge_error, "seconds": time.time() - start})
             print(f"{name} {budget} {mode}: acc {result.accuracy['compressed']:.2f} speed-up {result.speedup:.2f}x",
                   flush=True)
         if lm_rel is None:
+            continue
+        if (budget, "channel_tp") in done:
+            record(done[(budget, "channel_tp")])
+            print(f"{name} {budget} channel_tp: kept from {partial.name}", flush=True)
             continue
         start = time.time()
         ratio, pruned = tp_at_latency(base, lm_rel, pruners["layermerge"], example)
@@ -135,21 +165,35 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                              example, rounds=args.rounds)
         cost = model_cost(pruned, X1)
         acc = evaluate(pruned, splits.test)
-        rows.append({"model": name, "budget": budget, "method": "channel_tp", "ratio": ratio, "accuracy": acc,
-                     "original_accuracy": base_acc, "speedup": ms["original"] / ms["compressed"], "measured_ms": ms,
-                     "convs": cost.convs, "macs": cost.macs, "params": cost.params, "seconds": time.time() - start})
+        record({"model": name, "budget": budget, "method": "channel_tp", "ratio": ratio, "accuracy": acc,
+                "original_accuracy": base_acc, "speedup": ms["original"] / ms["compressed"], "measured_ms": ms,
+                "convs": cost.convs, "macs": cost.macs, "params": cost.params, "seconds": time.time() - start})
         print(f"{name} {budget} channel_tp (ratio {ratio:.3f}): acc {acc:.2f} speed-up "
               f"{ms['original'] / ms['compressed']:.2f}x", flush=True)
     sig = pruners["layermerge"].profiler.signature()
     out: dict[str, Any] = {"model": name, "original_accuracy": base_acc, "budgets": args.budgets, "rows": rows,
-           "settings": {"finetune_epochs": args.ft_epochs, "finetune_max_lr": 0.02, "importance": "distill",
-                        "importance_steps": args.importance_steps, "val_size": args.val_size,
-                        "batch": args.batch, "rounds": args.rounds},
+           "settings": recorded,
            "machine": {"cpu": sig.get("device_name"), "threads": sig.get("threads"), "torch": torch.__version__,
                        "python": platform.python_version()}}
     remeasure(out, base, pruners["layermerge"], example, args.joint_rounds)
     save(out)
+    partial.unlink(missing_ok=True)
     return out
+
+
+def resumable_rows(path: Path, settings: dict[str, Any]) -> dict[tuple[float, str], dict[str, Any]]:
+    """Rows of an interrupted run, by (budget, method); none when the file is absent or its settings differ."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        print(f"ignoring {path.name}: not valid JSON (interrupted while writing?)", flush=True)
+        return {}
+    if data.get("settings") != settings:
+        print(f"ignoring {path.name}: written with other settings {data.get('settings')}", flush=True)
+        return {}
+    return {(row["budget"], row["method"]): row for row in data["rows"]}
 
 
 def save(out: dict[str, Any]) -> None:
