@@ -58,9 +58,11 @@ def main(quick: bool = False) -> dict[str, float]:
 
     # ---- then torch-pruning itself: channel-prune the trainable form (it still has BatchNorm), fine-tune, merge ----
     slim = copy.deepcopy(trainable)
-    classifier = [m for m in slim.modules() if isinstance(m, torch.nn.Linear)]  # tp habit: keep the head
+    # Keep the head (tp habit) and the convs whose channels exist only inside a merged block: merging removes
+    # those channels anyway, so pruning them would spend the pruning ratio on nothing.
+    ignored = [m for m in slim.modules() if isinstance(m, torch.nn.Linear)] + pruner.internal_layers(slim)
     tp.pruner.MetaPruner(slim, example_inputs, tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=0.25,
-                         ignored_layers=classifier).step()
+                         ignored_layers=ignored).step()
     fit(slim, train, epochs=1 if quick else 2, max_lr=0.02, seed=0, progress=False)
     channel_pruned = pruner.merge(slim.eval())         # merged convs take the pruned widths
     pruner.cost_report(channel_pruned)
