@@ -33,7 +33,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "model": "lm_plugin:resnet_fm",
     "train": True,
     "data": "fashion_mnist",
-    "budget": "0.6",
+    "budget": "0.7",
     "backend": "cpu",
     "importance": "distill",
     "importance_steps": 5,
