@@ -27,6 +27,9 @@ settings.
     python benchmarks/pareto.py                                    # both models, budgets 0.4 0.5 0.6 0.7
     python benchmarks/pareto.py --models resnet_fm --budgets 0.5 0.6
     python benchmarks/pareto.py --models resnet_fm --remeasure       # joint re-timing of an existing result
+    # the importance table on two cores: a helper worker, and the main run as the other worker
+    taskset -c 1 python benchmarks/pareto.py --models mbv2_fm --importance-shard 1/2 --importance-only &
+    taskset -c 0 python benchmarks/pareto.py --models mbv2_fm --importance-shard 0/2
 
 Writes ``benchmarks/results/pareto_<model>.json`` and ``pareto_<model>.png``; prints a table.
 """
@@ -93,7 +96,7 @@ def tp_at_latency(base: nn.Module, target_ratio: float, pruner: LayerMergePruner
     return best[1], tp_prune(base, best[1])
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     splits = data_splits("fashion_mnist", batch_size=128, val_size=args.val_size)
     base = trained(name, progress=not args.quiet)
     example = torch.randn(args.batch, *splits.input_shape)
@@ -120,6 +123,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                                       importance_settings=importance, cache_dir=args.cache_dir,
                                       progress=not args.quiet)
                for mode in MODES}
+    if args.importance_shard is not None:  # several processes build the importance table together
+        pruners["layermerge"].importance_table(shard=args.importance_shard)
+    if args.importance_only:
+        return None
     base_acc = evaluate(base, splits.test)
     for budget in args.budgets:
         lm_rel = None
@@ -273,6 +280,17 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """``"0/2"`` -> ``(0, 2)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/2, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return index, count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet_fm", "mbv2_fm"])
@@ -286,6 +304,10 @@ def main() -> None:
     ap.add_argument("--joint-rounds", type=int, default=9, help="interleaved rounds of the final joint timing")
     ap.add_argument("--remeasure", action="store_true",
                     help="only redo the joint timing of an existing benchmarks/results/pareto_<model>.json")
+    ap.add_argument("--importance-shard", type=shard_spec, metavar="I/N",
+                    help="build the importance table as worker I of N processes sharing --cache-dir (one per core)")
+    ap.add_argument("--importance-only", action="store_true",
+                    help="stop after the importance table (a helper worker for --importance-shard)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     for name in args.models:
@@ -299,6 +321,8 @@ def main() -> None:
             save(out)
         else:
             out = run_model(name, args)
+            if out is None:
+                continue
         print(table(out), flush=True)
 
 

@@ -179,13 +179,19 @@ class LayerMergePruner:
         return {"original": before, "compressed": after}
 
     # ---------------------------------------------------------------------------------------- selection
-    def importance_table(self) -> ImportanceTable:
-        """Build (or load from the cache) the importance of every candidate block."""
+    def importance_table(self, *, shard: tuple[int, int] | None = None) -> ImportanceTable:
+        """Build (or load from the cache) the importance of every candidate block.
+
+        Args:
+            shard: ``(index, count)`` to build the table with ``count`` processes that share ``cache_dir``
+                (one per core, say): each starts on its own share and then helps with the rest; see
+                :func:`~lm_plugin.tables.importance.build_importance_table`.
+        """
         if self._importance is None:
             cache = Path(self.cache_dir) if self.cache_dir is not None else None
             self._importance = build_importance_table(self.graph_module, self.chain, self.candidates,
                                                       self.estimator, rewrite=self.rewrite, cache_dir=cache,
-                                                      progress=self.progress)
+                                                      progress=self.progress, shard=shard)
         return self._importance
 
     def entries(self) -> list[Entry]:

@@ -13,9 +13,11 @@ from test_dp import brute_force
 
 from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.latency import LatencyCacheWarning
+from lm_plugin.latency.cache import decode_line
 from lm_plugin.tables.importance import (
     DistillImportance,
     FinetuneImportance,
+    ImportanceCache,
     ZeroShotImportance,
     build_importance_table,
 )
@@ -133,3 +135,49 @@ def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     with pytest.raises(Exception, match="smallest achievable"):
         pruner.search(0.01)
     assert Plan.from_json(plan.to_json()) == plan
+
+
+class SharedBuild(ZeroShotImportance):
+    """A real estimator; while it scores its first entry, another process sharing the cache file (a second cache
+    handle on the same file here) finishes every other entry."""
+
+    def __init__(self, cache_dir, finished, **kw):
+        super().__init__(**kw)
+        self.cache_dir, self.finished, self.calls = cache_dir, finished, 0
+
+    def adapt(self, model, original):
+        self.calls += 1
+        if self.calls == 1:
+            (path,) = self.cache_dir.glob("importance-zero_shot-*.jsonl")
+            other = ImportanceCache(path, decode_line(path.read_bytes().split(b"\n")[0])["signature"])
+            for key, value in self.finished.items():
+                other.put(list(key), value)
+
+
+def test_workers_sharing_a_cache_split_the_table(trained, tmp_path):
+    model, _, test = trained
+    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path / "reference")
+    graph, chain, cands = pruner.graph_module, pruner.chain, pruner.candidates
+    reference = pruner.importance_table()
+    scored = [c.key for c in cands if not (c.end - c.st == 1 and reference.subsets[c.key] == (c.end,))]
+
+    # worker 1 of 2 starts on every second entry from the second
+    shared = tmp_path / "shared"
+    with pytest.raises(KeyboardInterrupt):
+        build_importance_table(graph, chain, cands, Interrupting(3, eval_data=test), cache_dir=shared,
+                               progress=False, shard=(1, 2))
+    (path,) = shared.glob("importance-zero_shot-*.jsonl")
+    written = [tuple(decode_line(line)["key"]) for line in path.read_bytes().splitlines()[1:]]
+    assert written[1:] == scored[1::2][:3]  # after the base metric: its own share, in order
+
+    # worker 0 picks up what the other process finishes while it runs, and scores only the rest
+    others = {k: v for k, v in reference.values.items() if k in scored and k not in written}
+    worker = SharedBuild(shared, others, eval_data=test)
+    table = build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False, shard=(0, 2))
+    assert table.evaluated == 1 and worker.calls == 1
+    assert table.values == pytest.approx(reference.values)
+
+    with pytest.raises(ValueError, match="cache_dir"):
+        build_importance_table(graph, chain, cands, worker, cache_dir=None, progress=False, shard=(0, 2))
+    with pytest.raises(ValueError, match="index < count"):
+        build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False, shard=(2, 2))

@@ -161,6 +161,27 @@ class RecordCache:
                 os.fsync(f.fileno())
         self._entries[canonical] = (jsonable, measurement)
 
+    def refresh(self) -> int:
+        """Load the entries other processes appended to the file since it was read; return how many are new.
+
+        Several processes may share one cache file (each appends whole lines with one write), e.g. workers that
+        build one importance table together. A line still being written, a damaged line, or a file replaced by
+        a different table are skipped here; opening the file again applies the usual recovery rules.
+        """
+        if self.path is None or not self.path.exists():
+            return 0
+        lines = self.path.read_bytes().split(b"\n")
+        if self._check_header(lines[0]) is not None:
+            return 0
+        before = len(self._entries)
+        for raw in lines[1:-1]:  # the last piece is empty or a line another process is still writing
+            if raw.strip():
+                try:
+                    self._load_entry(raw)
+                except CorruptLine:
+                    continue
+        return len(self._entries) - before
+
     # ------------------------------------------------------------------------------------------ file io
     def _header(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": FORMAT_VERSION, "signature": self.signature}

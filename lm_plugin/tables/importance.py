@@ -187,12 +187,23 @@ class ImportanceTable:
 
 def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
                            estimator: ImportanceEstimator, *, rewrite: RewriteOptions | None = None,
-                           cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
-                           ) -> ImportanceTable:
+                           cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                           shard: tuple[int, int] | None = None) -> ImportanceTable:
     """Score every candidate that is not an uncompressed single conv (those score 0 by definition).
 
     Each finished entry is written to the cache at once: an interrupted build resumes where it stopped.
+
+    Several processes can build one table together by sharing ``cache_dir``: before scoring an entry, a builder
+    reloads the cache file and skips what another process has finished. ``shard=(index, count)`` makes the
+    workers start apart: worker ``index`` of ``count`` first scores every ``count``-th entry from ``index``, then
+    helps with the rest from the far end. Every worker returns the complete table.
     """
+    if shard is not None:
+        index, count = shard
+        if cache_dir is None:
+            raise ValueError("shard needs a cache_dir that the workers share; without one they cannot cooperate")
+        if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     original = copy.deepcopy(gm).eval()
     signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
                  "rewrite": asdict(rewrite or RewriteOptions())}
@@ -214,17 +225,25 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
             values[c.key] = cache[list(c.key)]
         else:
             todo.append(c)
+    if shard is not None:
+        mine = todo[shard[0]::shard[1]]
+        todo = mine + [c for c in reversed(todo) if c not in mine]
+    evaluated = 0
     with tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc=f"importance ({estimator.name})",
               unit="entry", disable=not progress) as bar:
         for c in todo:
-            plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
-            model = to_trainable(gm, chain, plan, rewrite)
-            estimator.adapt(model, original)
-            value = estimator.score(model) - base
-            cache.put(list(c.key), value)
-            values[c.key] = value
+            cache.refresh()  # another process sharing the cache may have scored it meanwhile
+            if list(c.key) in cache:
+                values[c.key] = cache[list(c.key)]
+            else:
+                plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
+                model = to_trainable(gm, chain, plan, rewrite)
+                estimator.adapt(model, original)
+                values[c.key] = estimator.score(model) - base
+                cache.put(list(c.key), values[c.key])
+                evaluated += 1
             bar.update(1)
-    return ImportanceTable(values, subsets, base, signature, evaluated=len(todo))
+    return ImportanceTable(values, subsets, base, signature, evaluated=evaluated)
 
 
 def _cache_path(cache_dir: str | os.PathLike[str] | None, signature: dict[str, Any]) -> Path | None:
