@@ -133,7 +133,7 @@ def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     with torch.no_grad():
         assert torch.allclose(trainable(x), merged(x), atol=1e-4)
     with pytest.raises(Exception, match="smallest achievable"):
-        pruner.search(0.01)
+        pruner.search("0.000001ms")  # below any measured latency, however noisy the machine
     assert Plan.from_json(plan.to_json()) == plan
 
 

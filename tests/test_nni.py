@@ -256,8 +256,8 @@ def test_example_nni_style_runs(capsys):
     spec = importlib.util.spec_from_file_location("nni_style", ROOT / "examples" / "nni_style.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main(0.8, epochs=3, importance_steps=3, finetune_steps=20,
-                          profiler_settings=FAST["profiler_settings"])
+    # analytic costs: with 3 timing repeats a busy machine can make the 0.8 budget infeasible
+    result = example.main(0.8, epochs=3, importance_steps=3, finetune_steps=20, backend="macs")
     assert result["convs_merged"] < result["convs_original"]
     assert result["acc_merged"] > 50
     assert "L1NormPruner + speedup" in capsys.readouterr().out
