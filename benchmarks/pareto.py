@@ -21,8 +21,10 @@ latency does not depend on the weights) is timed once more, all together with th
 ``--remeasure`` redoes only this step from an existing JSON.
 
 Interrupted runs resume: the latency and importance tables are cached entry by entry, and every finished row is
-kept in ``pareto_<model>.partial.json`` (deleted once the run completes) and reused by a rerun with the same
-settings.
+kept in ``pareto_<model>.partial.json`` (deleted once a run has covered all its rows) and reused by a rerun with
+the same settings. Two processes can share the work of one model on two cores: the importance table with
+``--importance-shard``, the rows by giving each process other ``--budgets`` and finishing with a run over all
+budgets, which only adds the joint timing.
 
     python benchmarks/pareto.py                                    # both models, budgets 0.4 0.5 0.6 0.7
     python benchmarks/pareto.py --models resnet_fm --budgets 0.5 0.6
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
+import os
 import platform
 import sys
 import time
@@ -106,17 +110,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
                 "importance_steps": args.importance_steps, "val_size": args.val_size, "batch": args.batch,
                 "rounds": args.rounds}
     # Rows finished by an interrupted run with the same settings are kept, not recomputed: one row is a
-    # 1-epoch fine-tune, and mbv2_fm's full run takes hours on a 2-core machine.
-    partial = RESULTS / f"pareto_{name}.partial.json"
-    done = resumable_rows(partial, recorded)
-    rows: list[dict[str, Any]] = []
-
-    def record(row: dict[str, Any]) -> None:
-        rows.append(row)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": recorded, "rows": rows}, indent=1))
-        tmp.replace(partial)  # atomic: an interrupt never leaves half a file
+    # 1-epoch fine-tune, and mbv2_fm's full run takes hours on a 2-core machine. Processes running other
+    # budgets of the same model at the same time share the file (rows are merged under a lock), so a final run
+    # over all budgets only does the joint timing.
+    partial = PartialRows(RESULTS / f"pareto_{name}.partial.json", recorded)
+    done = partial.finished()
+    rows = partial.rows
+    record = partial.add
 
     pruners = {mode: LayerMergePruner(base, 0.6, example_inputs=example, mode=mode, backend="cpu",
                                       importance="distill", train_data=splits.train, eval_data=splits.val,
@@ -132,12 +132,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
         lm_rel = None
         for mode in MODES:
             start = time.time()
+            done.update(partial.finished())  # rows another process has finished meanwhile
             if (budget, mode) in done:
                 row = done[(budget, mode)]
                 record(row)
                 if mode == "layermerge" and "measured_ms" in row:
                     lm_rel = row["measured_ms"]["compressed"] / row["measured_ms"]["original"]
-                print(f"{name} {budget} {mode}: kept from {partial.name}", flush=True)
+                print(f"{name} {budget} {mode}: kept from {partial.path.name}", flush=True)
                 continue
             try:
                 result = compress(pruners[mode], budget, train_data=splits.train, test_data=splits.test,
@@ -158,9 +159,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
                   flush=True)
         if lm_rel is None:
             continue
+        done.update(partial.finished())
         if (budget, "channel_tp") in done:
             record(done[(budget, "channel_tp")])
-            print(f"{name} {budget} channel_tp: kept from {partial.name}", flush=True)
+            print(f"{name} {budget} channel_tp: kept from {partial.path.name}", flush=True)
             continue
         start = time.time()
         ratio, pruned = tp_at_latency(base, lm_rel, pruners["layermerge"], example)
@@ -184,8 +186,40 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
                        "python": platform.python_version()}}
     remeasure(out, base, pruners["layermerge"], example, args.joint_rounds)
     save(out)
-    partial.unlink(missing_ok=True)
+    partial.close()
     return out
+
+
+class PartialRows:
+    """The finished rows of a model's run, kept in a JSON file that several processes may share.
+
+    Every :meth:`add` merges this process's rows with the file's under a lock and replaces the file atomically, so
+    neither an interrupt nor a second process (running other budgets) loses a row.
+    """
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path, self.settings = path, settings
+        self.rows: list[dict[str, Any]] = []
+
+    def finished(self) -> dict[tuple[float, str], dict[str, Any]]:
+        """Rows in the file (this and other processes'), by (budget, method)."""
+        return resumable_rows(self.path, self.settings)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = {**self.finished(), **{(r["budget"], r["method"]): r for r in self.rows}}
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"settings": self.settings, "rows": list(merged.values())}, indent=1))
+            tmp.replace(self.path)  # atomic: an interrupt never leaves half a file
+
+    def close(self) -> None:
+        """Delete the file once this run's result covers every row in it; keep rows other processes added."""
+        mine = {(r["budget"], r["method"]) for r in self.rows}
+        if not set(self.finished()) - mine:
+            self.path.unlink(missing_ok=True)
 
 
 def resumable_rows(path: Path, settings: dict[str, Any]) -> dict[tuple[float, str], dict[str, Any]]:
