@@ -32,6 +32,8 @@ from lm_plugin.workloads.models import digits_resnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"backend": "cpu", "profiler_settings": {"warmup": 1, "repeats": 3, "max_spread": 1e9}, "progress": False}
+# Where an outcome (accuracy) depends on which plan is chosen: analytic costs, so timing noise cannot change it.
+MACS = {"backend": "macs", "progress": False}
 
 
 def random_loader(shape: tuple[int, ...], n: int = 8) -> DataLoader:
@@ -103,7 +105,7 @@ def test_compress_with_a_real_torch_evaluator(digits_model, tmp_path):
     calls: dict[str, int] = {}
     pruner = LayerMergePruner(model, 0.9, [{"op_types": ["Conv2d"], "exclude_op_names": ["2.b.0"]}],
                               make_evaluator(model, calls), importance_settings={"steps": 3},
-                              cache_dir=tmp_path, **FAST)
+                              cache_dir=tmp_path, **MACS)
     assert isinstance(pruner, Pruner)
     assert hasattr(model[0][0], "_nni_wrapper")  # NNI's life cycle: wrapped until compress()
     assert "2.b.0" not in pruner._module_wrappers
@@ -125,8 +127,11 @@ def test_compress_with_a_real_torch_evaluator(digits_model, tmp_path):
         expected = trainable(x)
         error = (merged(x) - expected).abs().max() / expected.abs().max()
     assert error < 1e-4, pruner.plan.summary(pruner.chain)
-    accuracy = evaluate(merged, digits(256, train=False))
-    assert accuracy > 30, (accuracy, pruner.plan.summary(pruner.chain))
+    # seven steps through the evaluator's training_func recover much of what compressing the plan cost
+    test = digits(256, train=False)
+    untuned = evaluate(pruner.merge(pruner.layermerge.apply(pruner.plan).eval()), test)
+    accuracy = evaluate(merged, test)
+    assert accuracy > untuned + 10, (accuracy, untuned, pruner.plan.summary(pruner.chain))
     assert pruner.predict_latency() > 0
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 import torchvision
+from torch.utils.data import DataLoader, TensorDataset
 
 from lm_plugin import LayerMergePruner
 from lm_plugin.plan import Plan
@@ -72,3 +76,56 @@ def test_cost_report_is_torch_pruning_count(capsys):
     assert line.startswith("MACs: ") and "#Params: " in line and "convs: " in line
     pruner.cost_report(deployed, show=False)
     assert capsys.readouterr().out == ""
+
+
+def _digits_cnn() -> tuple[nn.Module, torch.Tensor]:
+    from lm_plugin.train import fit
+    from lm_plugin.workloads.data import digits
+    from lm_plugin.workloads.models import digits_resnet
+
+    torch.manual_seed(0)
+    model = digits_resnet(width=16)
+    fit(model, digits(64, train=True), epochs=2, seed=0, progress=False)
+    return model, torch.randn(1, 1, 8, 8)
+
+
+FACES = {  # model, example input, max_kernel (mobilenet_v2's 900 candidates at 7 cost minutes of scoring)
+    "resnet18": lambda: (torchvision.models.resnet18(num_classes=10), X, 7),
+    "mobilenet_v2": lambda: (torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25), X, 3),
+    "digits_cnn": lambda: (*_digits_cnn(), 7),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FACES))
+def test_step_compresses_in_torch_pruning_habits(arch, one_thread):
+    """tp's life cycle: construct with example_inputs / ignored_layers, step(), count before and after."""
+    model, x, max_kernel = FACES[arch]()
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    g = torch.Generator().manual_seed(0)
+    calib = DataLoader(TensorDataset(torch.randn(16, *x.shape[1:], generator=g),
+                                     torch.randint(0, 10, (16,), generator=g)), batch_size=16)
+    # analytic costs (MACs) so that the chosen plan, and what is asserted about it, cannot move with timing noise
+    pruner = LayerMergePruner(model, budget=0.8, example_inputs=x, ignored_layers=[stem], backend="macs",
+                              max_kernel=max_kernel, cache_dir=None, progress=False, importance="zero_shot",
+                              eval_data=calib)
+    trainable = pruner.step()
+    plan = pruner.plan
+    assert plan is not None and pruner.predict_latency(plan) <= pruner.budget_ms() + 1e-9
+    assert pruner.predict_latency(plan) == pytest.approx(tp.utils.count_ops_and_params(
+        pruner.merge(pruner.apply(plan).eval()), x)[0] / 1e6, rel=1e-6)  # macs backend: prediction = count
+    stem_index = next(c.index for c in pruner.chain.convs if c.name == _name(model, stem))
+    assert stem_index in plan.kept_convs and {stem_index - 1, stem_index} - {0, pruner.chain.length} <= plan.kept_acts
+    deployed = pruner.merge(trainable.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), trainable(x), rtol=1e-4, atol=1e-4)
+    report = pruner.cost_report(deployed, show=False)
+    assert report["compressed"].macs < report["original"].macs
+    assert report["compressed"].convs < report["original"].convs
+    for key, value in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
