@@ -286,9 +286,13 @@ def plot(out: dict[str, Any], path: Path) -> None:
         pts = sorted((speedup(r), r["accuracy"]) for r in out["rows"] if r["method"] == method and "accuracy" in r)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+    for r in out["rows"]:  # which budget each point was searched (or latency-matched) at
+        if "accuracy" in r and r["method"] == "layermerge":
+            ax.annotate(f"{r['budget']:g}", (speedup(r), r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color="C0")
     ax.axhline(out["original_accuracy"], color="grey", ls="--", lw=1, label="original")
     joint = "all timed together" if "joint" in out else "timed per method"
-    ax.set_xlabel(f"measured CPU speed-up (batch 64, {joint}; BN-folded original = 1)")
+    ax.set_xlabel(f"measured CPU speed-up\n(batch 64, {joint}; BN-folded original = 1)")
     ax.set_ylabel("test accuracy after 1 epoch fine-tuning (%)")
     ax.set_title(out["model"])
     ax.grid(alpha=0.3)
