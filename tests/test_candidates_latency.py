@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -13,7 +14,7 @@ from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.blocks import block_geometry, fold_problem, residual_relation
 from lm_plugin.budget import Budget
 from lm_plugin.candidates import enumerate_candidates
-from lm_plugin.latency import BackendUnavailableError
+from lm_plugin.latency import BackendUnavailableError, LatencyDriftWarning, MacsProfiler
 
 FAST = {"warmup": 1, "repeats": 3, "max_spread": 1e9}
 
@@ -170,3 +171,37 @@ def test_timed_module_is_the_deployed_block(model, size):
                 assert isinstance(act, torch.nn.Identity) and kinds <= {None}, (st, end)
             else:
                 assert kinds == {cand.activation} == {timed_kind}, (st, end)
+
+
+class _DriftingMacs(MacsProfiler):
+    """Analytic numbers (so nothing here depends on timing noise), treated as a timer whose machine can change
+    speed: every figure is multiplied by ``speed``."""
+
+    deterministic = False
+
+    def __init__(self, speed: float = 1.0, **kw) -> None:
+        super().__init__(**kw)
+        self.speed = speed
+
+    def measure(self, module, inputs, *, warn_unstable=True):
+        m = super().measure(module, inputs, warn_unstable=warn_unstable)
+        return dataclasses.replace(m, median_ms=m.median_ms * self.speed)
+
+
+def test_a_machine_that_changed_speed_since_the_table_is_reported(tmp_path, recwarn):
+    x = torch.randn(1, 3, 16, 16)
+
+    def model(speed):
+        return LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend=_DriftingMacs(speed), cache_dir=tmp_path,
+                                progress=False).latency_model()
+
+    steady = model(1.0)  # builds the table; the network timed again gives the same figure: no warning
+    assert steady.check_ms == pytest.approx(steady.original_ms) and steady.drift == pytest.approx(0.0)
+    assert not [w for w in recwarn if issubclass(w.category, LatencyDriftWarning)]
+    with pytest.warns(LatencyDriftWarning, match=r"\+30%.*delete the cache file"):
+        slower = model(1.3)  # the same table from the cache, on a machine now 30 % slower
+    assert slower.block_ms == steady.block_ms and slower.drift == pytest.approx(0.3)
+    # analytic backends have no drift to check
+    macs = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="macs", cache_dir=None,
+                            progress=False).latency_model()
+    assert macs.check_ms is None and macs.drift is None

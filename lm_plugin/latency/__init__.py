@@ -19,7 +19,13 @@ from .backends import CUDAProfiler, EagerCPUProfiler, MacsProfiler, OnnxRuntimeP
 from .cache import LatencyCache
 from .compare import compare_latency
 from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
-from .errors import BackendUnavailableError, LatencyCacheWarning, LatencyError, UnstableMeasurementWarning
+from .errors import (
+    BackendUnavailableError,
+    LatencyCacheWarning,
+    LatencyDriftWarning,
+    LatencyError,
+    UnstableMeasurementWarning,
+)
 from .inputs import InputsLike
 from .measurement import Measurement
 from .profiler import DEFAULT_MAX_SPREAD, DEFAULT_REPEATS, DEFAULT_RETRIES, DEFAULT_WARMUP, Profiler
@@ -49,6 +55,7 @@ __all__ = [
     "InputsLike",
     "LatencyCache",
     "LatencyCacheWarning",
+    "LatencyDriftWarning",
     "LatencyError",
     "LatencyTable",
     "MacsProfiler",

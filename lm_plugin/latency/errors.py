@@ -19,3 +19,12 @@ class LatencyCacheWarning(UserWarning):
 
 class UnstableMeasurementWarning(UserWarning):
     """A measurement stayed too noisy after every allowed re-measurement; its numbers are indicative only."""
+
+
+class LatencyDriftWarning(UserWarning):
+    """The machine times the original network markedly faster or slower now than when its latency table was built.
+
+    Each measurement can be steady and still be taken at another speed than the table's: another tenant of a shared
+    host, frequency scaling, a job on the other core. Predicted milliseconds are then off by about the drift;
+    plans compared against each other, and speed-ups measured side by side, are much less affected.
+    """

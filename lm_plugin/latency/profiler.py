@@ -65,6 +65,8 @@ class Profiler(abc.ABC):
 
     #: Registered backend name, e.g. ``"cpu"``.
     name: ClassVar[str] = ""
+    #: True for analytic backends whose numbers never change between measurements (no drift to check).
+    deterministic: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,15 @@ import torch.nn as nn
 
 from ..blocks import block_geometry
 from ..candidates import Candidate
-from ..latency import LatencyTable, ModuleSpec, Profiler
+from ..latency import LatencyDriftWarning, LatencyTable, ModuleSpec, Profiler
 from ..latency.cache import signed_cache_path
 from ..latency.conv_block import conv_block_key, conv_block_module
 from ..plan import Plan
 from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
+
+#: Relative change of the original network's latency, table vs now, beyond which a warning is given.
+DEFAULT_DRIFT_TOLERANCE = 0.15
 
 
 class _ConvAddAct(nn.Module):
@@ -97,6 +101,7 @@ class LatencyModel:
         block_ms: ``Candidate.key -> ms``.
         skip_ms: residual target -> ms of its projection skip.
         signature: the profiler signature every number was measured with.
+        check_ms: the original network measured again after the table was built or loaded (None: not checked).
     """
 
     chain: Chain
@@ -105,6 +110,13 @@ class LatencyModel:
     block_ms: dict[tuple, float]
     skip_ms: dict[int, float]
     signature: dict[str, Any]
+    check_ms: float | None = None
+
+    @property
+    def drift(self) -> float | None:
+        """``check_ms / original_ms − 1``: how much faster (< 0) or slower the machine times the network now than
+        its table says. Predicted milliseconds are off by about this much."""
+        return None if self.check_ms is None else self.check_ms / self.original_ms - 1.0
 
     def entry_key(self, st: int, end: int, kept) -> tuple:
         geo = block_geometry(self.chain, st, end, kept)
@@ -141,7 +153,8 @@ class LatencyModel:
 
 def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
                         example_inputs: Sequence[torch.Tensor], profiler: Profiler, *,
-                        cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> LatencyModel:
+                        cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                        drift_tolerance: float | None = DEFAULT_DRIFT_TOLERANCE) -> LatencyModel:
     """Time every candidate, the projection skips and the whole network; return the latency model.
 
     Args:
@@ -153,6 +166,10 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
         profiler: the profiler for every measurement.
         cache_dir: cache folder (one file per profiler signature), or None for no cache.
         progress: show a progress bar.
+        drift_tolerance: after the table is built or loaded from the cache, the original network is timed once
+            more; if that differs from the table's figure by more than this fraction, a
+            :class:`~lm_plugin.latency.LatencyDriftWarning` says so (the machine changed speed while or since the
+            table was built). None skips the check; analytic backends never need it.
     """
     entries: list[tuple[Any, ModuleSpec]] = [(("block",) + c.key, candidate_spec(c)) for c in candidates]
     skips = [r for r in chain.residuals if r.projection is not None]
@@ -169,7 +186,28 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     original = table.ms(("network",))
     model = LatencyModel(chain, original, 0.0, block_ms, skip_ms, dict(table.signature))
     model.rest_ms = original - model.predict(Plan.identity(chain))  # rest is 0 here: this is what remains
+    if drift_tolerance is not None and not profiler.deterministic:
+        _check_drift(model, deployed, example_inputs, profiler, drift_tolerance, cache)
     return model
+
+
+
+def _check_drift(model: LatencyModel, deployed: nn.Module, example_inputs: Sequence[torch.Tensor],
+                 profiler: Profiler, tolerance: float, cache: Path | None) -> None:
+    """Time the network once more. A steady machine gives the table's figure back; a drifting one does not, and
+    every absolute prediction then carries that error (each entry can still look steady on its own)."""
+    model.check_ms = profiler.measure(deployed, tuple(example_inputs), warn_unstable=False).median_ms
+    drift = model.drift
+    assert drift is not None
+    if abs(drift) > tolerance:
+        where = f" (cache {cache})" if cache is not None else ""
+        warnings.warn(
+            f"the original network measures {model.check_ms:.3f} ms now but {model.original_ms:.3f} ms in the "
+            f"latency table{where}: {drift:+.0%}, beyond the {tolerance:.0%} tolerance. The machine changed speed "
+            "while or since the table was built (shared host, frequency scaling, other jobs), so predicted "
+            "milliseconds are off by about that much; comparisons between plans and speed-ups measured side by "
+            "side are much less affected. Rebuild the table on a quiet machine (delete the cache file), or pin "
+            "the process to an idle core.", LatencyDriftWarning, stacklevel=3)
 
 
 def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
@@ -179,4 +217,4 @@ def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
     return merge(to_trainable(gm, chain, Plan.identity(chain)), chain)
 
 
-__all__ = ["LatencyModel", "build_latency_model", "cache_path", "candidate_spec"]
+__all__ = ["DEFAULT_DRIFT_TOLERANCE", "LatencyModel", "build_latency_model", "cache_path", "candidate_spec"]

@@ -30,6 +30,7 @@ class MacsProfiler(Profiler):
     """
 
     name = "macs"
+    deterministic = True
 
     @property
     def device_name(self) -> str:
