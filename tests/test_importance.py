@@ -45,9 +45,10 @@ def trained():
     return model.eval(), train, test
 
 
-def pruner_for(model, estimator, tmp_path, budget=0.8):
-    return LayerMergePruner(model, budget, example_inputs=torch.randn(1, 1, 8, 8), backend="cpu",
-                            profiler_settings=FAST, importance=estimator, cache_dir=tmp_path, progress=False)
+def pruner_for(model, estimator, tmp_path, budget=0.8, backend="cpu"):
+    settings = FAST if backend == "cpu" else None
+    return LayerMergePruner(model, budget, example_inputs=torch.randn(1, 1, 8, 8), backend=backend,
+                            profiler_settings=settings, importance=estimator, cache_dir=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("cls, kw", [(ZeroShotImportance, {}), (DistillImportance, {"steps": 4}),
@@ -117,7 +118,9 @@ def test_importance_cache_resumes_and_detects_corruption(trained, tmp_path):
 
 def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     model, _, test = trained
-    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path, budget=0.9)
+    # analytic costs: on a busy machine noisy timings can make the part outside the blocks negative, and then even
+    # a 1 ns budget below looks reachable
+    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path, budget=0.9, backend="macs")
     plan = pruner.search()
     assert plan.is_valid(pruner.chain)
     assert pruner.predict_latency(plan) <= pruner.budget_ms() + 1e-9
@@ -133,7 +136,7 @@ def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     with torch.no_grad():
         assert torch.allclose(trainable(x), merged(x), atol=1e-4)
     with pytest.raises(Exception, match="smallest achievable"):
-        pruner.search("0.000001ms")  # below any measured latency, however noisy the machine
+        pruner.search("0.000001ms")  # below any network's cost
     assert Plan.from_json(plan.to_json()) == plan
 
 
@@ -181,3 +184,44 @@ def test_workers_sharing_a_cache_split_the_table(trained, tmp_path):
         build_importance_table(graph, chain, cands, worker, cache_dir=None, progress=False, shard=(0, 2))
     with pytest.raises(ValueError, match="index < count"):
         build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False, shard=(2, 2))
+
+
+def test_entries_train_on_the_same_batches_whatever_the_order(trained, tmp_path):
+    """A shuffling loader with its own generator: an entry's distill score is the same whether it is scored first,
+    last, or by another shard, and the user's loader is left as it was."""
+    model, train, test = trained
+    assert isinstance(train.generator, torch.Generator)
+    before = train.generator.get_state()
+
+    def build(cache, shard=None, progress=False):
+        est = DistillImportance(train_data=train, eval_data=test, steps=3)
+        pruner = pruner_for(model, est, cache)
+        return build_importance_table(pruner.graph_module, pruner.chain, pruner.candidates, est, cache_dir=cache,
+                                      progress=progress, shard=shard)
+
+    forward = build(tmp_path / "one")
+    assert torch.equal(train.generator.get_state(), before)
+    backward = build(tmp_path / "two", shard=(1, 2))  # the same entries in another order (its share first)
+    assert backward.values == forward.values
+    assert torch.equal(train.generator.get_state(), before)
+
+
+def test_memo_teacher_answers_seen_batches_from_memory():
+    from lm_plugin.tables.importance import MemoTeacher
+
+    calls = []
+    teacher = nn.Linear(4, 3).eval()
+    teacher.register_forward_hook(lambda m, a, out: calls.append(1))
+    memo = MemoTeacher(teacher, capacity=2)
+    a, b, c = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        first = memo(a)
+        assert torch.equal(memo(a.clone()), first) and len(calls) == 1  # same bytes: from memory
+        memo(b), memo(c)  # capacity 2: a is evicted
+        assert len(calls) == 3
+        memo(a)
+        assert len(calls) == 4
+    with torch.enable_grad():  # outside no_grad the teacher always runs (its output could carry a graph)
+        memo(b)
+        memo(b)
+    assert len(calls) == 6

@@ -15,15 +15,21 @@ Estimators (one interface, :class:`ImportanceEstimator`):
   task-loss fine-tune recovers, at a fraction of the steps).
 
 Entries are independent, cached one by one (checksummed JSON Lines, like the latency cache) and resumable.
+Every entry trains on the *same* batches (the loader's shuffling generator is re-seeded with the estimator's seed
+for each entry, then put back), so an entry's score does not depend on which entries ran before it: a resumed or
+sharded build gives the table an uninterrupted one gives, and ``distill`` computes the teacher's logits for those
+batches once per table instead of once per entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +91,26 @@ class ImportanceEstimator:
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         """Train ``model`` (the network with one block compressed) in place; default: nothing."""
 
+    @contextlib.contextmanager
+    def same_batches(self) -> Iterator[None]:
+        """Inside the block, iterating ``train_data`` yields the batches every other entry got.
+
+        A ``DataLoader`` with its own ``generator`` advances it each epoch, so without this entry *k* would train on
+        other batches than entry *k − 1*, and a score would depend on the order entries are built in (a resumed
+        or sharded build would differ from an uninterrupted one). The generator is re-seeded with :attr:`seed`
+        and restored afterwards; a loader without one shuffles with the global RNG, which :func:`fit` seeds.
+        """
+        generator = getattr(self.train_data, "generator", None)
+        if not isinstance(generator, torch.Generator):
+            yield
+            return
+        state = generator.get_state()
+        generator.manual_seed(self.seed)
+        try:
+            yield
+        finally:
+            generator.set_state(state)
+
     def score(self, model: nn.Module) -> float:
         if self.eval_data is None:
             raise ValueError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
@@ -96,7 +122,7 @@ class ImportanceEstimator:
         loss = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
         return {"estimator": self.name, "metric": metric, "loss": loss, "steps": self.steps,
                 "max_lr": self.max_lr, "seed": self.seed, "train": _data_id(self.train_data),
-                "eval": _data_id(self.eval_data)}
+                "eval": _data_id(self.eval_data), "batches": "same for every entry"}
 
 
 @dataclass
@@ -119,8 +145,9 @@ class FinetuneImportance(ImportanceEstimator):
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
             raise ValueError("the finetune importance estimator needs train_data (a DataLoader)")
-        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn, device=self.device,
-            progress=False, seed=self.seed)
+        with self.same_batches():
+            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
+                device=self.device, progress=False, seed=self.seed)
 
 
 @dataclass
@@ -130,15 +157,53 @@ class DistillImportance(ImportanceEstimator):
     steps: int = 30
     temperature: float = 4.0
     name = "distill"
+    _teacher: tuple[int, MemoTeacher] | None = field(default=None, init=False, repr=False, compare=False)
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
             raise ValueError("the distill importance estimator needs train_data (a DataLoader)")
-        fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=original, distill_alpha=1.0,
-            temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
+        if self._teacher is None or self._teacher[0] != id(original):
+            self._teacher = (id(original), MemoTeacher(original, capacity=2 * self.steps))
+        with self.same_batches():
+            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=self._teacher[1],
+                distill_alpha=1.0, temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "temperature": self.temperature}
+
+
+class MemoTeacher(nn.Module):
+    """The teacher, answering a batch it has seen from memory (the ``capacity`` most recent distinct batches).
+
+    Entries train on the same batches (:meth:`ImportanceEstimator.same_batches`) and the teacher is the
+    frozen original in eval mode, so its logits for a batch never change: after the first entry, the teacher's
+    forward pass (a quarter of a distillation step's work) is skipped. Batches are recognised by their bytes, so
+    a loader with random augmentation just misses and computes.
+    """
+
+    def __init__(self, teacher: nn.Module, capacity: int) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.capacity = capacity
+        self._memo: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = (self.teacher.training, *(_tensor_key(x) for x in inputs))
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        out = self.teacher(*inputs)
+        if isinstance(out, torch.Tensor) and not self.teacher.training and not torch.is_grad_enabled():
+            self._memo[key] = out.detach()
+            while len(self._memo) > self.capacity:
+                self._memo.popitem(last=False)
+        return out
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    flat = x.detach().contiguous().reshape(-1)
+    digest = hashlib.sha1(flat.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+    return (tuple(x.shape), str(x.dtype), str(x.device), digest)
 
 
 ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
