@@ -113,6 +113,46 @@ def test_measure_accepts_example_tensors_and_leaves_the_module_alone():
     assert m.batch_size == 3, "without batch_size the inputs are timed as given"
 
 
+class _Logged(nn.Module):
+    """A real conv that notes each call, to see the order the profiler ran things in."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log, self.conv = name, log, small_conv()
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "macs"])
+def test_side_by_side_timing_alternates_single_runs(backend, no_warnings):
+    """compare_latency times models in short chunks in turn, so drift of the machine hits all of them alike."""
+    from lm_plugin.latency import compare_latency
+
+    log: list[str] = []
+    models = {"a": _Logged("a", log).eval(), "b": _Logged("b", log).train()}  # modes are restored
+    threads = torch.get_num_threads()
+    profiler = get_profiler(backend, batch_size=BATCH, **({**FAST, "warmup": 2} if backend == "cpu" else {}))
+    together = profiler.measure_together(models, (1, 4, 8, 8))
+    assert list(together) == ["a", "b"] and all(m.median_ms > 0 for m in together.values())
+    if backend == "cpu":
+        assert all(m.runs == FAST["repeats"] for m in together.values())
+        # warm-ups, then chunks (an untimed run, then the timed ones) in turn
+        assert log == ["a", "a", "b", "b"] + ["a"] * (1 + FAST["repeats"]) + ["b"] * (1 + FAST["repeats"])
+        log.clear()
+        profiler.measure_together(models, (1, 4, 8, 8), chunk=2)
+        assert log[4:] == ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2  # 3 repeats: a chunk of 2, then of 1
+    assert torch.get_num_threads() == threads and models["b"].training and not models["a"].training
+    log.clear()
+    ms = compare_latency(profiler, models, (1, 4, 8, 8), rounds=2)
+    assert list(ms) == ["a", "b"] and all(v > 0 for v in ms.values())
+    if backend == "cpu":
+        assert log[-2 * (1 + FAST["repeats"]):] == ["a"] * (1 + FAST["repeats"]) + ["b"] * (1 + FAST["repeats"])
+    with pytest.raises(ValueError, match="chunk"):
+        profiler.measure_together(models, (1, 4, 8, 8), chunk=0)
+
+
 def test_onnxruntime_backend(no_warnings):
     if "onnxruntime" not in available_backends():
         pytest.skip("onnxruntime / onnx not installed")

@@ -1,8 +1,9 @@
 """Side-by-side latency of several models: the only fair way to state a speed-up on a shared machine.
 
-Absolute milliseconds drift by tens of percent within minutes on a busy host, so models are timed in
-interleaved rounds (A, B, C, A, B, C, ...) and each model's figure is the median of its per-round medians.
-Ratios between models measured this way are stable even when the absolute numbers are not.
+Absolute milliseconds drift by tens of percent within seconds on a shared host, so models are timed run by run in
+turn (A, B, C, A, B, C, ...: :meth:`Profiler.measure_together`), in ``rounds`` such rounds, and each model's
+figure is the median of its per-round medians. Ratios between models measured this way hold even when the
+absolute numbers do not.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ __all__ = ["compare_latency"]
 def compare_latency(
     profiler: Profiler, models: Mapping[str, nn.Module], inputs: InputsLike, rounds: int = 3
 ) -> dict[str, float]:
-    """Median latency (ms) of each model, measured in ``rounds`` interleaved rounds.
+    """Median latency (ms) of each model, measured side by side in ``rounds`` rounds of alternating runs.
 
     Args:
         profiler: The profiler to time with (its backend, batch size, warm-up and repeats apply).
         models: Named models; they are put in eval mode by the profiler and not modified.
         inputs: An input shape or example tensor(s), as for :meth:`Profiler.measure`.
-        rounds: Interleaved rounds; each model's result is the median of its round medians.
+        rounds: Rounds of alternating runs (``repeats`` runs of each model per round); each model's result is the
+            median of its round medians.
 
     Returns:
         ``{name: median ms}`` in the order of ``models``.
@@ -36,6 +38,6 @@ def compare_latency(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     per_round: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
-        for name, model in models.items():
-            per_round[name].append(profiler.measure(model, inputs).median_ms)
+        for name, measurement in profiler.measure_together(models, inputs).items():
+            per_round[name].append(measurement.median_ms)
     return {name: statistics.median(values) for name, values in per_round.items()}
