@@ -1,7 +1,7 @@
 """Side-by-side latency of several models: the only fair way to state a speed-up on a shared machine.
 
-Absolute milliseconds drift by tens of percent within seconds on a shared host, so models are timed run by run in
-turn (A, B, C, A, B, C, ...: :meth:`Profiler.measure_together`), in ``rounds`` such rounds, and each model's
+Absolute milliseconds drift by tens of percent within seconds on a shared host, so models are timed in short chunks
+in turn (A×5, B×5, A×5, ...: :meth:`Profiler.measure_together`), in ``rounds`` such rounds, and each model's
 figure is the median of its per-round medians. Ratios between models measured this way hold even when the
 absolute numbers do not.
 """
@@ -22,14 +22,14 @@ __all__ = ["compare_latency"]
 def compare_latency(
     profiler: Profiler, models: Mapping[str, nn.Module], inputs: InputsLike, rounds: int = 3
 ) -> dict[str, float]:
-    """Median latency (ms) of each model, measured side by side in ``rounds`` rounds of alternating runs.
+    """Median latency (ms) of each model, measured side by side in ``rounds`` rounds of alternating chunks.
 
     Args:
         profiler: The profiler to time with (its backend, batch size, warm-up and repeats apply).
         models: Named models; they are put in eval mode by the profiler and not modified.
         inputs: An input shape or example tensor(s), as for :meth:`Profiler.measure`.
-        rounds: Rounds of alternating runs (``repeats`` runs of each model per round); each model's result is the
-            median of its round medians.
+        rounds: Rounds of alternating chunks (``repeats`` timed runs of each model per round); each model's
+            result is the median of its round medians.
 
     Returns:
         ``{name: median ms}`` in the order of ``models``.

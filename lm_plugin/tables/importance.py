@@ -157,15 +157,15 @@ class DistillImportance(ImportanceEstimator):
     steps: int = 30
     temperature: float = 4.0
     name = "distill"
-    _teacher: tuple[int, MemoTeacher] | None = field(default=None, init=False, repr=False, compare=False)
+    _teacher: MemoTeacher | None = field(default=None, init=False, repr=False, compare=False)
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
             raise ValueError("the distill importance estimator needs train_data (a DataLoader)")
-        if self._teacher is None or self._teacher[0] != id(original):
-            self._teacher = (id(original), MemoTeacher(original, capacity=2 * self.steps))
+        if self._teacher is None or self._teacher.teacher is not original:  # a new table, a new memory
+            self._teacher = MemoTeacher(original, capacity=2 * self.steps)
         with self.same_batches():
-            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=self._teacher[1],
+            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=self._teacher,
                 distill_alpha=1.0, temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
 
     def settings(self) -> dict[str, Any]:
