@@ -26,7 +26,7 @@ OUT = Path(__file__).parent / "results" / "dp_speed.json"
 
 
 def entries_for(chain, max_kernel: int, rng: random.Random) -> list[Entry]:
-    return [Entry(c.st, c.end, c.subsets[0], rng.uniform(0.05, 2.0), rng.uniform(-3.0, 0.0), c.key)
+    return [Entry(c.st, c.end, c.kept, rng.uniform(0.05, 2.0), rng.uniform(-3.0, 0.0), c.key)
             for c in enumerate_candidates(chain, "layermerge", max_kernel=max_kernel)]
 
 

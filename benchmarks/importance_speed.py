@@ -63,7 +63,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in estimators}
     scores: dict[str, list[float]] = {name: [] for name in estimators}
     for i, c in enumerate(candidates):
-        plan = single_block_plan(chain, c.st, c.end, representative(gm, chain, c))
+        plan = single_block_plan(chain, c.st, c.end, representative(c))
         for name in (estimators if i % 2 == 0 else reversed(list(estimators))):
             est = estimators[name]
             start = time.perf_counter()

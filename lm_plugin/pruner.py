@@ -116,7 +116,9 @@ class LayerMergePruner:
         self.ignored_layers = tuple(self._names(model, ignored_layers))
         self.chain: Chain = extract_chain(self.graph_module, self.ignored_layers)
         self.candidates: list[Candidate] = enumerate_candidates(
-            self.chain, mode, max_kernel=max_kernel, inserted_act=self.rewrite.inserted_kind(self.chain))
+            self.chain, mode, max_kernel=max_kernel, inserted_act=self.rewrite.inserted_kind(self.chain),
+            weights={j: float(self.graph_module.get_submodule(self.chain.conv(j).name).weight.detach().abs().sum())
+                     for j in range(1, self.chain.length + 1)})
         self._backend = backend
         self._batch_size = batch_size or self.example_inputs[0].shape[0]
         self._profiler_settings = dict(profiler_settings or {})

@@ -50,8 +50,10 @@ def brute_force(chain, mode, max_kernel):
 @pytest.mark.parametrize("mode", ["layermerge", "act_only", "layer_only"])
 def test_candidates_are_exactly_the_valid_blocks(model, mode):
     chain = LayerMergePruner(model(), example_inputs=torch.randn(1, 3, 16, 16), cache_dir=None).chain
-    found = {c.key: set(c.subsets) for c in enumerate_candidates(chain, mode, max_kernel=7)}
-    assert found == brute_force(chain, mode, 7)
+    expected = brute_force(chain, mode, 7)
+    found = {c.key: c.kept for c in enumerate_candidates(chain, mode, max_kernel=7)}
+    assert set(found) == set(expected)
+    assert all(kept in expected[key] for key, kept in found.items())  # the representative is one of its subsets
 
 
 def test_identity_plan_blocks_are_always_candidates():
@@ -125,7 +127,8 @@ def test_timed_module_is_the_deployed_block(model, size):
     (channels, kernel, stride, padding, groups, bias), on an input of the same shape and layout, followed by
     the same residual add and activation."""
     from lm_plugin.tables.latency import candidate_spec
-    from lm_plugin.trace.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, ADD_METHODS, activation_kind
+    from lm_plugin.activations import kind_of_module
+    from lm_plugin.trace.graph import ADD_FUNCTIONS, ADD_METHODS, activation_kind
 
     torch.manual_seed(0)
     pruner = LayerMergePruner(model().eval(), example_inputs=torch.randn(1, 3, size, size), cache_dir=None,
@@ -166,7 +169,7 @@ def test_timed_module_is_the_deployed_block(model, size):
             if add:
                 after = list(after[0].users)
             kinds = {activation_kind(deployed, u) for u in after}
-            timed_kind = ACTIVATION_MODULES.get(type(act))
+            timed_kind = kind_of_module(act)
             if cand.activation is None:
                 assert isinstance(act, torch.nn.Identity) and kinds <= {None}, (st, end)
             else:

@@ -68,7 +68,7 @@ def test_dp_equals_brute_force_on_random_chains(mode, seed, ratio):
         chain = LayerMergePruner(random_net(rng), example_inputs=torch.randn(1, 3, 16, 16), cache_dir=None).chain
     except NoChainError:  # e.g. stem, pool, 1x1: nothing to merge
         assume(False)
-    entries = [Entry(c.st, c.end, c.subsets[0], rng.uniform(0.1, 3.0), rng.uniform(-5.0, 0.0), c.key)
+    entries = [Entry(c.st, c.end, c.kept, rng.uniform(0.1, 3.0), rng.uniform(-5.0, 0.0), c.key)
                for c in enumerate_candidates(chain, mode, max_kernel=7)]
     full = min_latency([e for e in entries if e.end - e.st == 1], chain.length)  # the identity plan, roughly
     budget = ratio * full * 1.2

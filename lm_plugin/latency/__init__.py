@@ -15,10 +15,11 @@ See ``docs/latency.md`` for the measurement protocol and the cache file format.
 """
 
 # Import for the side effect of registering the built-in backends, and to expose their classes.
+from ..activations import ACTIVATIONS
 from .backends import CUDAProfiler, EagerCPUProfiler, MacsProfiler, OnnxRuntimeProfiler, TensorRTProfiler
 from .cache import LatencyCache
 from .compare import compare_latency
-from .conv_block import ACTIVATIONS, ConvBlockSpec, activation_module, conv_block_key, conv_block_module
+from .conv_block import ConvBlockSpec, activation_module, conv_block_key, conv_block_module
 from .errors import (
     BackendUnavailableError,
     LatencyCacheWarning,

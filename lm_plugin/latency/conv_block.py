@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from .. import activations
 from ..blocks import BlockGeometry
 from .inputs import Shape
 
-#: Activations a merged block can end with, by the names plans and tables use.
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    # In place where torch allows it, as torchvision's ResNet / MobileNetV2 use them.
-    "relu": lambda: nn.ReLU(inplace=True),
-    "relu6": lambda: nn.ReLU6(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(inplace=True),
-    "hardswish": lambda: nn.Hardswish(inplace=True),
-    "silu": lambda: nn.SiLU(inplace=True),
-    "gelu": lambda: nn.GELU(),
-}
-
 
 def activation_module(activation: str | None) -> nn.Module:
-    """A fresh activation module for a name in :data:`ACTIVATIONS` (``nn.Identity`` for None).
+    """A fresh activation module of a kind of :data:`lm_plugin.activations.ACTIVATIONS` (``nn.Identity`` for None).
 
     Raises:
         ValueError: for an unknown name.
     """
-    if activation is None:
-        return nn.Identity()
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)} or None")
-    return ACTIVATIONS[activation]()
+    return activations.make(activation)
 
 
 def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Module:

@@ -49,17 +49,20 @@ class LinearConv:
         w = conv.weight.detach().to(DTYPE)
         b = conv.bias.detach().to(DTYPE) if conv.bias is not None else torch.zeros(w.shape[0], dtype=DTYPE,
                                                                                    device=w.device)
-        if bn is not None:
-            assert bn.running_var is not None and bn.running_mean is not None
-            scale = 1.0 / torch.sqrt(bn.running_var.detach().to(DTYPE) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.detach().to(DTYPE)
-            shift = -bn.running_mean.detach().to(DTYPE) * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.detach().to(DTYPE)
-            w = w * scale.reshape(-1, 1, 1, 1)
-            b = b * scale + shift
-        return LinearConv(w, b, (int(conv.stride[0]), int(conv.stride[1])), int(conv.groups))
+        lin = LinearConv(w, b, (int(conv.stride[0]), int(conv.stride[1])), int(conv.groups))
+        return lin.scaled(bn) if bn is not None else lin
+
+    def scaled(self, bn: nn.BatchNorm2d) -> LinearConv:
+        """This map followed by ``bn`` (eval mode, its own eps)."""
+        assert bn.running_var is not None and bn.running_mean is not None
+        scale = 1.0 / torch.sqrt(bn.running_var.detach().to(DTYPE) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(DTYPE)
+        shift = -bn.running_mean.detach().to(DTYPE) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().to(DTYPE)
+        return LinearConv(self.weight * scale.reshape(-1, 1, 1, 1), self.bias * scale + shift, self.stride,
+                          self.groups)
 
     @staticmethod
     def identity(channels: int, groups: int = 1, *, device: torch.device | str = "cpu") -> LinearConv:

@@ -19,22 +19,37 @@ from ..blocks import block_geometry, skip_offset
 from ..errors import MergeError
 from ..plan import Plan
 from ..rewrite.trainable import META_KEY
-from ..trace.chain import Chain
+from ..trace.chain import Chain, ChainConv
 from ..trace.graph import is_foldable_bn
 from .algebra import LinearConv
+from .check import verify_merge
 
 MAX_MERGED_BYTES = 2 * 1024**3  # float64 bytes of one merged kernel we agree to build
 
 
-def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGED_BYTES) -> fx.GraphModule:
+CHECK_TOLERANCE = 1e-6  # float64 relative error above which a merge is wrong (exact merges give ~1e-14)
+
+
+def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGED_BYTES, check: bool = True,
+          tolerance: float = CHECK_TOLERANCE) -> fx.GraphModule:
     """Deploy form of a trainable-form model made by :func:`lm_plugin.rewrite.to_trainable`.
 
     The trainable model is not modified. The result is an eval-mode ``GraphModule`` with one conv per block.
     The trainable form may have been channel-pruned in place after ``to_trainable`` (e.g. by torch-pruning):
     channel counts are read from the modules present, so the merged convs have the pruned widths.
 
+    Args:
+        trainable: the trainable form (``LayerMergePruner.apply(plan)``), possibly fine-tuned or channel-pruned.
+        chain: the chain it was made from.
+        max_bytes: largest float64 merged kernel (bytes) to build; larger blocks raise :class:`MergeError`.
+        check: verify the result in float64 before returning it (see :func:`lm_plugin.merge.check.verify_merge`):
+            every merged conv against its block on random inputs shaped like the traced example, then the
+            whole network. Costs two float64 forward passes of one sample.
+        tolerance: largest float64 relative error the check accepts.
+
     Raises:
-        MergeError: not a trainable form of this chain, or a block would merge into an absurdly large kernel.
+        MergeError: not a trainable form of this chain, a block would merge into an absurdly large kernel, or
+            (``check=True``) the merged network does not compute what the trainable form computes.
     """
     info, plan = _trainable_plan(trainable, chain)
     for st, end in plan.blocks():
@@ -47,8 +62,14 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
                 f"{size / 1024**3:.1f} GiB; keep an activation inside it (a position in {st + 1}..{end - 1}) "
                 "or raise max_bytes"
             )
+    ref = next(iter(trainable.parameters()))
+    dtype = ref.dtype
+    # With the check, the deploy form is built in float64 (the merge arithmetic is float64 anyway), verified
+    # against a float64 copy of the trainable form, and only then cast to the model's dtype.
     gm = copy.deepcopy(trainable).eval()
-    ref = next(iter(gm.parameters()))
+    if check:
+        gm = gm.to(torch.float64)
+    work_dtype = torch.float64 if check else dtype
     merged: list[tuple[dict, nn.Conv2d]] = []
     with torch.no_grad():
         for rec in info["blocks"]:
@@ -58,7 +79,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
             if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
                 raise MergeError(f"internal: block ({st},{end}] merged to {lin.kernel_size}/{lin.stride}, "
                                  f"expected {geo.kernel_size}/{geo.stride}")
-            merged.append((rec, lin.to_conv2d(geo.padding, dtype=ref.dtype, device=ref.device)))
+            merged.append((rec, lin.to_conv2d(geo.padding, dtype=work_dtype, device=ref.device)))
 
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -78,7 +99,11 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.meta[META_KEY] = {**info, "form": "deploy"}
-    return gm.eval()
+    gm.eval()
+    if check:
+        verify_merge(trainable, gm, [(rec, conv) for rec, conv in merged], tolerance=tolerance)
+        gm = gm.to(dtype)
+    return gm
 
 
 def _trainable_plan(trainable: fx.GraphModule, chain: Chain) -> tuple[dict, Plan]:
@@ -144,6 +169,22 @@ def _unit(gm: fx.GraphModule, conv_name: str, bn_name: str | None) -> LinearConv
     return LinearConv.from_conv(conv, bn)  # type: ignore[arg-type]
 
 
+def _chain_unit(gm: fx.GraphModule, c: ChainConv) -> LinearConv:
+    """The affine map of chain conv ``c``: its conv + BN, plus its parallel branches at their offsets."""
+    lin = _unit(gm, c.name, c.bn)
+    for b in c.branches:
+        if b.conv is not None:
+            term = _unit(gm, b.conv, b.bn)
+            offset = (c.padding[0] - b.padding[0], c.padding[1] - b.padding[1])
+        else:
+            term = LinearConv.identity(lin.in_channels, lin.groups, device=_device(gm))
+            if b.bn is not None:
+                term = term.scaled(gm.get_submodule(b.bn))  # type: ignore[arg-type]
+            offset = c.padding
+        lin = lin.plus(term, offset)
+    return lin
+
+
 def _block_map(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) -> LinearConv:
     """The affine map block ``(st, end]`` computes, as one valid conv."""
     folded = chain.residuals_within(st, end)
@@ -167,7 +208,7 @@ def _block_map(gm: fx.GraphModule, chain: Chain, plan: Plan, st: int, end: int) 
     for j in range(st + 1, end + 1):
         c = chain.conv(j)
         if j in plan.kept_convs:
-            step = _unit(gm, c.name, c.bn)
+            step = _chain_unit(gm, c)
             current = step if current is None else current.then(step)
             width = step.out_channels
         while stack and stack[-1][1].target == j:  # type: ignore[attr-defined]
@@ -206,8 +247,14 @@ def _device(gm: fx.GraphModule) -> torch.device:
 
 
 def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` at ``target``; the old module's children stay (other call sites may use them, e.g. a
+    conv's own padding module)."""
     parent_name, _, leaf = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
+    old = getattr(parent, leaf, None)
+    if isinstance(old, nn.Module):
+        for name, child in old.named_children():
+            module.add_module(name, child)
     setattr(parent, leaf, module)
 
 

@@ -23,24 +23,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import activations
 from ..blocks import block_geometry, end_activation, skip_offset
 from ..plan import Plan
-from ..trace.chain import Chain
+from ..trace.chain import Chain, ChainConv
 
 META_KEY = "lm_plugin"
-
-ACTIVATION_FACTORIES = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "leaky_relu": nn.LeakyReLU,
-    "hardswish": nn.Hardswish,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-}
-
 
 @dataclass(frozen=True)
 class RewriteOptions:
@@ -68,8 +58,8 @@ class RewriteOptions:
     def __post_init__(self) -> None:
         if self.linear_boundary_act not in ("reference", "none"):
             raise ValueError("linear_boundary_act must be 'reference' or 'none'")
-        if self.inserted_act is not None and self.inserted_act not in ACTIVATION_FACTORIES:
-            raise ValueError(f"inserted_act must be one of {sorted(ACTIVATION_FACTORIES)}")
+        if self.inserted_act is not None and self.inserted_act not in activations.ACTIVATIONS:
+            raise ValueError(f"inserted_act must be one of {sorted(activations.ACTIVATIONS)}")
 
 
 def crop_to(x: torch.Tensor, ref: torch.Tensor, top: int, left: int, sh: int, sw: int, kh: int, kw: int):
@@ -91,6 +81,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
     alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
     inserted_kind = options.inserted_kind(chain)
     records = []
+    dead: list[fx.Node] = []
 
     def resolve(name: str) -> fx.Node:
         node = nodes[name]
@@ -115,17 +106,16 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
                 continue
             c = chain.conv(j)
             conv_node = nodes[c.node]
-            unit_out = nodes[c.bn_node] if c.bn_node else conv_node
+            unit_out = nodes[c.out_node]
             source = conv_node.args[0]
             alias[unit_out.name] = source  # type: ignore[assignment]
             unit_out.replace_all_uses_with(source)  # type: ignore[arg-type]
-            if unit_out is not conv_node:
-                graph.erase_node(unit_out)
-            graph.erase_node(conv_node)
+            dead.append(unit_out)  # the unit's nodes (BN, parallel branches) die with it
         # 3. Move the block's padding to its input: every node of the block that reads the input reads it padded.
         block_in = resolve(chain.conv(st + 1).input_node)
         folded = chain.residuals_within(st, end)
         members = {nodes[chain.conv(j).node] for j in kept}
+        members |= {nodes[b.reader] for j in kept for b in chain.conv(j).branches}
         members |= {nodes[r.add_node] for r in folded}
         members |= {nodes[r.projection_node] for r in folded if r.projection_node}
         for j in kept:
@@ -137,6 +127,10 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
             for user in list(block_in.users):
                 if user in members:
                     user.replace_input_with(block_in, padded)
+        # 3b. Parallel branches read the (wider) input of their unit's main conv, cropped to their own kernel at
+        #     its offset inside the main kernel; identity and BN branches read the 1x1 tap at the centre.
+        for j in kept:
+            _crop_branches(out, chain.conv(j), nodes)
         # 4. Folded residuals: the skip reads a tensor with a wider border than the branch output; crop it so that
         #    it lines up with the branch (the merged kernel holds the skip at the same offset).
         for r in folded:
@@ -172,13 +166,15 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         if act_kind != end_pos.activation:
             assert act_kind is not None
             inserted = f"lm_inserted_act_{end}"
-            out.add_submodule(inserted, ACTIVATION_FACTORIES[act_kind]())
+            out.add_submodule(inserted, activations.make(act_kind))
             with graph.inserting_after(position_value):
                 act_node = graph.call_module(inserted, (position_value,))
             position_value.replace_all_uses_with(act_node, delete_user_cb=lambda u, a=act_node: u is not a)
             alias[position_value.name] = act_node
         records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name})
 
+    for node in dead:
+        _erase_unused(graph, node)
     graph.lint()
     out.recompile()
     out.delete_all_unused_submodules()
@@ -190,3 +186,40 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         "blocks": records,
     }
     return out
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` and, recursively, the inputs only it used (a dropped unit's conv, BN and branches)."""
+    if node.users or node.op in ("placeholder", "output"):
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for inp in inputs:
+        if inp.op in ("call_module", "call_function", "call_method", "get_attr"):
+            _erase_unused(graph, inp)
+
+
+def _crop_branches(gm: fx.GraphModule, conv: ChainConv, nodes: dict[str, fx.Node]) -> None:
+    """Wire the parallel branches of a kept unit for relocated padding (see ``to_trainable`` step 3b)."""
+    if not conv.branches:
+        return
+    main = nodes[conv.node]
+    x = main.args[0]
+    (ph, pw), (sh, sw) = conv.padding, conv.stride
+    anchor = main
+    for b in conv.branches:
+        if b.conv is not None:
+            gm.get_submodule(b.conv).padding = (0, 0)
+            (kh, kw), (oh, ow) = b.kernel_size, (ph - b.padding[0], pw - b.padding[1])
+        else:
+            (kh, kw), (oh, ow) = (1, 1), (ph, pw)
+        with gm.graph.inserting_after(anchor):
+            crop = gm.graph.call_function(crop_to, (x, main, oh, ow, sh, sw, kh, kw))
+        reader = nodes[b.reader]
+        reader.replace_input_with(x, crop)  # type: ignore[arg-type]
+        anchor = crop
+        # The crop needs the main conv's output, so the branch's own nodes now run after it.
+        for name in (b.conv_node, b.bn_node):
+            if name is not None:
+                anchor.append(nodes[name])
+                anchor = nodes[name]

@@ -222,13 +222,14 @@ def make_estimator(spec: str | ImportanceEstimator, **kwargs: Any) -> Importance
     return ESTIMATORS[spec](**kwargs)
 
 
-def representative(gm: fx.GraphModule, chain: Chain, candidate: Candidate) -> tuple[int, ...]:
-    """The kept subset that stands for a candidate: the one keeping the most ``Σ‖W‖₁`` (as the reference)."""
-    if len(candidate.subsets) == 1:
-        return candidate.subsets[0]
-    norms = {j: float(gm.get_submodule(chain.conv(j).name).weight.detach().abs().sum())
-             for j in range(candidate.st + 1, candidate.end + 1)}
-    return max(candidate.subsets, key=lambda kept: (sum(norms[j] for j in kept), kept))
+def representative(candidate: Candidate) -> tuple[int, ...]:
+    """The kept subset that stands for a candidate: the one keeping the most ``Σ‖W‖₁`` (as the reference).
+
+    Enumeration chooses it (:func:`~lm_plugin.candidates.enumerate_candidates` with ``weights`` = each conv's
+    ``Σ|W|``, as :class:`~lm_plugin.LayerMergePruner` does), so the candidates must come from the network that is
+    scored.
+    """
+    return candidate.kept
 
 
 def single_block_plan(chain: Chain, st: int, end: int, kept: Sequence[int]) -> Plan:
@@ -273,7 +274,7 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
     signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
                  "rewrite": asdict(rewrite or RewriteOptions())}
     cache = ImportanceCache(_cache_path(cache_dir, signature), signature)
-    subsets = {c.key: representative(gm, chain, c) for c in candidates}
+    subsets = {c.key: representative(c) for c in candidates}
     base_key = ["base_metric"]
     if base_key in cache:
         base = cache[base_key]

@@ -18,6 +18,19 @@ Pair = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class BranchRef:
+    """A parallel linear branch summed into a chain conv (RepVGG-style): conv (+ BN), BN alone, or identity."""
+
+    conv: str | None  # qualified module name of the branch conv
+    conv_node: str | None
+    bn: str | None
+    bn_node: str | None
+    reader: str  # fx node that reads the unit's input for this branch (the conv, the BN, or the add)
+    kernel_size: Pair = (1, 1)
+    padding: Pair = (0, 0)
+
+
+@dataclass(frozen=True)
 class ChainConv:
     """Convolution ``index`` of the chain (1-based) and its BatchNorm."""
 
@@ -36,6 +49,8 @@ class ChainConv:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     prunable: bool  # can become identity: same channels, stride 1, size-preserving padding
+    out_node: str = ""  # fx node whose value leaves the unit (the branch sum, the BN or the conv)
+    branches: tuple[BranchRef, ...] = ()  # parallel branches summed with the main conv (their kernels fit in it)
 
     @property
     def depthwise(self) -> bool:
@@ -130,7 +145,7 @@ class Chain:
         payload = {
             "convs": [
                 [c.name, c.in_channels, c.out_channels, c.groups, c.kernel_size, c.stride, c.padding,
-                 c.input_shape[1:], c.prunable]
+                 c.input_shape[1:], c.prunable] + ([[b.conv, b.bn] for b in c.branches] if c.branches else [])
                 for c in self.convs
             ],
             "positions": [[p.index, p.activation, p.is_break] for p in self.positions],
@@ -154,6 +169,8 @@ class Chain:
             if c.index in res_at:
                 r = res_at[c.index]
                 after = f"+skip[{r.source}{'/proj' if r.projection else ''}] " + after
+            if c.branches:
+                after = f"(+{len(c.branches)} parallel branches) " + after
             if p.is_break:
                 after += f"  | break: {p.break_reason}"
             lines.append(

@@ -21,8 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import NoChainError
-from .chain import Chain, ChainConv, ChainPosition, Residual
-from .graph import ConvUnit, activation_kind, add_operands, conv_padding, find_conv_units, module_of, shape_of
+from .chain import BranchRef, Chain, ChainConv, ChainPosition, Residual
+from .graph import Branch, ConvUnit, activation_kind, add_operands, conv_padding, find_conv_units, module_of, shape_of
 
 
 def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Chain:
@@ -43,6 +43,25 @@ def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Cha
     notes: list[str] = []
 
     residual_adds = _find_residual_adds(units, by_out, order)
+    # A residual that cannot be folded is dropped and the chain is extracted again without it, so that its add
+    # becomes an ordinary op (a break) everywhere: no position may keep pointing at an add that is not folded.
+    while True:
+        chain, rejected = _extract(gm, units, by_out, order, residual_adds, ignored, notes)
+        if not rejected:
+            break
+        for add in rejected:
+            del residual_adds[add]
+    if not chain.mergeable_positions and not chain.prunable:
+        raise NoChainError(
+            f"Found {chain.length} convolution(s) but nothing LayerMerge can compress: every boundary between them "
+            "is a break (pooling, concatenation, multiplication, or a value used elsewhere) and no conv can become "
+            "an identity.\n" + chain.summary()
+        )
+    return chain
+
+
+def _extract(gm, units, by_out, order, residual_adds, ignored: set[str], notes: list[str]):
+    """One extraction with the given residual adds: ``(chain, adds that turned out not to be foldable)``."""
     projections = {info[2].conv for info in residual_adds.values() if info[2] is not None}
     main = {c: u for c, u in units.items() if c not in projections}
     main_by_input: dict[fx.Node, list[ConvUnit]] = {}
@@ -95,6 +114,8 @@ def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Cha
             breaks.setdefault(pos, walks[ordered[pos - 1]].break_reason or "segment boundary")
 
     residuals: list[Residual] = []
+    rejected: list[fx.Node] = []
+    nodes_by_name = {n.name: n for n in gm.graph.nodes}
     for add, (branch, skip_operand, proj, source_node) in residual_adds.items():
         b_conv = by_out[branch].conv
         if b_conv not in index_of or walks[b_conv].add is not add:
@@ -107,9 +128,13 @@ def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Cha
             if a is not None:
                 breaks.setdefault(a, "source of a residual that cannot be folded")
             notes.append(f"residual add {add.name} is kept as an op (its skip does not start in the same segment)")
+            rejected.append(add)
             continue
         residuals.append(_make_residual(gm, a, b, add, skip_operand, source_node, proj))
-    residuals = _drop_crossing_residuals(residuals, breaks, notes)
+    residuals, crossing = _drop_crossing_residuals(residuals, breaks, notes)
+    rejected += [nodes_by_name[r.add_node] for r in crossing]
+    if rejected:
+        return None, rejected
 
     # Ignored layers: keep their neighbourhood intact.
     for conv in ordered:
@@ -133,14 +158,7 @@ def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Cha
                 break_reason=breaks.get(i),
             )
         )
-    chain = Chain(convs=convs, positions=tuple(positions), residuals=tuple(residuals), notes=tuple(notes))
-    if not chain.mergeable_positions and not chain.prunable:
-        raise NoChainError(
-            f"Found {L} convolution(s) but nothing LayerMerge can compress: every boundary between them is a "
-            "break (pooling, concatenation, multiplication, or a value used elsewhere) and no conv can become "
-            "an identity.\n" + chain.summary()
-        )
-    return chain
+    return Chain(convs=convs, positions=tuple(positions), residuals=tuple(residuals), notes=tuple(notes)), []
 
 
 class _Walk:
@@ -169,7 +187,7 @@ def _walk(gm, unit: ConvUnit, residual_adds, main_by_input, skip_readers) -> _Wa
     w.value = cur
     readers = list(cur.users)
     mains = main_by_input.get(cur, [])
-    others = [r for r in readers if r not in {m.conv for m in mains} and r not in skip_readers.get(cur, ())]
+    others = [r for r in readers if not any(r in m.readers for m in mains) and r not in skip_readers.get(cur, ())]
     if len(mains) == 1 and not others:
         w.successor = mains[0]
     elif not readers:
@@ -256,7 +274,7 @@ def _drop_crossing_residuals(residuals: list[Residual], breaks: dict[int, str], 
         breaks.setdefault(r.source, "crossing residuals")
         breaks.setdefault(r.target, "crossing residuals")
         notes.append(f"residual add {r.add_node} crosses another one; it is kept unfolded")
-    return [r for i, r in enumerate(residuals) if i not in bad]
+    return [r for i, r in enumerate(residuals) if i not in bad], [r for i, r in enumerate(residuals) if i in bad]
 
 
 def _make_residual(gm, a: int, b: int, add, skip_operand, source_node, proj: ConvUnit | None) -> Residual:
@@ -306,4 +324,17 @@ def _make_conv(gm: fx.GraphModule, unit: ConvUnit, index: int, ignored: set[str]
         input_shape=shape_of(unit.input) or (),
         output_shape=shape_of(unit.out) or (),
         prunable=prunable,
+        out_node=unit.out.name,
+        branches=tuple(_make_branch(gm, unit, b) for b in unit.branches),
     )
+
+
+def _make_branch(gm: fx.GraphModule, unit: ConvUnit, b: Branch) -> BranchRef:
+    if b.conv is not None:
+        conv: nn.Conv2d = module_of(gm, b.conv)  # type: ignore[assignment]
+        return BranchRef(str(b.conv.target), b.conv.name, str(b.bn.target) if b.bn else None,
+                         b.bn.name if b.bn else None, b.conv.name, tuple(conv.kernel_size),  # type: ignore[arg-type]
+                         conv_padding(conv))  # type: ignore[arg-type]
+    if b.bn is not None:
+        return BranchRef(None, None, str(b.bn.target), b.bn.name, b.reader.name)
+    return BranchRef(None, None, None, None, b.reader.name)

@@ -14,54 +14,67 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .. import activations
 from ..errors import UntraceableModelError
-
-# Activation call sites, by kind. An activation is a *call site* (an fx node), not a module: torchvision's
-# ResNet calls one `self.relu` module twice per block.
-ACTIVATION_MODULES: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.LeakyReLU: "leaky_relu",
-    nn.Hardswish: "hardswish",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-}
-ACTIVATION_FUNCTIONS: dict[object, str] = {
-    F.relu: "relu",
-    F.relu_: "relu",
-    torch.relu: "relu",
-    torch.relu_: "relu",
-    F.relu6: "relu6",
-    F.leaky_relu: "leaky_relu",
-    F.hardswish: "hardswish",
-    F.silu: "silu",
-    F.gelu: "gelu",
-}
-ACTIVATION_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
 
 
+class OpaqueFallbackTracer(fx.Tracer):
+    """``torch.fx`` tracing that keeps a submodule opaque (one ``call_module`` node) when its forward cannot be
+    traced symbolically (e.g. control flow on input sizes), instead of failing on the whole model.
+
+    The opaque call is then an ordinary op of the graph (a break for LayerMerge) unless canonicalisation
+    recognises what it computes (:mod:`lm_plugin.trace.canonical`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opaque: list[str] = []
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        last = self.graph._root.prev  # the newest node before the submodule's own nodes
+        stack = copy.copy(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # Roll back the nodes the failed forward created (newest first) and fx's module stack, then call
+            # the module as a leaf.
+            while self.graph._root.prev is not last:
+                self.graph.erase_node(self.graph._root.prev)
+            self.module_stack = stack
+            self.opaque.append(path)
+            return self.create_proxy("call_module", path, args, kwargs)
+
+
 def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Symbolically trace a *copy* of ``model`` and annotate every node with its tensor shape.
+    """Symbolically trace a *copy* of ``model`` into canonical form and annotate every node with its shape.
 
     The copy is put in eval mode and run once under ``torch.no_grad`` (shape propagation), so neither the
-    user's module nor its BatchNorm running statistics are touched.
+    user's module nor its BatchNorm running statistics are touched. Submodules whose forward fx cannot trace
+    stay opaque calls (:class:`OpaqueFallbackTracer`); the graph is then put in canonical form
+    (:func:`lm_plugin.trace.canonical.canonicalize`). What was done is listed in ``gm.meta["lm_plugin_trace"]``.
 
     Raises:
         UntraceableModelError: fx cannot trace the model.
     """
+    from .canonical import canonicalize
+
     inputs = normalize_inputs(example_inputs)
     model = copy.deepcopy(model).eval()
+    notes: list[str] = []
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
+        tracer = OpaqueFallbackTracer()
         try:
-            gm = fx.symbolic_trace(model)
+            graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise UntraceableModelError(
                 f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
@@ -69,15 +82,23 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
                 "Move data-dependent control flow into a submodule and mark it as a leaf, or trace the model "
                 "yourself (torch.fx.Tracer with custom leaf modules) and pass the resulting GraphModule."
             ) from exc
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if tracer.opaque:
+            notes.append(f"kept opaque (forward not traceable): {', '.join(sorted(set(tracer.opaque)))}")
     gm.eval()
     with torch.no_grad():
         try:
             _propagate_shapes(gm, inputs)
+            changes = canonicalize(gm)
+            if changes:  # new nodes carry no shapes yet
+                _propagate_shapes(gm, inputs)
+            notes += changes
         except Exception as exc:
             raise UntraceableModelError(
                 f"The traced model failed on the example inputs ({_describe(inputs)}): "
                 f"{type(exc).__name__}: {exc}\nCheck that example_inputs have the shape the model expects."
             ) from exc
+    gm.meta["lm_plugin_trace"] = notes
     return gm
 
 
@@ -124,16 +145,14 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The activation kind of ``node`` ("relu", "silu", ...) or None if it is not a supported activation."""
+    # An activation is a *call site* (an fx node), not a module: torchvision's ResNet calls one `self.relu`
+    # module twice per block.
     if node.op == "call_module":
-        mod = module_of(gm, node)
-        for cls, kind in ACTIVATION_MODULES.items():
-            if type(mod) is cls:
-                return kind
-        return None
+        return activations.kind_of_module(module_of(gm, node))  # type: ignore[arg-type]
     if node.op == "call_function":
-        return ACTIVATION_FUNCTIONS.get(node.target)  # type: ignore[call-overload]
+        return activations.kind_of_function(node.target)
     if node.op == "call_method":
-        return ACTIVATION_METHODS.get(str(node.target))
+        return activations.kind_of_method(str(node.target))
     return None
 
 
@@ -153,17 +172,34 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """One term of a sum of parallel linear branches that read the same input (RepVGG, MobileOne, ACNet):
+    a conv (+ BN), a BN alone, or the input itself (``conv`` and ``bn`` both None)."""
+
+    conv: fx.Node | None
+    bn: fx.Node | None
+    reader: fx.Node  # the node of this branch that reads the unit's input
+
+
+@dataclass(frozen=True)
 class ConvUnit:
     """A mergeable convolution call site and the BatchNorm that directly follows it (if any).
 
-    ``out`` is the node whose value leaves the unit (the BN if present, else the conv).
+    A unit may also be a *sum of parallel linear branches* reading one input: ``conv``/``bn`` are then its
+    main branch (the one with the full kernel), ``branches`` the other terms and ``total`` the add that sums
+    them; the unit computes one conv whose kernel is the sum of the branch kernels, each at its offset.
+    ``out`` is the node whose value leaves the unit (the sum, else the BN if present, else the conv).
     """
 
     conv: fx.Node
     bn: fx.Node | None
+    branches: tuple[Branch, ...] = ()
+    total: fx.Node | None = None
 
     @property
     def out(self) -> fx.Node:
+        if self.total is not None:
+            return self.total
         return self.bn if self.bn is not None else self.conv
 
     @property
@@ -171,6 +207,11 @@ class ConvUnit:
         arg = self.conv.args[0]
         assert isinstance(arg, fx.Node)
         return arg
+
+    @property
+    def readers(self) -> set[fx.Node]:
+        """The nodes of the unit that read its input."""
+        return {self.conv} | {b.reader for b in self.branches}
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -228,4 +269,83 @@ def find_conv_units(gm: fx.GraphModule) -> dict[fx.Node, ConvUnit]:
             if user_mod is not None and is_foldable_bn(user_mod) and calls[str(users[0].target)] == 1:
                 bn = users[0]
         units[node] = ConvUnit(conv=node, bn=bn)
+    return _branch_sums(gm, units, calls)
+
+
+def _sum_tree(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """``(leaves, adds)`` of the tree of plain adds rooted at ``node`` (inner adds read by nothing else)."""
+    ops = add_operands(node)
+    if ops is None:
+        return None
+    leaves, adds = [], [node]
+    for op in ops:
+        inner = _sum_tree(op) if len(op.users) == 1 else None
+        if inner is None:
+            leaves.append(op)
+        else:
+            leaves += inner[0]
+            adds += inner[1]
+    return leaves, adds
+
+
+def _branch_sums(gm: fx.GraphModule, units: dict[fx.Node, ConvUnit], calls: dict[str, int]
+                 ) -> dict[fx.Node, ConvUnit]:
+    """Merge sums of parallel linear branches into single units.
+
+    A sum qualifies when all its terms read the same input ``x`` and each is a conv unit, a foldable BN or
+    ``x`` itself; at least two terms are not ``x`` (one conv plus ``x`` is an ordinary residual); all convs
+    have one stride; one conv (the main branch) covers every other kernel at its padding offset.
+    """
+    by_out = {u.out: u for u in units.values()}
+    absorbed: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):  # outermost sums first
+        tree = _sum_tree(node) if node not in absorbed else None
+        if tree is None:
+            continue
+        terms, adds = tree
+        if len(set(terms)) != len(terms):
+            continue
+        inputs, branches, convs = set(), [], []
+        for t in terms:
+            unit = by_out.get(t)
+            if unit is not None and unit.total is None and len(t.users) == 1:
+                inputs.add(unit.input)
+                convs.append(unit)
+                branches.append(Branch(unit.conv, unit.bn, unit.conv))
+            elif (t.op == "call_module" and is_foldable_bn(module_of(gm, t)) and calls[str(t.target)] == 1
+                  and len(t.users) == 1 and len(t.args) == 1 and isinstance(t.args[0], fx.Node)):
+                inputs.add(t.args[0])
+                branches.append(Branch(None, t, t))
+            else:
+                inputs.add(t)
+                branches.append(Branch(None, None, next(a for a in adds if t in a.args)))
+        if len(inputs) != 1 or not convs or sum(1 for b in branches if b.conv or b.bn) < 2:
+            continue
+        main = _main_branch(gm, [u.conv for u in convs], needs_centre=len(convs) < len(branches))
+        if main is None:
+            continue
+        main_unit = next(u for u in convs if u.conv is main)
+        for u in convs:
+            del units[u.conv]
+        units[main] = ConvUnit(conv=main, bn=main_unit.bn, branches=tuple(b for b in branches if b.conv is not main),
+                               total=node)
+        absorbed |= set(adds)
+        by_out = {u.out: u for u in units.values()}
     return units
+
+
+def _main_branch(gm: fx.GraphModule, convs: list[fx.Node], *, needs_centre: bool) -> fx.Node | None:
+    """The conv whose kernel, at its padding, covers every other branch's kernel at theirs (and, with
+    ``needs_centre``, the 1x1 tap an identity or BN branch adds); None if the branches do not line up."""
+    mods: list[nn.Conv2d] = [module_of(gm, c) for c in convs]  # type: ignore[misc]
+    if len({tuple(m.stride) for m in mods}) != 1:
+        return None
+    pads = [conv_padding(m) for m in mods]
+    for c, m, p in zip(convs, mods, pads):
+        assert p is not None
+        k = m.kernel_size
+        covers = all(0 <= p[d] - q[d] and p[d] - q[d] + o.kernel_size[d] <= k[d]  # type: ignore[operator]
+                     for o, q in zip(mods, pads) for d in range(2))
+        if covers and (not needs_centre or all(p[d] + 1 <= k[d] for d in range(2))):
+            return c
+    return None
