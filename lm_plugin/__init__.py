@@ -5,6 +5,7 @@ Data flow: trace -> chain -> candidate blocks -> latency & importance tables -> 
 """
 
 from .errors import InvalidPlanError, LayerMergeError, MergeError, NoChainError, UntraceableModelError
+from .inspect import CompressibilityReport, inspect_model
 from .plan import Plan
 from .pruner import LayerMergePruner
 from .rewrite import RewriteOptions
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chain",
+    "CompressibilityReport",
     "InvalidPlanError",
     "LayerMergeError",
     "LayerMergePruner",
@@ -23,4 +25,5 @@ __all__ = [
     "RewriteOptions",
     "UntraceableModelError",
     "__version__",
+    "inspect_model",
 ]

@@ -126,8 +126,8 @@ def test_timed_module_is_the_deployed_block(model, size):
     """Each plan block's table entry times the module the deployed network runs for it: the same conv
     (channels, kernel, stride, padding, groups, bias), on an input of the same shape and layout, followed by
     the same residual add and activation."""
-    from lm_plugin.tables.latency import candidate_spec
     from lm_plugin.activations import kind_of_module
+    from lm_plugin.tables.latency import candidate_spec
     from lm_plugin.trace.graph import ADD_FUNCTIONS, ADD_METHODS, activation_kind
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The ``lm-plugin`` command line (also ``python -m lm_plugin``): compress, profile, solve, merge, demo.
+"""The ``lm-plugin`` command line (also ``python -m lm_plugin``): compress, profile, solve, merge, demo, inspect.
 
 Exit status: 0 on success, 2 on bad input (the message says what to fix), 1 on any other failure. Every
 command that writes results stages them and publishes the output folder only when it is complete.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from ..errors import LayerMergeError
 from ..solve import InfeasibleBudgetError
 from ..workloads.data import DataUnavailableError
-from .commands import DEMO_DEFAULTS, run_compress, run_merge, run_profile, run_solve, say
+from .commands import DEMO_DEFAULTS, run_compress, run_inspect, run_merge, run_profile, run_solve, say
 from .options import Options, add_options, resolve
 from .specs import CLIError
 
@@ -38,7 +38,22 @@ COMMANDS: dict[str, tuple[str, list[str], Callable[[Options], int], dict]] = {
               MODEL + LATENCY + ["plan", "trainable", "ignored_layers"] + OUTPUT, run_merge, {}),
     "demo": ("the offline demo: resnet_fm on Fashion-MNIST, end to end, with a report",
              MODEL + LATENCY + SELECT + FINETUNE + OUTPUT, run_compress, DEMO_DEFAULTS),
+    "inspect": ("report what LayerMerge can compress in a model: chain, removable activations, breaks",
+                ["model", "checkpoint", "input_shape", "seed", "mode", "max_kernel", "ignored_layers", "json",
+                 "chain"], run_inspect, {"batch_size": 1}),
 }
+
+
+def _inspect_arguments(cmd: argparse.ArgumentParser) -> None:
+    """``lm-plugin inspect MODEL_SPEC --input-shape C,H,W [--batch N] [--json PATH] [--chain]``."""
+    cmd.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL_SPEC",
+                     help="the model spec (same forms as --model)")
+    cmd.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, metavar="N",
+                     help="batch size of the example input (default 1)")
+
+
+#: Command-specific arguments beyond the shared options.
+EXTRA_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"inspect": _inspect_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (text, options, runner, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
         add_options(cmd, options)
+        if name in EXTRA_ARGUMENTS:
+            EXTRA_ARGUMENTS[name](cmd)
         cmd.set_defaults(func=runner)
     return parser
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..budget import Budget
 from ..compress import FinetuneSettings, compress, tradeoff
 from ..export import export_onnx, export_torchscript, onnx_error
+from ..inspect import inspect_model
 from ..merge import merge_error
 from ..plan import Plan
 from ..pruner import LayerMergePruner
@@ -26,7 +27,7 @@ from ..workloads.data import DATASETS, DataSplits, data_splits
 from .options import Options
 from .specs import CLIError, load_model, parse_shape
 
-__all__ = ["DEMO_DEFAULTS", "run_compress", "run_merge", "run_profile", "run_solve"]
+__all__ = ["DEMO_DEFAULTS", "run_compress", "run_inspect", "run_merge", "run_profile", "run_solve"]
 
 #: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, on the CPU.
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -230,6 +231,33 @@ def run_merge(opts: Options) -> int:
         (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"merged {pruner.chain.length} convs into {len(plan.blocks())}; float64 merge error {error:.1e}\n"
           f"models: {Path(opts.output) / 'model.ts'}, {Path(opts.output) / 'model.onnx'}")
+    return 0
+
+
+def run_inspect(opts: Options) -> int:
+    """Trace the model and report what LayerMerge can compress (no tables, no output folder).
+
+    Exit status 0 whenever a report is printed, also for a model the library refuses (the report says why).
+    """
+    if opts.input_shape is None:
+        raise CLIError("pass --input-shape C,H,W (the shape of one input without the batch), e.g. 3,224,224")
+    shape = parse_shape(opts.input_shape)
+    if opts.batch_size < 1:
+        raise CLIError(f"bad --batch {opts.batch_size}: give a positive batch size")
+    model = _model(opts)
+    example = torch.randn(opts.batch_size, *shape, generator=torch.Generator().manual_seed(opts.seed))
+    say(f"tracing {opts.model} at {opts.batch_size}x{'x'.join(map(str, shape))}")
+    report = inspect_model(model, example, ignored_layers=opts.ignored_layers, max_kernel=opts.max_kernel,
+                           mode=opts.mode)
+    if opts.json:
+        path = Path(opts.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        staging.write_text(json.dumps({"context": _context(opts), **report.to_dict()}, indent=1, default=str))
+        staging.replace(path)
+    print(report.summary(chain=opts.chain))
+    if opts.json:
+        print(f"\nreport: {opts.json}")
     return 0
 
 

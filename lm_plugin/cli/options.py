@@ -51,10 +51,13 @@ class Options:
     overwrite: bool = False
     cache_dir: str | None = None
     progress: bool = True
+    json: str | None = None
+    chain: bool = False
 
 
 HELP = {
-    "model": "model spec: torchvision:NAME[:k=v,...], lm_plugin:NAME, package.module:factory[:k=v,...] or file.pt",
+    "model": "model spec: torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], lm_plugin:NAME, "
+             "package.module:factory[:k=v,...] or file.pt",
     "checkpoint": "state dict to load into the model (a .pt file)",
     "train": "for lm_plugin:NAME models: train with the workload recipe first (cached after the first run)",
     "input_shape": "shape of one input without batch, e.g. 3,224,224 (default: the dataset's)",
@@ -82,6 +85,8 @@ HELP = {
     "overwrite": "replace an existing output folder",
     "cache_dir": "table cache directory (default: $LM_PLUGIN_CACHE or ~/.cache/lm_plugin)",
     "progress": "show progress bars",
+    "json": "also write the report as JSON to this file (inspect command)",
+    "chain": "append the chain's per-conv table (inspect command)",
 }
 
 

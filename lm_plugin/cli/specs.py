@@ -15,6 +15,7 @@ __all__ = ["CLIError", "load_model", "parse_kwargs", "parse_shape"]
 
 MODEL_SPEC_HELP = (
     "a model spec is one of: torchvision:NAME[:key=value,...] (e.g. torchvision:resnet18:num_classes=10), "
+    "timm:NAME[:key=value,...] (randomly initialised unless pretrained=True, e.g. timm:resnet18d:num_classes=10), "
     "lm_plugin:NAME (a registered workload model, e.g. lm_plugin:resnet_fm), package.module:factory[:key=value,...], "
     "or a path to a .pt file saved with torch.save(model)"
 )
@@ -93,6 +94,8 @@ def _build(spec: str) -> nn.Module:
         if name not in torchvision.models.list_models():
             raise CLIError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
         return torchvision.models.get_model(name, **kwargs)
+    if source == "timm":
+        return _timm_model(name, kwargs)
     if source == "lm_plugin":
         from ..workloads.models import create_model, list_models
 
@@ -107,3 +110,21 @@ def _build(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CLIError(f"{source}:{name} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _timm_model(name: str, kwargs: dict[str, object]) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with errors that say what to do."""
+    try:
+        import timm
+    except ImportError:
+        raise CLIError(f"model spec timm:{name} needs the timm package, which is not installed: pip install timm"
+                       ) from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:6]}*")[:8]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise CLIError(f"timm has no model {name!r} (see timm.list_models()){hint}")
+    options: dict[str, object] = {"pretrained": False, **kwargs}
+    try:
+        return timm.create_model(name, **options)
+    except TypeError as exc:
+        raise CLIError(f"timm:{name} does not take these arguments {kwargs}: {exc}") from None
