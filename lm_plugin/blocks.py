@@ -33,6 +33,13 @@ class BlockGeometry:
     out_channels: int
     groups: int
     input_shape: tuple[int, ...]
+    pad_extra: Pair = (0, 0)  # bottom/right padding beyond ``padding`` (convs with asymmetric padding)
+
+    @property
+    def pad_lrtb(self) -> tuple[int, int, int, int]:
+        """The block's input zero padding as ``F.pad`` takes it: (left, right, top, bottom)."""
+        (ph, pw), (eh, ew) = self.padding, self.pad_extra
+        return (pw, pw + ew, ph, ph + eh)
 
 
 def _compose(chain: Chain, convs: Iterable[int]) -> tuple[Pair, Pair, Pair]:
@@ -45,6 +52,17 @@ def _compose(chain: Chain, convs: Iterable[int]) -> tuple[Pair, Pair, Pair]:
             p[d] += c.padding[d] * s[d]
             s[d] *= c.stride[d]
     return (k[0], k[1]), (s[0], s[1]), (p[0], p[1])
+
+
+def pad_extra(chain: Chain, convs: Iterable[int]) -> Pair:
+    """Bottom/right padding beyond the top/left padding of the composition of ``convs`` (asymmetric pads)."""
+    e, s = [0, 0], [1, 1]
+    for j in convs:
+        c = chain.conv(j)
+        for d in range(2):
+            e[d] += c.pad_extra[d] * s[d]
+            s[d] *= c.stride[d]
+    return (e[0], e[1])
 
 
 def block_geometry(chain: Chain, st: int, end: int, kept: Iterable[int]) -> BlockGeometry:
@@ -65,6 +83,7 @@ def block_geometry(chain: Chain, st: int, end: int, kept: Iterable[int]) -> Bloc
         out_channels=last.out_channels,
         groups=groups.pop() if len(groups) == 1 else 1,
         input_shape=first.input_shape,
+        pad_extra=pad_extra(chain, kept_in),
     )
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from numbers import Rational
 
-from .blocks import BlockGeometry, end_activation, residual_relation
+from .blocks import BlockGeometry, end_activation, pad_extra, residual_relation
 from .trace.chain import Chain, ChainConv, Residual
 
 MODES = ("layermerge", "act_only", "layer_only")
@@ -187,7 +187,7 @@ def _emit(chain: Chain, st: int, end: int, states: dict[_State, list[_Sol]], max
         s = states_of[key]
         # = block_geometry(chain, st, end, kept), without recomposing the block
         geo = BlockGeometry(st, end, best[key][1], (s[0], s[1]), (s[2], s[3]), (s[4], s[5]), first.in_channels,
-                            last.out_channels, s[6], first.input_shape)
+                            last.out_channels, s[6], first.input_shape, pad_extra(chain, best[key][1]))
         out.append(Candidate(st, end, geo, geo.kept, act, unfolded_add))
     return out
 

@@ -83,6 +83,37 @@ class Spellings(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class TFBlock(nn.Module):
+    """TF-ported inverted residual: expand, stride-2 depthwise with asymmetric "same" padding, project."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU6())
+        self.dw = SameConv(2 * c, 2 * c, 3, stride=2, groups=2 * c, bias=False)
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.project = nn.Sequential(nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU())
+
+    def forward(self, x):
+        x = self.expand(self.stem(x))
+        return self.project(F.relu6(self.bn(self.dw(x)))).mean((2, 3))
+
+
+def test_asymmetric_padding_merges():
+    """An explicit asymmetric zero pad is part of its conv: the block's pad takes it, the merge re-emits it."""
+    pruner = _pruner(TFBlock())
+    chain = pruner.chain
+    dw = next(c for c in chain.convs if c.stride == (2, 2))
+    assert dw.pad_extra == (1, 1) and dw.padding == (0, 0) and dw.pad_node is not None
+    assert not dw.prunable
+    assert len(chain.mergeable_positions) == 3  # the pad no longer cuts the chain
+    for plan in [Plan.identity(chain), Plan.merge_all(chain)] + [Plan.sample(chain, s) for s in range(4)]:
+        merged = pruner.merge(pruner.apply(plan))
+        assert merge_error(pruner.apply(plan), pruner.merge, X) <= 1e-10
+    merged = pruner.merge(pruner.apply(Plan.merge_all(chain)))
+    assert sum(isinstance(m, nn.Conv2d) for m in merged.modules()) == 1
+
+
 def _bn(c):
     return nn.BatchNorm2d(c)
 

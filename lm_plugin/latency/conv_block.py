@@ -29,17 +29,21 @@ def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Mod
         activation: activation after the conv, a name in :data:`ACTIVATIONS`, or None for a linear block.
 
     Returns:
-        ``nn.Sequential(conv, activation)`` (activation ``nn.Identity`` when None), randomly initialised.
+        ``nn.Sequential(conv, activation)`` (activation ``nn.Identity`` when None), randomly initialised;
+        ``nn.Sequential(zero pad, conv, activation)`` when the padding is asymmetric.
     """
+    asymmetric = geometry.pad_extra != (0, 0)
     conv = nn.Conv2d(
         geometry.in_channels,
         geometry.out_channels,
         kernel_size=geometry.kernel_size,
         stride=geometry.stride,
-        padding=geometry.padding,
+        padding=(0, 0) if asymmetric else geometry.padding,
         groups=geometry.groups,
         bias=True,
     )
+    if asymmetric:  # the deploy form pads explicitly, then runs the conv unpadded
+        return nn.Sequential(nn.ZeroPad2d(geometry.pad_lrtb), conv, activation_module(activation))
     return nn.Sequential(conv, activation_module(activation))
 
 
@@ -55,7 +59,7 @@ def conv_block_key(geometry: BlockGeometry, activation: str | None) -> dict[str,
         "out_channels": geometry.out_channels,
         "kernel_size": list(geometry.kernel_size),
         "stride": list(geometry.stride),
-        "padding": list(geometry.padding),
+        "padding": list(geometry.padding) if geometry.pad_extra == (0, 0) else list(geometry.pad_lrtb),
         "groups": geometry.groups,
         "bias": True,
         "activation": activation,

@@ -14,6 +14,7 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..blocks import block_geometry, skip_offset
 from ..errors import MergeError
@@ -70,7 +71,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     if check:
         gm = gm.to(torch.float64)
     work_dtype = torch.float64 if check else dtype
-    merged: list[tuple[dict, nn.Conv2d]] = []
+    merged: list[tuple[dict, nn.Conv2d, tuple[int, int, int, int] | None]] = []
     with torch.no_grad():
         for rec in info["blocks"]:
             st, end = rec["st"], rec["end"]
@@ -79,16 +80,20 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
             if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
                 raise MergeError(f"internal: block ({st},{end}] merged to {lin.kernel_size}/{lin.stride}, "
                                  f"expected {geo.kernel_size}/{geo.stride}")
-            merged.append((rec, lin.to_conv2d(geo.padding, dtype=work_dtype, device=ref.device)))
+            asymmetric = geo.pad_extra != (0, 0)  # explicit F.pad, then an unpadded conv
+            conv = lin.to_conv2d((0, 0) if asymmetric else geo.padding, dtype=work_dtype, device=ref.device)
+            merged.append((rec, conv, geo.pad_lrtb if asymmetric else None))
 
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     replaced: dict[str, fx.Node] = {}  # a block's output may be the next block's input
-    for rec, conv in merged:
+    for rec, conv, pad in merged:
         target = chain.conv(rec["kept"][0]).name
         out_node = nodes[rec["output"]]
         block_in = replaced.get(rec["input"], nodes[rec["input"]])
         with graph.inserting_before(out_node):
+            if pad is not None:
+                block_in = graph.call_function(F.pad, (block_in, pad))
             new = graph.call_module(target, (block_in,))
         out_node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         replaced[rec["output"]] = new
@@ -101,9 +106,14 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     gm.meta[META_KEY] = {**info, "form": "deploy"}
     gm.eval()
     if check:
-        verify_merge(trainable, gm, [(rec, conv) for rec, conv in merged], tolerance=tolerance)
+        verify_merge(trainable, gm, [(rec, _padded(conv, pad)) for rec, conv, pad in merged], tolerance=tolerance)
         gm = gm.to(dtype)
     return gm
+
+
+def _padded(conv: nn.Conv2d, pad: tuple[int, int, int, int] | None) -> nn.Module:
+    """The block's merged map as one module: the conv, after the explicit zero pad of an asymmetric padding."""
+    return conv if pad is None else nn.Sequential(nn.ZeroPad2d(pad), conv)
 
 
 def _trainable_plan(trainable: fx.GraphModule, chain: Chain) -> tuple[dict, Plan]:

@@ -112,6 +112,12 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
             unit_out.replace_all_uses_with(source)  # type: ignore[arg-type]
             dead.append(unit_out)  # the unit's nodes (BN, parallel branches) die with it
         # 3. Move the block's padding to its input: every node of the block that reads the input reads it padded.
+        #    A conv's own explicit (asymmetric) zero pad goes into the block's pad.
+        for j in kept:
+            if chain.conv(j).pad_node is not None:
+                pad = nodes[chain.conv(j).pad_node]  # type: ignore[index]
+                pad.replace_all_uses_with(pad.args[0])  # type: ignore[arg-type]
+                graph.erase_node(pad)
         block_in = resolve(chain.conv(st + 1).input_node)
         folded = chain.residuals_within(st, end)
         members = {nodes[chain.conv(j).node] for j in kept}
@@ -120,10 +126,9 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         members |= {nodes[r.projection_node] for r in folded if r.projection_node}
         for j in kept:
             out.get_submodule(chain.conv(j).name).padding = (0, 0)
-        if geo.padding != (0, 0):
-            ph, pw = geo.padding
+        if geo.padding != (0, 0) or geo.pad_extra != (0, 0):
             with graph.inserting_after(block_in):
-                padded = graph.call_function(F.pad, (block_in, (pw, pw, ph, ph)))
+                padded = graph.call_function(F.pad, (block_in, geo.pad_lrtb))
             for user in list(block_in.users):
                 if user in members:
                     user.replace_input_with(block_in, padded)

@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..activations import kind_of_function, kind_of_method
+
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -40,6 +42,7 @@ def canonicalize(gm: fx.GraphModule) -> list[str]:
     notes: list[str] = []
     counts = {
         "identity ops removed": _remove_identities(gm),
+        "calls found to be identities in eval mode": _remove_probed_identities(gm),
         "rank assertions removed": _remove_true_rank_asserts(gm),
         "convs recognised in opaque modules": _probe_opaque_convs(gm),
         "functional convs": _functional_convs(gm),
@@ -187,6 +190,54 @@ def _remove_identities(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             n += 1
     return n
+
+
+def _remove_probed_identities(gm: fx.GraphModule) -> int:
+    """A function or method call on one tensor whose other arguments are constants, returning a tensor of the
+    same shape, is removed if it returns its input unchanged on random data (twice, to catch randomness):
+    e.g. stochastic depth or dropout traced in eval mode (``training=False`` is baked into the traced call).
+    Modules are not probed: a dropout module in eval mode is an identity too, but it still regularises
+    fine-tuning of the trainable form."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or len(node.all_input_nodes) != 1:
+            continue
+        x = node.all_input_nodes[0]
+        shape, meta = _shape(x), x.meta.get("tensor_meta")
+        if shape is None or _shape(node) != shape or meta is None or not meta.dtype.is_floating_point:
+            continue
+        if (node.op == "call_function" and (node.target in (torch._assert, getattr) or kind_of_function(node.target)
+                                            or node.target in _ARITHMETIC)) or (node.op == "call_method" and \
+                kind_of_method(str(node.target))):
+            continue
+        if _returns_input(node, x, shape, meta.dtype):
+            node.replace_all_uses_with(x)
+            gm.graph.erase_node(node)
+            n += 1
+    return n
+
+
+_ARITHMETIC = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add,
+               torch.mul, operator.getitem)
+
+
+def _returns_input(node: fx.Node, x: fx.Node, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        value = torch.randn(shape, generator=gen, dtype=dtype)
+        probe = value.clone()
+        args = fx.node.map_arg(node.args, lambda a, p=probe: p if a is x else a)
+        kwargs = fx.node.map_arg(node.kwargs, lambda a, p=probe: p if a is x else a)
+        try:
+            with torch.no_grad():
+                out = node.target(*args, **kwargs) if node.op == "call_function" else getattr(
+                    args[0], str(node.target))(*args[1:], **kwargs)
+        except Exception:
+            return False
+        if not (isinstance(out, torch.Tensor) and out.shape == value.shape and torch.equal(out, value)
+                and torch.equal(probe, value)):
+            return False
+    return True
 
 
 _COMPARE = {operator.eq: operator.eq, operator.ne: operator.ne, operator.ge: operator.ge, operator.gt: operator.gt,
@@ -343,7 +394,7 @@ def _functional_batch_norms(gm: fx.GraphModule) -> int:
     return n
 
 
-def _zero_pad_amounts(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int, int, int] | None:
+def zero_pad_amounts(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int, int, int] | None:
     """``(left, right, top, bottom)`` if ``node`` zero-pads the last two dims of a 4-D tensor, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
@@ -366,7 +417,7 @@ def _fold_pads(gm: fx.GraphModule) -> int:
     """A symmetric zero pad whose only reader is an ``nn.Conv2d`` with numeric zero padding joins its padding."""
     n = 0
     for node in list(gm.graph.nodes):
-        pad = _zero_pad_amounts(gm, node)
+        pad = zero_pad_amounts(gm, node)
         if pad is None or len(node.users) != 1 or not isinstance(node.args[0], fx.Node):
             continue
         left, right, top, bottom = pad

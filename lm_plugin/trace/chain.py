@@ -50,6 +50,8 @@ class ChainConv:
     output_shape: tuple[int, ...]
     prunable: bool  # can become identity: same channels, stride 1, size-preserving padding
     out_node: str = ""  # fx node whose value leaves the unit (the branch sum, the BN or the conv)
+    pad_extra: Pair = (0, 0)  # bottom/right padding beyond ``padding`` (asymmetric "same" padding)
+    pad_node: str | None = None  # the explicit zero-pad node of an asymmetric padding (part of the unit)
     branches: tuple[BranchRef, ...] = ()  # parallel branches summed with the main conv (their kernels fit in it)
 
     @property
@@ -146,6 +148,7 @@ class Chain:
             "convs": [
                 [c.name, c.in_channels, c.out_channels, c.groups, c.kernel_size, c.stride, c.padding,
                  c.input_shape[1:], c.prunable] + ([[b.conv, b.bn] for b in c.branches] if c.branches else [])
+                + ([list(c.pad_extra)] if c.pad_extra != (0, 0) else [])
                 for c in self.convs
             ],
             "positions": [[p.index, p.activation, p.is_break] for p in self.positions],

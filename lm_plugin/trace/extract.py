@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import NoChainError
+from .canonical import zero_pad_amounts
 from .chain import BranchRef, Chain, ChainConv, ChainPosition, Residual
 from .graph import Branch, ConvUnit, activation_kind, add_operands, conv_padding, find_conv_units, module_of, shape_of
 
@@ -220,7 +221,7 @@ def _find_residual_adds(units, by_out, order):
                 continue
             b_unit = by_out[branch]
             candidates = []
-            if skip in by_out and len(skip.users) == 1 and by_out[skip] is not b_unit:
+            if skip in by_out and len(skip.users) == 1 and by_out[skip] is not b_unit and by_out[skip].pad is None:
                 candidates.append((by_out[skip], by_out[skip].input))  # projection skip
             candidates.append((None, skip))  # identity skip
             for proj, src in candidates:
@@ -301,7 +302,11 @@ def _make_conv(gm: fx.GraphModule, unit: ConvUnit, index: int, ignored: set[str]
     s = tuple(conv.stride)
     p = conv_padding(conv)
     assert p is not None
-    size_preserving = all(2 * pi == ki - 1 for pi, ki in zip(p, k))
+    extra = (0, 0)
+    if unit.pad is not None:  # explicit zero pad (left, right, top, bottom) + the conv's own padding
+        left, right, top, bottom = zero_pad_amounts(gm, unit.pad)  # type: ignore[misc]
+        p, extra = (p[0] + top, p[1] + left), (bottom - top, right - left)
+    size_preserving = extra == (0, 0) and all(2 * pi == ki - 1 for pi, ki in zip(p, k))
     prunable = (
         conv.in_channels == conv.out_channels
         and s == (1, 1)
@@ -325,6 +330,8 @@ def _make_conv(gm: fx.GraphModule, unit: ConvUnit, index: int, ignored: set[str]
         output_shape=shape_of(unit.out) or (),
         prunable=prunable,
         out_node=unit.out.name,
+        pad_extra=extra,
+        pad_node=unit.pad.name if unit.pad is not None else None,
         branches=tuple(_make_branch(gm, unit, b) for b in unit.branches),
     )
 

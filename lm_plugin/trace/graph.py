@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import activations
 from ..errors import UntraceableModelError
+from .canonical import zero_pad_amounts
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
@@ -195,6 +196,7 @@ class ConvUnit:
     bn: fx.Node | None
     branches: tuple[Branch, ...] = ()
     total: fx.Node | None = None
+    pad: fx.Node | None = None  # an asymmetric zero pad read only by the conv: part of the unit
 
     @property
     def out(self) -> fx.Node:
@@ -204,14 +206,14 @@ class ConvUnit:
 
     @property
     def input(self) -> fx.Node:
-        arg = self.conv.args[0]
+        arg = (self.pad if self.pad is not None else self.conv).args[0]
         assert isinstance(arg, fx.Node)
         return arg
 
     @property
     def readers(self) -> set[fx.Node]:
         """The nodes of the unit that read its input."""
-        return {self.conv} | {b.reader for b in self.branches}
+        return {self.pad if self.pad is not None else self.conv} | {b.reader for b in self.branches}
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -268,7 +270,10 @@ def find_conv_units(gm: fx.GraphModule) -> dict[fx.Node, ConvUnit]:
             user_mod = module_of(gm, users[0])
             if user_mod is not None and is_foldable_bn(user_mod) and calls[str(users[0].target)] == 1:
                 bn = users[0]
-        units[node] = ConvUnit(conv=node, bn=bn)
+        arg = node.args[0]
+        pad = arg if (isinstance(arg, fx.Node) and len(arg.users) == 1 and zero_pad_amounts(gm, arg) is not None
+                      and isinstance(arg.args[0], fx.Node)) else None
+        units[node] = ConvUnit(conv=node, bn=bn, pad=pad)
     return _branch_sums(gm, units, calls)
 
 
@@ -308,7 +313,7 @@ def _branch_sums(gm: fx.GraphModule, units: dict[fx.Node, ConvUnit], calls: dict
         inputs, branches, convs = set(), [], []
         for t in terms:
             unit = by_out.get(t)
-            if unit is not None and unit.total is None and len(t.users) == 1:
+            if unit is not None and unit.total is None and unit.pad is None and len(t.users) == 1:
                 inputs.add(unit.input)
                 convs.append(unit)
                 branches.append(Branch(unit.conv, unit.bn, unit.conv))
