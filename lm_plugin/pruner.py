@@ -117,8 +117,7 @@ class LayerMergePruner:
         self.chain: Chain = extract_chain(self.graph_module, self.ignored_layers)
         self.candidates: list[Candidate] = enumerate_candidates(
             self.chain, mode, max_kernel=max_kernel, inserted_act=self.rewrite.inserted_kind(self.chain),
-            weights={j: float(self.graph_module.get_submodule(self.chain.conv(j).name).weight.detach().abs().sum())
-                     for j in range(1, self.chain.length + 1)})
+            weights=self._conv_scores())
         self._backend = backend
         self._batch_size = batch_size or self.example_inputs[0].shape[0]
         self._profiler_settings = dict(profiler_settings or {})
@@ -136,6 +135,16 @@ class LayerMergePruner:
         self._importance: ImportanceTable | None = None
         self.solution: Solution | None = None  # the DP's last answer (entries, objective, latency)
         self.plan: Plan | None = None  # the plan of the last step()
+
+    def _conv_scores(self) -> dict[int, float]:
+        """Σ|W| of each prunable conv: a candidate keeps the subset of largest score (the reference's rule).
+
+        Unprunable convs are in every subset of their block, so their score cannot change a choice: 0.
+        """
+        def score(j: int) -> float:
+            c = self.chain.conv(j)
+            return float(self.graph_module.get_submodule(c.name).weight.detach().abs().sum()) if c.prunable else 0.0
+        return {j: score(j) for j in range(1, self.chain.length + 1)}
 
     # ------------------------------------------------------------------------------------------- latency
     @property

@@ -204,8 +204,10 @@ def _remove_probed_identities(gm: fx.GraphModule) -> int:
             continue
         x = node.all_input_nodes[0]
         shape, meta = _shape(x), x.meta.get("tensor_meta")
-        if shape is None or _shape(node) != shape or meta is None or not meta.dtype.is_floating_point:
-            continue
+        out_meta = node.meta.get("tensor_meta")
+        if (shape is None or _shape(node) != shape or meta is None or not meta.dtype.is_floating_point
+                or getattr(out_meta, "stride", None) != meta.stride):
+            continue  # a layout change (e.g. .contiguous() after a transpose) is not an identity for later views
         if (node.op == "call_function" and (node.target in (torch._assert, getattr) or kind_of_function(node.target)
                                             or node.target in _ARITHMETIC)) or (node.op == "call_method" and \
                 kind_of_method(str(node.target))):
