@@ -183,6 +183,8 @@ def test_spellings_become_canonical_modules():
     chain = pruner.chain
     assert chain.length == 4  # stem, c1, c2 (functional) and c3 (opaque "same" conv)
     assert [c.padding for c in chain.convs[1:]] == [(1, 1), (1, 1), (1, 1)]  # pad folded, "same" probed
+    # The traced copy is in eval mode, new modules included (a BN in training mode would use batch statistics).
+    assert not any(m.training for m in pruner.graph_module.modules())
     # The fused BN is a real BatchNorm2d again, keeping the user's parameter names: it trains in train mode.
     trainable = pruner.apply(Plan.identity(chain))
     assert type(trainable.get_submodule("bn1")) is nn.BatchNorm2d

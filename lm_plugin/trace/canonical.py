@@ -109,6 +109,7 @@ def _place(gm: fx.GraphModule, new: nn.Module, attrs: list[tuple[str, torch.Tens
     container made by fx, and owns nothing else: parameter names then stay those of the user's model.
     Otherwise it is added next to the owner, which gives the tensors up.
     """
+    new.train(gm.training)  # a fresh module is in training mode; the traced copy is in eval mode
     used = [a for a in attrs if a is not None]
     owner_path, owner = _owner(gm, used[0][0])
     mine = {a[0].rpartition(".")[2] for a in used if _owner(gm, a[0])[0] == owner_path} | {"num_batches_tracked"}
@@ -460,6 +461,7 @@ def _probe_opaque_convs(gm: fx.GraphModule) -> int:
         conv = _make_conv(mod.weight, mod.bias, tuple(mod.stride), (top, left) if symmetric else (0, 0),
                           (1, 1), mod.groups)
         path = str(node.target)
+        conv.train(gm.training)
         _install(gm, path, mod, conv)
         if not symmetric:
             with gm.graph.inserting_before(node):

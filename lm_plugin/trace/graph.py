@@ -91,6 +91,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         try:
             _propagate_shapes(gm, inputs)
             changes = canonicalize(gm)
+            gm.eval()
             if changes:  # new nodes carry no shapes yet
                 _propagate_shapes(gm, inputs)
             notes += changes
