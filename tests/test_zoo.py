@@ -1,7 +1,7 @@
 """The model zoo, CI-sized: every torchvision classifier, the timm selection and EfficientNet-Lite0 from PyPI.
 
-The same models as ``benchmarks/coverage.py`` (:mod:`lm_plugin.workloads.zoo`), but in-process, at the smallest
-input each model accepts (32x32 unless it needs more), in float64, with the identity plan and one random plan.
+The same models as ``benchmarks/coverage.py`` (:mod:`lm_plugin.workloads.zoo`), in-process, at the smallest input
+each model accepts (32x32 unless it needs more), in float64, with the identity plan and ``Plan.sample(chain, 0)``.
 
 Each model must either
 
@@ -9,28 +9,27 @@ Each model must either
 * merge with float64 error <= 1e-10 for every plan tried (``merge_error``), the identity plan's merged network
   matching the original model (<= 1e-10).
 
-A wrong merge, a ``MergeError`` from ``merge`` or any other exception fails the test. Nothing is skipped or
-expected to fail.
+A wrong merge, a ``MergeError`` from ``merge`` or any other exception fails the test. Nothing is skipped or expected
+to fail. Three tiers, all run by a plain ``pytest``:
 
-Size tiers (parameter counts with ``num_classes=10``; see :data:`LARGE` and :data:`GIANT`):
-
-* up to ~25 M parameters: the full check, always run;
-* :data:`LARGE` (~25-100 M): the full check too, marked ``slow`` (still run in CI; ``-m "not slow"`` leaves them out
-  locally);
-* :data:`GIANT` (over ~100 M): marked ``slow`` and checked more cheaply, because the float64 merge check needs about
-  45 bytes per parameter (the trainable form, its float64 copy and the merge's own float64 copies), 6-30 GB for
-  these models. The cheaper check builds the real model and its pruner (trace, chain, candidates: what would fail
-  first on a new architecture), checks that a random plan is valid and that the trainable form of the identity
-  plan computes what the model computes (in float32, so 1e-5), and runs the full float64 merge check on a *twin*:
-  the same architecture with the part that holds the parameters made narrow (VGG: its 4096-wide classifier;
-  ViT: the hidden width; RegNet/ResNet/ConvNeXt/EfficientNet: the same stages and blocks at a small width) — see
-  :func:`_twin`. ``benchmarks/coverage.py --memory-gb 24`` runs the full check on the real giants.
+* every model not listed below: the full check (about 4 minutes in all on a 2-core machine);
+* :data:`SLOW` — the full check, marked ``slow`` because it takes more than ~5.5 s (measured times in the table);
+  ``pytest -m "not slow"`` leaves them out;
+* :data:`GIANT` — models whose float64 merge check needs more than ~5.5 GB (the trainable form, its float64 copy and
+  the merge's own float64 copies and check: 40-90 bytes per parameter), marked ``slow`` and checked more cheaply:
+  the real model is built and its pruner constructed (trace, chain, candidates: what fails first on a new
+  architecture) and a random plan validated, then the full float64 check runs on a *twin* — the same
+  architecture (stages, blocks, kernels, strides, group counts, activations) with the widths that hold the
+  parameters made narrow; see :func:`_twin`. ``benchmarks/coverage.py --memory-gb 15`` runs the full check on the
+  real giants (all exact except ``regnet_y_128gf``, which needs more than 15 GB).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import traceback
+from functools import partial
 
 import pytest
 import torch
@@ -41,44 +40,48 @@ from lm_plugin.errors import LayerMergeError, MergeError
 from lm_plugin.merge import merge_error, output_error
 from lm_plugin.workloads.zoo import ZooModel, randomize_norms, zoo_models
 
-pytestmark = pytest.mark.zoo  # not in the default run (pyproject addopts) until it is timed for CI
-
 SIDE = 32
 EXACT = 1e-10
 
-#: ~25-100 M parameters (num_classes=10): full check, marked slow.
-LARGE = {
-    "torchvision:alexnet", "torchvision:convnext_base", "torchvision:convnext_small", "torchvision:convnext_tiny",
-    "torchvision:densenet161", "torchvision:efficientnet_b5", "torchvision:efficientnet_b6",
-    "torchvision:efficientnet_b7", "torchvision:efficientnet_v2_m", "torchvision:maxvit_t",
-    "torchvision:regnet_x_16gf", "torchvision:regnet_x_8gf", "torchvision:regnet_y_16gf",
-    "torchvision:regnet_y_8gf", "torchvision:resnet101", "torchvision:resnet152", "torchvision:resnext101_32x8d",
-    "torchvision:resnext101_64x4d", "torchvision:swin_b", "torchvision:swin_s", "torchvision:swin_t",
-    "torchvision:swin_v2_b", "torchvision:swin_v2_s", "torchvision:swin_v2_t", "torchvision:vit_b_16",
-    "torchvision:vit_b_32", "torchvision:wide_resnet50_2",
+#: Full check, marked slow: seconds measured for the check (one thread, 2-core machine shared with other work).
+SLOW: dict[str, float] = {
+    "torchvision:convnext_base": 10.9, "torchvision:densenet161": 8.8, "torchvision:densenet169": 6.9,
+    "torchvision:densenet201": 7.8, "torchvision:efficientnet_b2": 6.3, "torchvision:efficientnet_b3": 10.2,
+    "torchvision:efficientnet_b4": 11.4, "torchvision:efficientnet_b5": 14.1, "torchvision:efficientnet_b6": 19.1,
+    "torchvision:efficientnet_v2_m": 18.0, "torchvision:efficientnet_v2_s": 13.3, "torchvision:maxvit_t": 19.2,
+    "torchvision:mnasnet1_3": 6.5, "torchvision:regnet_x_16gf": 8.0, "torchvision:regnet_y_16gf": 8.0,
+    "torchvision:regnet_y_3_2gf": 5.8, "torchvision:regnet_y_8gf": 6.8, "torchvision:resnet152": 12.3,
+    "torchvision:resnext101_32x8d": 10.9, "torchvision:resnext101_64x4d": 12.0, "torchvision:vit_l_16": 5.3,
+    "torchvision:vit_l_32": 5.2, "torchvision:wide_resnet50_2": 8.8, "timm:densenet121": 7.4, "timm:dpn68": 6.0,
+    "timm:mobileone_s0": 12.3, "timm:xception41": 8.2,
 }
 
-#: Over ~100 M parameters: construction on the real model, the float64 merge check on a narrow twin.
-GIANT = {
-    "torchvision:convnext_large", "torchvision:efficientnet_v2_l", "torchvision:regnet_x_32gf",
-    "torchvision:regnet_y_128gf", "torchvision:regnet_y_32gf", "torchvision:vgg11", "torchvision:vgg11_bn",
-    "torchvision:vgg13", "torchvision:vgg13_bn", "torchvision:vgg16", "torchvision:vgg16_bn", "torchvision:vgg19",
-    "torchvision:vgg19_bn", "torchvision:vit_h_14", "torchvision:vit_l_16", "torchvision:vit_l_32",
-    "torchvision:wide_resnet101_2",
+#: Construction on the real model, the float64 merge check on a narrow twin: peak memory (GB) of the full check.
+GIANT: dict[str, float] = {
+    "torchvision:convnext_large": 7.8, "torchvision:efficientnet_b7": 5.8, "torchvision:efficientnet_v2_l": 8.0,
+    "torchvision:regnet_x_32gf": 6.0, "torchvision:regnet_y_128gf": 15.5, "torchvision:regnet_y_32gf": 6.8,
+    "torchvision:vgg11": 7.6, "torchvision:vgg11_bn": 7.6, "torchvision:vgg13": 7.5, "torchvision:vgg13_bn": 7.6,
+    "torchvision:vgg16": 7.5, "torchvision:vgg16_bn": 7.5, "torchvision:vgg19": 7.5, "torchvision:vgg19_bn": 6.7,
+    "torchvision:vit_h_14": 6.3, "torchvision:wide_resnet101_2": 5.9,
 }
 
 MODELS = zoo_models("all")
 
 
-def _param(spec: ZooModel):
-    marks = [pytest.mark.slow] if spec.key in LARGE | GIANT else []
-    return pytest.param(spec, id=spec.key, marks=marks)
+def _trim() -> None:
+    """Free the model's memory and hand it back to the OS (glibc keeps freed heap otherwise, and one big model
+    would leave the process at its peak for the rest of the session)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @pytest.fixture(autouse=True)
 def _free_memory():
     yield
-    gc.collect()
+    _trim()
 
 
 # -------------------------------------------------------------------------------------------- the checks
@@ -90,7 +93,7 @@ def _check(model: nn.Module, x: torch.Tensor, label: str) -> tuple[str | None, l
     try:
         pruner = LayerMergePruner(model, 0.7, x, cache_dir=None, progress=False)
     except LayerMergeError as exc:
-        return f"{type(exc).__name__}: {exc}".strip() if str(exc).strip() else "", []
+        return f"{type(exc).__name__}: {exc}" if str(exc).strip() else "", []
     failures: list[str] = []
     for name, make in (("identity", Plan.identity), ("random0", lambda chain: Plan.sample(chain, 0))):
         captured: dict[str, nn.Module] = {}
@@ -99,6 +102,7 @@ def _check(model: nn.Module, x: torch.Tensor, label: str) -> tuple[str | None, l
             captured["merged"] = out = pruner.merge(m)
             return out
 
+        trainable = None
         try:
             trainable = pruner.apply(make(pruner.chain))
             err = merge_error(trainable, merge_fn, x)
@@ -113,31 +117,39 @@ def _check(model: nn.Module, x: torch.Tensor, label: str) -> tuple[str | None, l
                                     f"float64 error {orig:.2e}")
         except MergeError as exc:
             failures.append(f"{label} plan {name}: merge raised MergeError: {exc}")
-        except Exception as exc:  # report it like a failure, after freeing the model
-            failures.append(f"{label} plan {name}: {type(exc).__name__}: {exc}\n"
-                            + "".join(traceback.format_exc().splitlines(True)[-8:]))
+        except Exception as exc:  # reported like a failure, once the memory is freed
+            tail = "".join(traceback.format_exc().splitlines(True)[-8:])
+            failures.append(f"{label} plan {name}: {type(exc).__name__}: {exc}\n{tail}")
         finally:
-            trainable = None
+            del trainable
             captured.clear()
-            gc.collect()
+            _trim()
+    pruner = None  # the merge closures hold it until here
     return None, failures
 
 
-def _assert(spec: ZooModel, refusal: str | None, failures: list[str]) -> None:
+def _assert(key: str, refusal: str | None, failures: list[str]) -> None:
     if refusal is not None:
-        assert refusal.strip(), f"{spec.key} was refused with an empty message"
+        assert refusal.strip(), f"{key} was refused with an empty message"
     assert not failures, "\n".join(failures)
+
+
+def _example(side: int) -> torch.Tensor:
+    return torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+def _param(spec: ZooModel):
+    return pytest.param(spec, id=spec.key, marks=[pytest.mark.slow] if spec.key in SLOW else [])
 
 
 @pytest.mark.parametrize("spec", [_param(s) for s in MODELS if s.key not in GIANT])
 def test_model_is_refused_or_merges_exactly(spec: ZooModel, one_thread):
     side = spec.side(SIDE)
     model = spec.build(side)
-    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    refusal, failures = _check(model, x, spec.key)
+    refusal, failures = _check(model, _example(side), spec.key)
     del model
-    gc.collect()
-    _assert(spec, refusal, failures)
+    _trim()
+    _assert(spec.key, refusal, failures)
 
 
 # ------------------------------------------------------------------------------------------------ giants
@@ -147,14 +159,19 @@ _REGNET = {
     "regnet_y_32gf": (20, 232, 115.89, 2.53, 232, 0.25),
     "regnet_x_32gf": (23, 320, 69.86, 2.0, 168, None),
 }
+# torchvision's EfficientNet tables: (expand, kernel, stride, in, out, layers); F = FusedMBConv.
+_EFFNET_B = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+             (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
+_EFFNET_V2_L = [("F", 1, 3, 1, 32, 32, 4), ("F", 4, 3, 2, 32, 64, 7), ("F", 4, 3, 2, 64, 96, 7),
+                ("M", 4, 3, 2, 96, 192, 10), ("M", 6, 3, 1, 192, 224, 19), ("M", 6, 3, 2, 224, 384, 25),
+                ("M", 6, 3, 1, 384, 640, 7)]
 
 
 def _twin(spec: ZooModel, side: int) -> nn.Module:
-    """A narrow model of the same architecture as the giant ``spec``: same stages, blocks, kernels, strides,
-    group counts and activations; only the widths that hold the parameters are small. Public torchvision
-    classes only."""
+    """A narrow model of the same architecture as the giant ``spec``: same stages, blocks, kernels, strides, group
+    counts and activations; only the widths that hold the parameters are small. Public torchvision classes only."""
     import torchvision
-    from torchvision.models import convnext, regnet, vision_transformer
+    from torchvision.models import convnext, efficientnet, regnet, resnet, vision_transformer
 
     name = spec.name
     torch.manual_seed(0)
@@ -182,6 +199,20 @@ def _twin(spec: ZooModel, side: int) -> nn.Module:
         cnf = convnext.CNBlockConfig  # convnext_large: 192-384-768-1536 channels, 3-3-27-3 blocks
         model = convnext.ConvNeXt([cnf(16, 32, 3), cnf(32, 64, 3), cnf(64, 128, 27), cnf(128, None, 3)],
                                   num_classes=10)
+    elif name == "wide_resnet101_2":
+        # Same stages and blocks; the bottleneck width (128 per group in wide_resnet101_2) made 16.
+        model = resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], num_classes=10, width_per_group=16)
+    elif name == "efficientnet_b7":
+        # efficientnet_b7 is the b0 table at width 2.0, depth 3.1: same depth at width 0.25.
+        cfg = partial(efficientnet.MBConvConfig, width_mult=0.25, depth_mult=3.1)
+        model = efficientnet.EfficientNet([cfg(*row) for row in _EFFNET_B], 0.5, num_classes=10,
+                                          norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.01))
+    elif name == "efficientnet_v2_l":
+        kinds = {"F": efficientnet.FusedMBConvConfig, "M": efficientnet.MBConvConfig}
+        eighth = lambda c: -(-c // 64) * 8  # noqa: E731 - a width / 8, rounded up to a multiple of 8
+        rows = [kinds[k](e, ks, s, eighth(i), eighth(o), n) for k, e, ks, s, i, o, n in _EFFNET_V2_L]
+        model = efficientnet.EfficientNet(rows, 0.4, num_classes=10, last_channel=160,
+                                          norm_layer=partial(nn.BatchNorm2d, eps=1e-03))
     else:
         raise KeyError(f"no twin for {spec.key}; add one to _twin")
     return randomize_norms(model, 0).eval()
@@ -191,26 +222,24 @@ def _twin(spec: ZooModel, side: int) -> nn.Module:
 @pytest.mark.parametrize("spec", [pytest.param(s, id=s.key) for s in MODELS if s.key in GIANT])
 def test_giant_is_refused_or_builds_and_its_twin_merges_exactly(spec: ZooModel, one_thread):
     side = spec.side(SIDE)
-    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    x = _example(side)
     model = spec.build(side)
-    refused = None
+    refusal = None
     try:
         pruner = LayerMergePruner(model, 0.7, x, cache_dir=None, progress=False)
     except LayerMergeError as exc:
-        refused = exc
-    if refused is not None:
-        del model
-        gc.collect()
-        assert str(refused).strip(), f"{spec.key} was refused with an empty message"
+        refusal = f"{type(exc).__name__}: {exc}" if str(exc).strip() else ""
     else:
         Plan.sample(pruner.chain, 0).validate(pruner.chain)
         assert pruner.candidates, f"{spec.key}: a chain of {pruner.chain.length} convs but no candidate block"
-        del model, pruner
-        gc.collect()
+        del pruner
+    del model
+    _trim()
+    _assert(spec.key, refusal, [])
     twin = _twin(spec, side)
     twin_refusal, failures = _check(twin, x, f"{spec.key} (twin)")
     del twin
-    gc.collect()
-    if refused is not None:
-        assert twin_refusal is not None, f"{spec.key} is refused but its twin is not"
-    _assert(spec, twin_refusal, failures)
+    _trim()
+    if refusal is None:
+        assert twin_refusal is None, f"{spec.key} is accepted but its twin is refused: {twin_refusal}"
+    _assert(f"{spec.key} (twin)", twin_refusal, failures)
