@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +262,7 @@ def run_one(spec, side: int, args: argparse.Namespace) -> dict[str, Any]:
             rec["status"] = "error"
             rec["reason"] = f"worker exited with status {proc.returncode} at stage {rec.get('stage', 'start')}"
         rec["stderr"] = _tail(text, 20)
-    if rec["status"] == "oom" and "memory" not in rec.get("reason", ""):
+    if rec["status"] == "oom" and "memory limit" not in rec.get("reason", ""):
         rec["reason"] = f"{rec.get('reason', '')} (memory limit {args.memory_gb:g} GB)".strip()
     return rec
 
@@ -379,7 +380,12 @@ def write_docs(data: dict[str, Any], path: Path) -> None:
     models = sorted(data["models"].values(), key=lambda r: (("torchvision", "timm", "pypi").index(r["zoo"]),
                                                             r["name"]))
     counts = {s: sum(r.get("status") == s for r in models) for s in STATUSES}
-    meta = data.get("meta", {})
+    meta = dict(data.get("meta", {}))
+    # The limits most models ran under (a rerun of a few models with more memory does not change them).
+    for key, default in (("memory_gb", 6.0), ("timeout", 120.0)):
+        seen = Counter(r.get(key, default) for r in models)
+        meta[key] = seen.most_common(1)[0][0] if seen else default
+    runs = meta.get("runs") or [meta.get("command", "python benchmarks/coverage.py")]
     lines = [
         "# Model zoo coverage",
         "",
@@ -390,7 +396,8 @@ def write_docs(data: dict[str, Any], path: Path) -> None:
         "",
         f"**{len(models)} models:** " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) + ".",
         "",
-        f"* command: `{meta.get('command', 'python benchmarks/coverage.py')}`",
+        "* command" + ("s (in this order; a filtered run updates its models)" if len(runs) > 1 else "") + ": "
+        + "; ".join(f"`{c}`" for c in runs),
         f"* machine: {meta.get('machine', '?')}; date: {meta.get('date', '?')}; code: {meta.get('git', '?')}",
         "* versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
         f"* settings: input 1×3×side×side (side {meta.get('size', 64)} or the smallest the model accepts), "
@@ -427,10 +434,16 @@ def write_docs(data: dict[str, Any], path: Path) -> None:
             status = r.get("status", "?")
             if status == "exact":
                 verdict = "yes"
+                if r.get("memory_gb") != meta.get("memory_gb") or r.get("timeout") != meta.get("timeout"):
+                    verdict += f" (with {r.get('memory_gb'):g} GB, {r.get('timeout'):g} s)"
             elif status == "refused":
                 verdict = f"refused: {_md(_short(r.get('reason', ''), 160))}"
             else:
                 verdict = f"**{status}**: {_md(_short(r.get('reason', ''), 200))}"
+                if status in ("oom", "timeout"):
+                    verdict += f" (limits {r.get('memory_gb'):g} GB, {r.get('timeout'):g} s)"
+            for e in r.get("earlier", []):
+                verdict += f"; earlier {e.get('status')} with {e.get('memory_gb'):g} GB, {e.get('timeout'):g} s"
             breaks = _md(r.get("break_summary", "")) if status != "refused" else ""
             lines.append("| " + " | ".join([f"`{r['name']}`", *row[1:8], verdict, breaks]) + " |")
         lines.append("")
@@ -497,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         futures = {pool.submit(run_one, s, s.side(args.size), args): s for s in specs}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             rec = fut.result()
+            old = data["models"].get(rec["key"])
+            if old and (old.get("memory_gb"), old.get("timeout")) != (rec.get("memory_gb"), rec.get("timeout")):
+                # A rerun with other limits (say more memory for an oom) keeps what the earlier run found.
+                rec["earlier"] = [*old.get("earlier", []), {k: old.get(k) for k in (
+                    "status", "reason", "memory_gb", "timeout", "peak_rss_mb", "wall_s")}]
             data["models"][rec["key"]] = rec
             _save(args.output, data)
             print(f"[{i}/{len(specs)}] {rec['key']:<40} {rec.get('status', '?'):<13} {rec.get('wall_s', 0):6.1f} s  "
