@@ -209,6 +209,7 @@ def _report_fields(report) -> dict[str, Any]:
             "removable_acts": report.removable_activations, "prunable": report.prunable_convs,
             "residuals": report.residuals, "candidates": report.candidates, "construct_s": report.seconds,
             "breaks": dict(report.break_categories), "break_summary": report.break_summary(),
+            "break_reasons": dict(Counter(r for _, r in report.break_reasons).most_common()),
             "notes": list(report.notes), "refusal_type": report.refusal_type}
 
 

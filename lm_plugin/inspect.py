@@ -43,6 +43,8 @@ _SHAPE = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "c
 _HEAD = {"output", "linear", "classifierhead", "normmlpclassifierhead", "selectadaptivepool2d"}
 _NORM = re.compile(r"(norm|^bn|batchnorm|layernorm|groupnorm|instancenorm|frozenbatchnorm)", re.IGNORECASE)
 _PAD = {"pad", "constantpad2d", "zeropad2d", "reflectionpad2d", "replicationpad2d"}
+_RESIZE = {"upsample", "upsamplingnearest2d", "upsamplingbilinear2d", "interpolate", "upsample_nearest2d",
+           "upsample_bilinear2d", "pixelshuffle", "pixelunshuffle"}
 _ACT = re.compile(r"(relu|gelu|silu|swish|mish|elu|hardswish|hardtanh|softplus|celu|selu|prelu|"
                   r"hard_swish|quickgelu|activation)", re.IGNORECASE)
 _CONV = re.compile(r"(conv|linear)", re.IGNORECASE)
@@ -90,12 +92,14 @@ def break_category(reason: str | None) -> str:
             return "reshape / permute / split"
         if bare & _PAD:
             return "explicit padding"
+        if bare & _RESIZE:
+            return "upsample / resize"
         if any(_NORM.search(n) for n in names):
             return "normalisation (not foldable)"
         if bare & _HEAD:
             return "head / output"
         if any(_ACT.search(n) for n in names):
-            return "unsupported activation"
+            return "activation kept as an op"
         if any(_CONV.search(n) for n in names):
             return "conv outside the chain"
         return f"other op: {', '.join(ops)}"

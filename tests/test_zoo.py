@@ -12,16 +12,17 @@ Each model must either
 A wrong merge, a ``MergeError`` from ``merge`` or any other exception fails the test. Nothing is skipped or expected
 to fail. Three tiers, all run by a plain ``pytest``:
 
-* every model not listed below: the full check (about 4 minutes in all on a 2-core machine);
-* :data:`SLOW` — the full check, marked ``slow`` because it takes more than ~5.5 s (measured times in the table);
-  ``pytest -m "not slow"`` leaves them out;
+* every model not listed below (61 models, one or more of every family): the full check, about 4 minutes in all on
+  a 2-core machine;
+* :data:`SLOW` — the full check, marked ``slow`` because it takes longer (the bigger members of each family; measured
+  times in the table, ~6.5 minutes in all); ``pytest -m "not slow"`` leaves them and the giants out;
 * :data:`GIANT` — models whose float64 merge check needs more than ~5.5 GB (the trainable form, its float64 copy and
   the merge's own float64 copies and check: 40-90 bytes per parameter), marked ``slow`` and checked more cheaply:
   the real model is built and its pruner constructed (trace, chain, candidates: what fails first on a new
   architecture) and a random plan validated, then the full float64 check runs on a *twin* — the same
   architecture (stages, blocks, kernels, strides, group counts, activations) with the widths that hold the
   parameters made narrow; see :func:`_twin`. ``benchmarks/coverage.py --memory-gb 15`` runs the full check on the
-  real giants (all exact except ``regnet_y_128gf``, which needs more than 15 GB).
+  real giants (results in ``docs/coverage.md``).
 """
 
 from __future__ import annotations
@@ -40,23 +41,31 @@ from lm_plugin.errors import LayerMergeError, MergeError
 from lm_plugin.merge import merge_error, output_error
 from lm_plugin.workloads.zoo import ZooModel, randomize_norms, zoo_models
 
+pytestmark = pytest.mark.zoo  # registered in pyproject.toml: ``-m "not zoo"`` leaves this file out
+
 SIDE = 32
 EXACT = 1e-10
 
-#: Full check, marked slow: seconds measured for the check (one thread, 2-core machine shared with other work).
+#: Full check, marked slow: seconds the check took here (`pytest --durations`, one thread, a 2-core machine shared
+#: with other work). The rest (61 models) takes ~4 minutes; these ~6.5; the giants ~3.
 SLOW: dict[str, float] = {
-    "torchvision:convnext_base": 10.9, "torchvision:densenet161": 8.8, "torchvision:densenet169": 6.9,
-    "torchvision:densenet201": 7.8, "torchvision:efficientnet_b2": 6.3, "torchvision:efficientnet_b3": 10.2,
-    "torchvision:efficientnet_b4": 11.4, "torchvision:efficientnet_b5": 14.1, "torchvision:efficientnet_b6": 19.1,
-    "torchvision:efficientnet_v2_m": 18.0, "torchvision:efficientnet_v2_s": 13.3, "torchvision:maxvit_t": 19.2,
-    "torchvision:mnasnet1_3": 6.5, "torchvision:regnet_x_16gf": 8.0, "torchvision:regnet_y_16gf": 8.0,
-    "torchvision:regnet_y_3_2gf": 5.8, "torchvision:regnet_y_8gf": 6.8, "torchvision:resnet152": 12.3,
-    "torchvision:resnext101_32x8d": 10.9, "torchvision:resnext101_64x4d": 12.0, "torchvision:vit_l_16": 5.3,
-    "torchvision:vit_l_32": 5.2, "torchvision:wide_resnet50_2": 8.8, "timm:densenet121": 7.4, "timm:dpn68": 6.0,
-    "timm:mobileone_s0": 12.3, "timm:xception41": 8.2,
+    "timm:densenet121": 6.0, "timm:dpn68": 6.0, "timm:mobileone_s0": 9.7, "timm:xception41": 9.0,
+    "torchvision:convnext_base": 12.0, "torchvision:convnext_small": 6.3, "torchvision:densenet161": 9.5,
+    "torchvision:densenet169": 6.6, "torchvision:densenet201": 7.1, "torchvision:efficientnet_b1": 6.5,
+    "torchvision:efficientnet_b2": 6.4, "torchvision:efficientnet_b3": 9.5, "torchvision:efficientnet_b4": 16.8,
+    "torchvision:efficientnet_b5": 19.6, "torchvision:efficientnet_b6": 25.1, "torchvision:efficientnet_v2_m": 25.8,
+    "torchvision:efficientnet_v2_s": 11.6, "torchvision:maxvit_t": 18.5, "torchvision:mnasnet1_0": 4.2,
+    "torchvision:mnasnet1_3": 6.4, "torchvision:regnet_x_16gf": 13.6, "torchvision:regnet_x_3_2gf": 5.8,
+    "torchvision:regnet_x_8gf": 8.3, "torchvision:regnet_y_16gf": 13.4, "torchvision:regnet_y_1_6gf": 5.0,
+    "torchvision:regnet_y_3_2gf": 6.6, "torchvision:regnet_y_8gf": 9.5, "torchvision:resnet101": 7.4,
+    "torchvision:resnet152": 14.6, "torchvision:resnet34": 4.5, "torchvision:resnext101_32x8d": 16.2,
+    "torchvision:resnext101_64x4d": 16.1, "torchvision:swin_b": 3.7, "torchvision:swin_s": 3.5,
+    "torchvision:swin_v2_b": 3.9, "torchvision:swin_v2_s": 3.8, "torchvision:vit_l_16": 4.8,
+    "torchvision:vit_l_32": 5.4, "torchvision:wide_resnet50_2": 13.2,
 }
 
-#: Construction on the real model, the float64 merge check on a narrow twin: peak memory (GB) of the full check.
+#: Construction on the real model, the float64 merge check on a narrow twin: peak memory (GB) the full check took
+#: in-process (``regnet_y_128gf``: over 15 GB, out of memory). These tests take 6-25 s each, ~3 minutes in all.
 GIANT: dict[str, float] = {
     "torchvision:convnext_large": 7.8, "torchvision:efficientnet_b7": 5.8, "torchvision:efficientnet_v2_l": 8.0,
     "torchvision:regnet_x_32gf": 6.0, "torchvision:regnet_y_128gf": 15.5, "torchvision:regnet_y_32gf": 6.8,
