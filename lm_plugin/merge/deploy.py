@@ -21,6 +21,7 @@ from ..errors import MergeError
 from ..plan import Plan
 from ..rewrite.trainable import META_KEY
 from ..trace.chain import Chain, ChainConv
+from ..trace.fxedit import replace_submodule
 from ..trace.graph import is_foldable_bn
 from .algebra import LinearConv
 from .check import verify_merge
@@ -97,7 +98,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
             new = graph.call_module(target, (block_in,))
         out_node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         replaced[rec["output"]] = new
-        _set_submodule(gm, target, conv)
+        replace_submodule(gm, target, conv)
     graph.eliminate_dead_code()
     _fold_remaining_bns(gm)
     graph.lint()
@@ -256,18 +257,6 @@ def _device(gm: fx.GraphModule) -> torch.device:
     return next(iter(gm.parameters())).device
 
 
-def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
-    """Put ``module`` at ``target``; the old module's children stay (other call sites may use them, e.g. a
-    conv's own padding module)."""
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    old = getattr(parent, leaf, None)
-    if isinstance(old, nn.Module):
-        for name, child in old.named_children():
-            module.add_module(name, child)
-    setattr(parent, leaf, module)
-
-
 def _fold_remaining_bns(gm: fx.GraphModule) -> None:
     """Fold every remaining conv -> BN pair (skips that were not folded, convs outside the chain)."""
     calls: dict[str, int] = {}
@@ -292,6 +281,6 @@ def _fold_remaining_bns(gm: fx.GraphModule) -> None:
         with torch.no_grad():
             folded.weight.copy_(lin.weight)
             folded.bias.copy_(lin.bias)
-        _set_submodule(gm, str(node.target), folded)
+        replace_submodule(gm, str(node.target), folded)
         bn_node.replace_all_uses_with(node)
         gm.graph.erase_node(bn_node)

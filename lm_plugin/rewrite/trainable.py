@@ -29,6 +29,7 @@ from .. import activations
 from ..blocks import block_geometry, end_activation, skip_offset
 from ..plan import Plan
 from ..trace.chain import Chain, ChainConv
+from ..trace.fxedit import erase_unused
 
 META_KEY = "lm_plugin"
 
@@ -179,7 +180,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name})
 
     for node in dead:
-        _erase_unused(graph, node)
+        erase_unused(graph, node)
     graph.lint()
     out.recompile()
     out.delete_all_unused_submodules()
@@ -191,17 +192,6 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         "blocks": records,
     }
     return out
-
-
-def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
-    """Erase ``node`` and, recursively, the inputs only it used (a dropped unit's conv, BN and branches)."""
-    if node.users or node.op in ("placeholder", "output"):
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for inp in inputs:
-        if inp.op in ("call_module", "call_function", "call_method", "get_attr"):
-            _erase_unused(graph, inp)
 
 
 def _crop_branches(gm: fx.GraphModule, conv: ChainConv, nodes: dict[str, fx.Node]) -> None:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..activations import kind_of_function, kind_of_method
+from .fxedit import erase_unused, replace_submodule
 
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -115,7 +116,7 @@ def _place(gm: fx.GraphModule, new: nn.Module, attrs: list[tuple[str, torch.Tens
     mine = {a[0].rpartition(".")[2] for a in used if _owner(gm, a[0])[0] == owner_path} | {"num_batches_tracked"}
     owned = set(owner._parameters) | set(owner._buffers)
     if owner_path and (isinstance(owner, kind) or type(owner) is nn.Module) and owned <= mine:
-        _install(gm, owner_path, owner, new)
+        replace_submodule(gm, owner_path, new)
         return owner_path
     path = _new_path(gm, owner_path, stem)
     for target, _ in used:
@@ -139,14 +140,6 @@ def _place_after(gm: fx.GraphModule, node: fx.Node, new: nn.Module, kind: type, 
         if not a.users:
             gm.graph.erase_node(a)
     return path
-
-
-def _install(gm: fx.GraphModule, path: str, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` in place of ``old``, keeping ``old``'s children (other call sites use them)."""
-    for name, child in old.named_children():
-        new.add_module(name, child)
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, new)
 
 
 def _new_path(gm: fx.GraphModule, owner_path: str, stem: str) -> str:
@@ -209,15 +202,20 @@ def _remove_probed_identities(gm: fx.GraphModule) -> int:
         if (shape is None or _shape(node) != shape or meta is None or not meta.dtype.is_floating_point
                 or getattr(out_meta, "stride", None) != meta.stride):
             continue  # a layout change (e.g. .contiguous() after a transpose) is not an identity for later views
-        if (node.op == "call_function" and (node.target in (torch._assert, getattr) or kind_of_function(node.target)
-                                            or node.target in _ARITHMETIC)) or (node.op == "call_method" and \
-                kind_of_method(str(node.target))):
+        if _known(node):
             continue
         if _returns_input(node, x, shape, meta.dtype):
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)
             n += 1
     return n
+
+
+def _known(node: fx.Node) -> bool:
+    """Calls whose meaning is already known (activations, arithmetic, asserts): never probed as identities."""
+    if node.op == "call_method":
+        return kind_of_method(str(node.target)) is not None
+    return node.target in (torch._assert, getattr, *_ARITHMETIC) or kind_of_function(node.target) is not None
 
 
 _ARITHMETIC = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add,
@@ -283,16 +281,6 @@ def _constant(gm: fx.GraphModule, value: Any) -> Any:
     raise LookupError(value.name)
 
 
-def _erase_dead(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase ``node`` if nothing reads it, then the inputs only it read."""
-    if node.users or node.op in ("placeholder", "output") or node.target is torch._assert:
-        return
-    inputs = node.all_input_nodes
-    gm.graph.erase_node(node)
-    for inp in inputs:
-        _erase_dead(gm, inp)
-
-
 class _ShapeOnly:
     """A parameter seen by :func:`_constant`: only its shape may be read."""
 
@@ -348,7 +336,7 @@ def _functional_convs(gm: fx.GraphModule) -> int:
             args.update(geometry)
             node.args, node.kwargs = tuple(args[k] for k in CONV_ARGS), {}
             for c in computed:
-                _erase_dead(gm, c)
+                erase_unused(gm.graph, c)
         w = _attr(gm, args["weight"])
         b = _attr(gm, args["bias"]) if args["bias"] is not None else None
         stride, dilation, groups = _pair(args["stride"]), _pair(args["dilation"]), args["groups"]
@@ -462,7 +450,7 @@ def _probe_opaque_convs(gm: fx.GraphModule) -> int:
                           (1, 1), mod.groups)
         path = str(node.target)
         conv.train(gm.training)
-        _install(gm, path, mod, conv)
+        replace_submodule(gm, path, conv)
         if not symmetric:
             with gm.graph.inserting_before(node):
                 padded = gm.graph.call_function(F.pad, (node.args[0], (left, right, top, bottom)))
