@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from .budget import Budget
 from .latency import compare_latency
@@ -154,6 +154,7 @@ def compress(
     rounds: int = 3,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> CompressionResult:
     """Search, fine-tune, merge, verify and measure, with the pruner's tables and profiler.
 
@@ -167,6 +168,8 @@ def compress(
         rounds: Interleaved rounds of the side-by-side latency measurement.
         progress: Show progress bars while fine-tuning.
         log: Called with a line of text at the start of each stage (e.g. ``print``).
+        on_epoch: Called as ``on_epoch(epoch, trainable)`` after each fine-tuning epoch (model in eval mode),
+            e.g. to report intermediate accuracy to NNI.
 
     Returns:
         The plan, the models and every measured number.
@@ -200,7 +203,7 @@ def compress(
         say(f"fine-tuning the trainable form ({settings.epochs:g} epoch(s), max lr {settings.max_lr:g})")
         teacher = pruner.model if settings.distill_alpha > 0 else None
         fit(trainable, train_data, epochs=settings.epochs, max_lr=settings.max_lr, teacher=teacher,
-            distill_alpha=settings.distill_alpha, seed=settings.seed, progress=progress)
+            distill_alpha=settings.distill_alpha, seed=settings.seed, progress=progress, on_epoch=on_epoch)
     trainable.eval()
     seconds["finetune"] = time.perf_counter() - start
 

@@ -135,6 +135,7 @@ def fit(
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int | None = None,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD and a OneCycle learning-rate schedule.
 
@@ -159,6 +160,8 @@ def fit(
         progress: Show a tqdm progress bar.
         seed: If given, seeds torch's global RNG first (loader shuffling that uses the global
             generator, dropout), for reproducible runs.
+        on_epoch: Called as ``on_epoch(epoch, model)`` (epoch counted from 1, model in eval mode) after each
+            full pass over ``loader`` and after the last step, e.g. to report intermediate accuracy.
 
     Returns:
         The same ``model`` object, trained.
@@ -192,6 +195,10 @@ def fit(
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total)
 
+    try:
+        per_epoch = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = total  # an unsized loader: one "epoch" is the whole run
     was_training = model.training
     model.train()
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
@@ -219,6 +226,10 @@ def fit(
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if on_epoch is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
+                model.eval()
+                on_epoch(math.ceil((step + 1) / per_epoch), model)
+                model.train()
     finally:
         bar.close()
         model.train(was_training)
