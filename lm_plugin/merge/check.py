@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import MergeError
 
-__all__ = ["merge_error", "output_error", "verify_merge"]
+__all__ = ["Float64Run", "capture_blocks", "check_block", "check_network", "merge_error", "output_error"]
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -102,62 +102,74 @@ def traced_inputs(gm: fx.GraphModule, *, dtype: torch.dtype = torch.float64, dev
     return tuple(xs)
 
 
-class _Capture(fx.Interpreter):
-    """Runs a GraphModule and keeps copies of the values of the named nodes."""
+class Float64Run(fx.Interpreter):
+    """Runs a GraphModule in float64 without a float64 copy of the whole network.
 
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+    Each module is copied to float64 (eval mode) only while it runs, and parameters read by ``get_attr`` are
+    cast when read, so the peak extra memory is one module, not the model: the self-check of a 600 M-parameter
+    network stays within a few GB. ``modules`` overrides what a ``call_module`` target runs (already float64,
+    used as is); the values of the nodes named in ``keep`` are kept.
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, keep: set[str] = frozenset(),  # type: ignore[assignment]
+                 modules: Callable[[str], nn.Module | None] | None = None) -> None:
         super().__init__(gm)
-        self.names = names
+        self.keep = keep
+        self.override = modules
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.names and isinstance(out, torch.Tensor):
+        if n.name in self.keep and isinstance(out, torch.Tensor):
             self.values[n.name] = out.clone()  # in-place ops (ReLU(inplace=True)) would overwrite it later
         return out
 
+    def call_module(self, target, args, kwargs):
+        module = self.override(str(target)) if self.override is not None else None
+        if module is None:
+            module = copy.deepcopy(self.fetch_attr(str(target))).to(torch.float64).eval()
+        return module(*args, **kwargs)
 
-def verify_merge(trainable: fx.GraphModule, deployed: fx.GraphModule, merged: Sequence[tuple[dict, nn.Module]], *,
-                 tolerance: float) -> float:
-    """Check a float64 deploy form against its trainable form; raise :class:`MergeError` if they differ.
-
-    First block by block: each merged conv is applied to its block's input as the trainable form computes it,
-    and compared with the block's output there, so a wrong block is named. Then end to end, which catches a
-    wrongly rewired graph. One random sample shaped like the traced example is used.
-
-    Args:
-        trainable: the trainable form (any dtype; a float64 copy is made, the caller's module is untouched).
-        deployed: the float64 deploy form.
-        merged: ``(block record, merged conv)`` pairs, as recorded by ``to_trainable`` and built by ``merge``.
-        tolerance: largest accepted relative error (max-abs, relative to the largest value).
-
-    Returns:
-        The end-to-end relative error.
-    """
-    device = next(iter(deployed.parameters())).device
-    with in_eval(trainable, torch.float64, device) as reference, torch.no_grad():
-        return _verify(reference, deployed, merged, tolerance, traced_inputs(reference, device=device))
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.to(torch.float64) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
-def _verify(reference: fx.GraphModule, deployed: fx.GraphModule, merged: Sequence[tuple[dict, nn.Module]],
-            tolerance: float, xs: tuple[torch.Tensor, ...]) -> float:
-    """Block by block, then end to end (see :func:`verify_merge`); ``reference`` is float64, in eval mode."""
-    names = {rec[k] for rec, _ in merged for k in ("input", "output")}
-    capture = _Capture(reference, names)
-    expected = capture.run(*xs)
-    for rec, conv in merged:
-        if rec["input"] not in capture.values or rec["output"] not in capture.values:
+def capture_blocks(trainable: fx.GraphModule, blocks: Sequence[dict]) -> tuple[tuple[torch.Tensor, ...], dict, object]:
+    """Random float64 inputs, the trainable form's float64 values at every block's input and output, and its
+    float64 output: what the merged blocks and the merged network are checked against."""
+    device = next(iter(trainable.parameters())).device
+    xs = traced_inputs(trainable, device=device)
+    run = Float64Run(trainable, keep={rec[k] for rec in blocks for k in ("input", "output")})
+    with torch.no_grad():
+        expected = run.run(*xs)
+    for rec in blocks:
+        if rec["input"] not in run.values or rec["output"] not in run.values:
             raise MergeError(f"cannot check block ({rec['st']},{rec['end']}]: its input or output is not a "
                              "tensor of the trainable form; merge with check=False to skip the check")
-        err = _relative(capture.values[rec["output"]], conv(capture.values[rec["input"]]))
-        if not err <= tolerance:
-            raise MergeError(
-                f"merged block ({rec['st']},{rec['end']}] (convs {rec['kept']}) does not compute what its "
-                f"trainable form computes: float64 relative error {err:.2e} > {tolerance:.0e}. This is a bug "
-                "in lm_plugin's merge for this model; please report it. Keep the activation at one of its "
-                "positions to avoid the block, or merge with check=False to get the unchecked network."
-            )
-    got = deployed(*xs)
+    return xs, run.values, expected
+
+
+def check_block(rec: dict, merged: nn.Module, values: dict[str, torch.Tensor], tolerance: float) -> float:
+    """Raise :class:`MergeError` unless the float64 ``merged`` map computes block ``rec`` of the trainable form."""
+    with torch.no_grad():
+        err = _relative(values[rec["output"]], merged(values[rec["input"]]))
+    if not err <= tolerance:
+        raise MergeError(
+            f"merged block ({rec['st']},{rec['end']}] (convs {rec['kept']}) does not compute what its "
+            f"trainable form computes: float64 relative error {err:.2e} > {tolerance:.0e}. This is a bug "
+            "in lm_plugin's merge for this model; please report it. Keep the activation at one of its "
+            "positions to avoid the block, or merge with check=False to get the unchecked network."
+        )
+    return err
+
+
+def check_network(deployed: fx.GraphModule, xs: tuple[torch.Tensor, ...], expected: object,
+                  merged: Callable[[str], nn.Module | None], tolerance: float) -> float:
+    """Raise :class:`MergeError` unless the deploy form, run in float64 with ``merged`` giving the float64
+    merged convs by target, reproduces the trainable form's float64 output; return the relative error."""
+    with torch.no_grad():
+        got = Float64Run(deployed, modules=merged).run(*xs)
     want_leaves, _ = tree_flatten(expected)
     got_leaves, _ = tree_flatten(got)
     if len(want_leaves) != len(got_leaves):

@@ -24,12 +24,13 @@ from ..trace.chain import Chain, ChainConv
 from ..trace.fxedit import replace_submodule
 from ..trace.graph import is_foldable_bn
 from .algebra import LinearConv
-from .check import verify_merge
+from .check import capture_blocks, check_block, check_network
 
 MAX_MERGED_BYTES = 2 * 1024**3  # float64 bytes of one merged kernel we agree to build
 
 
 CHECK_TOLERANCE = 1e-6  # float64 relative error above which a merge is wrong (exact merges give ~1e-14)
+CHECK_META_KEY = "lm_plugin_merge_check"  # deploy form's meta: the self-check's float64 end-to-end error
 
 
 def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGED_BYTES, check: bool = True,
@@ -44,9 +45,11 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
         trainable: the trainable form (``LayerMergePruner.apply(plan)``), possibly fine-tuned or channel-pruned.
         chain: the chain it was made from.
         max_bytes: largest float64 merged kernel (bytes) to build; larger blocks raise :class:`MergeError`.
-        check: verify the result in float64 before returning it (see :func:`lm_plugin.merge.check.verify_merge`):
-            every merged conv against its block on random inputs shaped like the traced example, then the
-            whole network. Costs two float64 forward passes of one sample.
+        check: verify the result in float64 before returning it: every merged conv against its block on a
+            random sample shaped like the traced example, then the whole network
+            (:mod:`lm_plugin.merge.check`). Costs two float64 forward passes of one sample, run module by module
+            so that no float64 copy of the network is made; the end-to-end error is left in
+            ``deployed.meta["lm_plugin_merge_check"]``.
         tolerance: largest float64 relative error the check accepts.
 
     Raises:
@@ -66,30 +69,27 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
             )
     ref = next(iter(trainable.parameters()))
     dtype = ref.dtype
-    # With the check, the deploy form is built in float64 (the merge arithmetic is float64 anyway), verified
-    # against a float64 copy of the trainable form, and only then cast to the model's dtype.
-    gm = copy.deepcopy(trainable).eval()
+    # The merge arithmetic is float64 whatever the model's dtype. The check runs the trainable and the deploy
+    # form in float64 module by module (check.Float64Run), so it never holds a float64 copy of the network.
     if check:
-        gm = gm.to(torch.float64)
-    work_dtype = torch.float64 if check else dtype
+        xs, values, expected = capture_blocks(trainable, info["blocks"])
+    gm = copy.deepcopy(trainable).eval()
     merged: list[tuple[dict, nn.Conv2d, tuple[int, int, int, int] | None]] = []
     with torch.no_grad():
         for rec in info["blocks"]:
-            st, end = rec["st"], rec["end"]
-            lin = _block_map(gm, chain, plan, st, end)
-            geo = block_geometry(chain, st, end, plan.kept_convs)
-            if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
-                raise MergeError(f"internal: block ({st},{end}] merged to {lin.kernel_size}/{lin.stride}, "
-                                 f"expected {geo.kernel_size}/{geo.stride}")
-            asymmetric = geo.pad_extra != (0, 0)  # explicit F.pad, then an unpadded conv
-            conv = lin.to_conv2d((0, 0) if asymmetric else geo.padding, dtype=work_dtype, device=ref.device)
-            merged.append((rec, conv, geo.pad_lrtb if asymmetric else None))
+            lin, padding, pad = _merged_map(gm, chain, plan, rec)
+            if check:
+                check_block(rec, _padded(lin.to_conv2d(padding, dtype=torch.float64, device=ref.device), pad),
+                            values, tolerance)
+            merged.append((rec, lin.to_conv2d(padding, dtype=dtype, device=ref.device), pad))
 
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     replaced: dict[str, fx.Node] = {}  # a block's output may be the next block's input
+    by_target: dict[str, dict] = {}
     for rec, conv, pad in merged:
         target = chain.conv(rec["kept"][0]).name
+        by_target[target] = rec
         out_node = nodes[rec["output"]]
         block_in = replaced.get(rec["input"], nodes[rec["input"]])
         with graph.inserting_before(out_node):
@@ -100,16 +100,39 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
         replaced[rec["output"]] = new
         replace_submodule(gm, target, conv)
     graph.eliminate_dead_code()
-    _fold_remaining_bns(gm)
+    folded = _fold_remaining_bns(gm)
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.meta[META_KEY] = {**info, "form": "deploy"}
     gm.eval()
     if check:
-        verify_merge(trainable, gm, [(rec, _padded(conv, pad)) for rec, conv, pad in merged], tolerance=tolerance)
-        gm = gm.to(dtype)
+        def exact(target: str) -> nn.Module | None:
+            """The float64 map of a module the merge computed (rounded to the model's dtype in ``gm``)."""
+            if target in by_target:
+                lin, padding, _ = _merged_map(trainable, chain, plan, by_target[target])
+                return lin.to_conv2d(padding, dtype=torch.float64, device=ref.device)
+            if target in folded:
+                return _folded_conv(trainable.get_submodule(target), trainable.get_submodule(folded[target]),
+                                    torch.float64)
+            return None
+
+        gm.meta[CHECK_META_KEY] = check_network(gm, xs, expected, exact, tolerance)
     return gm
+
+
+def _merged_map(gm: fx.GraphModule, chain: Chain, plan: Plan, rec: dict
+                ) -> tuple[LinearConv, tuple[int, int], tuple[int, int, int, int] | None]:
+    """Block ``rec``'s map, the padding of its merged conv, and the explicit pad before it (asymmetric only)."""
+    st, end = rec["st"], rec["end"]
+    lin = _block_map(gm, chain, plan, st, end)
+    geo = block_geometry(chain, st, end, plan.kept_convs)
+    if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
+        raise MergeError(f"internal: block ({st},{end}] merged to {lin.kernel_size}/{lin.stride}, "
+                         f"expected {geo.kernel_size}/{geo.stride}")
+    if geo.pad_extra != (0, 0):  # explicit F.pad, then an unpadded conv
+        return lin, (0, 0), geo.pad_lrtb
+    return lin, geo.padding, None
 
 
 def _padded(conv: nn.Conv2d, pad: tuple[int, int, int, int] | None) -> nn.Module:
@@ -257,12 +280,29 @@ def _device(gm: fx.GraphModule) -> torch.device:
     return next(iter(gm.parameters())).device
 
 
-def _fold_remaining_bns(gm: fx.GraphModule) -> None:
-    """Fold every remaining conv -> BN pair (skips that were not folded, convs outside the chain)."""
+def _folded_conv(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> nn.Conv2d:
+    """``conv`` followed by the eval-mode ``bn``, as one conv in ``dtype``."""
+    lin = LinearConv.from_conv(conv, bn)  # type: ignore[arg-type]
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,  # type: ignore[arg-type]
+                       device=conv.weight.device, dtype=dtype)
+    with torch.no_grad():
+        folded.weight.copy_(lin.weight)
+        folded.bias.copy_(lin.bias)
+    return folded.eval()
+
+
+def _fold_remaining_bns(gm: fx.GraphModule) -> dict[str, str]:
+    """Fold every remaining conv -> BN pair (skips that were not folded, convs outside the chain).
+
+    Returns:
+        ``{conv target: BN target}`` of the folds made.
+    """
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    folds: dict[str, str] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(gm.get_submodule(str(node.target))) is not nn.Conv2d:
             continue
@@ -274,13 +314,8 @@ def _fold_remaining_bns(gm: fx.GraphModule) -> None:
         if not is_foldable_bn(bn) or calls[str(bn_node.target)] != 1:
             continue
         conv: nn.Conv2d = gm.get_submodule(str(node.target))  # type: ignore[assignment]
-        lin = LinearConv.from_conv(conv, bn)  # type: ignore[arg-type]
-        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                           conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-                           device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            folded.weight.copy_(lin.weight)
-            folded.bias.copy_(lin.bias)
-        replace_submodule(gm, str(node.target), folded)
+        replace_submodule(gm, str(node.target), _folded_conv(conv, bn, conv.weight.dtype))
+        folds[str(node.target)] = str(bn_node.target)
         bn_node.replace_all_uses_with(node)
         gm.graph.erase_node(bn_node)
+    return folds
