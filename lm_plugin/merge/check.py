@@ -126,13 +126,19 @@ class Float64Run(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.override(str(target)) if self.override is not None else None
-        if module is None:
-            module = copy.deepcopy(self.fetch_attr(str(target))).to(torch.float64).eval()
-        return module(*args, **kwargs)
+        if module is not None:
+            return module(*args, **kwargs)
+        with in_eval(self.fetch_attr(str(target)), torch.float64, _device_of(args)) as module:
+            return module(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         return value.to(torch.float64) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _device_of(args: tuple) -> torch.device:
+    leaves, _ = tree_flatten(args)
+    return next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
 def capture_blocks(trainable: fx.GraphModule, blocks: Sequence[dict]) -> tuple[tuple[torch.Tensor, ...], dict, object]:

@@ -74,20 +74,23 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     if check:
         xs, values, expected = capture_blocks(trainable, info["blocks"])
     gm = copy.deepcopy(trainable).eval()
-    merged: list[tuple[dict, nn.Conv2d, tuple[int, int, int, int] | None]] = []
+    merged: list[tuple[dict, tuple[int, int, int, int] | None]] = []
     with torch.no_grad():
         for rec in info["blocks"]:
             lin, padding, pad = _merged_map(gm, chain, plan, rec)
             if check:
                 check_block(rec, _padded(lin.to_conv2d(padding, dtype=torch.float64, device=ref.device), pad),
                             values, tolerance)
-            merged.append((rec, lin.to_conv2d(padding, dtype=dtype, device=ref.device), pad))
+            # Replaced at once, so the block's old conv is freed before the next block is built.
+            replace_submodule(gm, chain.conv(rec["kept"][0]).name, lin.to_conv2d(padding, dtype=dtype,
+                                                                                  device=ref.device))
+            merged.append((rec, pad))
 
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     replaced: dict[str, fx.Node] = {}  # a block's output may be the next block's input
     by_target: dict[str, dict] = {}
-    for rec, conv, pad in merged:
+    for rec, pad in merged:
         target = chain.conv(rec["kept"][0]).name
         by_target[target] = rec
         out_node = nodes[rec["output"]]
@@ -98,7 +101,6 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
             new = graph.call_module(target, (block_in,))
         out_node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         replaced[rec["output"]] = new
-        replace_submodule(gm, target, conv)
     graph.eliminate_dead_code()
     folded = _fold_remaining_bns(gm)
     graph.lint()

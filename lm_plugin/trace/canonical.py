@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..activations import kind_of_function, kind_of_method
 from .fxedit import erase_unused, replace_submodule
@@ -38,7 +39,8 @@ PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
 def canonicalize(gm: fx.GraphModule) -> list[str]:
     """Rewrite ``gm`` (shape-annotated, eval mode) in place into canonical form; returns notes on what changed.
 
-    The caller re-runs shape propagation afterwards (new nodes carry no shapes).
+    Every node it creates carries the shape of what it computes (copied from the node it replaces, or
+    derived), so shape propagation need not run again.
     """
     notes: list[str] = []
     counts = {
@@ -454,6 +456,11 @@ def _probe_opaque_convs(gm: fx.GraphModule) -> int:
         if not symmetric:
             with gm.graph.inserting_before(node):
                 padded = gm.graph.call_function(F.pad, (node.args[0], (left, right, top, bottom)))
+            meta = node.args[0].meta["tensor_meta"]
+            padded.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(
+                (*in_shape[:2], in_shape[2] + top + bottom, in_shape[3] + left + right), dtype=meta.dtype,
+                device="meta"))
+            padded.meta["type"] = torch.Tensor
             node.args = (padded,)
         n += 1
     return n

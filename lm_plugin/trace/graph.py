@@ -92,8 +92,8 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
             _propagate_shapes(gm, inputs)
             changes = canonicalize(gm)
             gm.eval()
-            if changes:  # new nodes carry no shapes yet
-                _propagate_shapes(gm, inputs)
+            if any("type" not in n.meta for n in gm.graph.nodes):  # ShapeProp records every node's type
+                _propagate_shapes(gm, inputs)  # a rewrite left a node without its shape (a safety net)
             notes += changes
         except Exception as exc:
             raise UntraceableModelError(
