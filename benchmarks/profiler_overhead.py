@@ -50,7 +50,7 @@ def main() -> None:
         print(f"  bare perf_counter loop    : median {bare * 1e3:8.2f} us")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "cache.jsonl"
+        path = Path(tmp) / "cache.sqlite"
         cache = LatencyCache(path, profiler.signature())
         start = time.perf_counter()
         for i in range(args.entries):
@@ -61,7 +61,7 @@ def main() -> None:
         open_ms = (time.perf_counter() - start) * 1e3
         assert len(reopened) == args.entries
         size_kib = path.stat().st_size / 1024
-    print(f"cache: {put_ms:.3f} ms per appended entry; opening {args.entries} entries "
+    print(f"cache: {put_ms:.3f} ms per committed entry; opening {args.entries} entries "
           f"({size_kib:.0f} KiB) takes {open_ms:.1f} ms")
 
 

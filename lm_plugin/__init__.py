@@ -4,6 +4,8 @@ Data flow: trace -> chain -> candidate blocks -> latency & importance tables -> 
 -> trainable form (fine-tune) -> merged deploy form.
 """
 
+from . import data
+from .data import DataSplits, data_splits, image_folder
 from .errors import InvalidPlanError, LayerMergeError, MergeError, NoChainError, UntraceableModelError
 from .inspect import CompressibilityReport, inspect_model
 from .plan import Plan
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "CompressibilityReport",
+    "DataSplits",
     "InvalidPlanError",
     "LayerMergeError",
     "LayerMergePruner",
@@ -25,5 +28,8 @@ __all__ = [
     "RewriteOptions",
     "UntraceableModelError",
     "__version__",
+    "data",
+    "data_splits",
+    "image_folder",
     "inspect_model",
 ]

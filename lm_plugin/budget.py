@@ -6,6 +6,11 @@ import math
 import re
 from dataclasses import dataclass
 
+__all__ = ["DEFAULT_BUDGET", "Budget"]
+
+#: The default latency budget of the pruner, the CLI and the docs: 70 % of the original network's latency.
+DEFAULT_BUDGET: float = 0.7
+
 _NUMBER = re.compile(r"^[-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf)$", re.IGNORECASE)
 _MS = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*ms\s*$")
 

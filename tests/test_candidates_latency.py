@@ -86,7 +86,7 @@ def test_latency_model_predicts_end_to_end_and_resumes_from_cache(tmp_path):
                              cache_dir=tmp_path, progress=False)
     reloaded = again.latency_model()
     assert reloaded.block_ms == model.block_ms  # everything came from the cache
-    assert list(tmp_path.glob("latency-cpu-*.jsonl"))
+    assert list(tmp_path.glob("latency-cpu-*.sqlite"))
 
 
 def test_cuda_backend_is_refused_cleanly_without_gpu():

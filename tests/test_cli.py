@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,12 @@ import pytest
 import torch
 
 from lm_plugin import Plan
+from lm_plugin.budget import DEFAULT_BUDGET
 from lm_plugin.cli import main
+from lm_plugin.cli.specs import CLIError, parse_data_spec, parse_normalize, parse_shape
+from lm_plugin.data import image_folder
 from lm_plugin.train import evaluate
-from lm_plugin.workloads.data import digits
+from lm_plugin.workloads.data import digits, digits_image_folder
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -157,3 +161,175 @@ def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
     opts = resolve(args, COMMANDS["demo"][3])
     assert (opts.model, opts.data, opts.train, opts.backend) == ("lm_plugin:resnet_fm", "fashion_mnist", True, "cpu")
     assert opts.budget == "0.5" and opts.finetune_epochs == 1.0 and opts.finetune_lr == 0.02  # the workload's recipe
+    # One default budget for the library and every command.
+    import inspect
+
+    from lm_plugin import LayerMergePruner
+
+    for command in ("compress", "solve", "demo"):
+        assert resolve(build_parser().parse_args([command]), COMMANDS[command][3]).budget == str(DEFAULT_BUDGET)
+    assert inspect.signature(LayerMergePruner).parameters["budget"].default == DEFAULT_BUDGET
+
+
+# ------------------------------------------------------------------------------------------ users' own data
+# The images: scikit-learn digits written as PNGs, 16×16 grayscale, 10 classes × 30 train / 10 val / 10 test.
+IMAGES = ["--input-shape", "1,16,16", "--importance", "zero_shot", "--finetune-epochs", "0.2", "--rounds", "1",
+          "--backend", "macs", "--batch-size", "16", "--train-batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def images(env) -> Path:
+    return digits_image_folder(env / "images", size=16, per_class=(30, 10, 10))
+
+
+@pytest.fixture(scope="module")
+def images_without_test(env) -> Path:
+    return digits_image_folder(env / "images_no_test", size=16, per_class=(30, 10, 0))
+
+
+def test_compress_an_image_folder_end_to_end(env, images, one_thread, capsys):
+    out = env / "images_run"
+    code = main(["compress", "--data", f"imagefolder:{images}", "--model", "lm_plugin:digits_resnet", *IMAGES,
+                 "--output", str(out)])
+    assert code == 0
+    assert {"report.md", "report.json", "plan.json", "model.ts", "model.onnx", "trainable.pt"} <= {
+        p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    Plan.from_json(str(out / "plan.json"))
+    assert report["exact"] and 0.0 <= report["accuracy"]["compressed"] <= 100.0
+    assert report["context"]["accuracy_split"] == "test"
+    notes = " ".join(report["context"]["data_notes"])
+    assert "10 classes" in notes and "accuracy reported on test/" in notes and "computed on 300 training" in notes
+    md = (out / "report.md").read_text()
+    assert "| test accuracy (%) |" in md and "importance scored on 100 images of val/" in md
+    assert "10 classes" in capsys.readouterr().err
+    # The exported model reproduces the reported accuracy on the test folder, read as the CLI read it.
+    test = image_folder(images, (1, 16, 16)).test
+    assert evaluate(torch.jit.load(str(out / "model.ts")), test) == pytest.approx(report["accuracy"]["compressed"],
+                                                                                   abs=1e-6)
+
+
+def test_a_timm_model_spec_on_an_image_folder_without_test_split(env, images_without_test, one_thread, capsys):
+    pytest.importorskip("timm")
+    out = env / "timm_run"
+    code = main(["compress", "--data", f"imagefolder:{images_without_test}", "--model",
+                 "timm:test_resnet:num_classes=10,in_chans=1", *IMAGES, "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exact"] and report["context"]["model"].startswith("timm:test_resnet")
+    assert report["chain"]["convs"] >= 10  # the timm model was traced, not a stand-in
+    # No test/ folder: the accuracy is on val/ and says so; importance was scored on training images.
+    assert report["context"]["accuracy_split"] == "val"
+    md = (out / "report.md").read_text()
+    assert "| val accuracy (%) |" in md and "importance scored on 300 images of train/" in md
+    assert "measured on the val split" in capsys.readouterr().out
+
+
+def test_yaml_config_with_an_image_folder_and_a_given_normalisation(env, images, capsys):
+    config = env / "images.yaml"
+    config.write_text(f"model: lm_plugin:digits_resnet\ndata: imagefolder:{images}\ninput_shape: [1, 16, 16]\n"
+                      "normalize: {mean: [0.3], std: [0.33]}\nimportance: zero_shot\nbackend: macs\n"
+                      "batch_size: 16\nprogress: false\n")
+    assert main(["solve", "--config", str(config), "--output", str(env / "images_solve")]) == 0
+    report = json.loads((env / "images_solve" / "report.json").read_text())
+    assert report["context"]["options"]["normalize"] == {"mean": [0.3], "std": [0.33]}
+    assert "mean (0.3000) std (0.3300) (given)" in " ".join(report["context"]["data_notes"])
+    assert Plan.from_json(str(env / "images_solve" / "plan.json")).length == 7
+
+
+FACTORY = '''
+from lm_plugin.workloads.data import digits
+
+
+def loaders(batch_size=64, with_test=True):
+    train, test = digits(batch_size, train=True), digits(256, train=False)
+    return {"train": train, "val": test, **({"test": test} if with_test else {})}
+
+
+def broken():
+    return [digits(64)]
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "my_digits.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_digits"
+
+
+def test_data_from_a_factory(env, factory_module, capsys):
+    out = env / "factory_solve"
+    code = main(["solve", "--model", "lm_plugin:digits_resnet", "--data", f"{factory_module}:loaders:batch_size=32",
+                 "--importance", "zero_shot", "--backend", "macs", "--batch-size", "16", "--no-progress",
+                 "--output", str(out), "--overwrite"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["context"]["accuracy_split"] == "test"
+    assert report["predicted_ms"]["compressed"] <= report["budget_ms"] + 1e-9
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "imagefolder:{root}/nowhere", "--input-shape", "1,16,16"], "does not exist; expected layout"),
+    (["--data", "imagefolder:{broken}", "--input-shape", "1,16,16"], "has no val/ folder; expected layout"),
+    (["--data", "imagefolder:{root}"], "pass it, e.g. --input-shape 3,224,224"),
+    (["--data", "imagefolder:{root}", "--input-shape", "3,x,9"], "bad input shape"),
+    (["--data", "imagefolder:{root}", "--input-shape", "1,0,16"], "positive integers"),
+    (["--data", "imagefolder:{root}", "--input-shape", "5,16,16"], "C 1 (grayscale) or 3 (RGB)"),
+    # digits_resnet takes one channel: RGB images do not run through it.
+    (["--data", "imagefolder:{root}", "--input-shape", "3,16,16"], "does not run on inputs of shape 3×16×16"),
+    (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--model", "lm_plugin:digits_resnet:num_classes=5"],
+     "head has 5 outputs but imagefolder:"),
+    (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--normalize", "0.5"], "--normalize MEAN"),
+    (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--normalize", "0.1,0.2:0.3,0.3"],
+     "does not fit 1-channel images"),
+    (["--data", "digits", "--input-shape", "3,224,224"], "whose inputs are 1×8×8: drop --input-shape"),
+    (["--data", "digits", "--normalize", "0.5:0.2"], "--normalize applies to --data imagefolder"),
+    (["--data", "digits", "--model", "torchvision:resnet18:num_classes=10"], "does not run on inputs of shape 1×8×8"),
+    (["--data", "{factory}:broken"], "returned a list: return a lm_plugin.data.DataSplits"),
+    (["--data", "{factory}:loaders:bogus=1"], "does not take the arguments"),
+    (["--data", "{factory}:missing"], "cannot import 'missing'"),
+    (["--data", "no_such_package.mod:fn"], "cannot import"),
+    (["--data", "imagefolder:"], "needs a folder"),
+])
+def test_bad_data_is_refused_up_front_with_advice(env, images, factory_module, capsys, args, message):
+    broken = env / "broken_images"
+    if not broken.exists():
+        shutil.copytree(images / "train", broken / "train")
+    args = [a.format(root=images, broken=broken, factory=factory_module) for a in args]
+    if "--model" not in args:
+        args += ["--model", "lm_plugin:digits_resnet"]
+    out = env / "refused"
+    assert main(["compress", *args, "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "chain:" not in err  # refused before the model was traced
+    assert not out.exists()
+
+
+def test_a_missing_timm_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` finds when timm is not installed
+    assert main(["inspect", "timm:resnet18", "--input-shape", "3,32,32"]) == 2
+    assert "pip install 'lm-plugin[timm]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["3,x,9", "3,,9", "0,8,8", "3,-1,8", "", "a,b", [3, True], [3, 0], "3.5,8,8"])
+def test_malformed_shapes_are_refused(text):
+    with pytest.raises(CLIError, match="bad input shape"):
+        parse_shape(text)
+
+
+def test_shapes_normalisations_and_data_specs_parse():
+    assert parse_shape("3,224,224") == parse_shape("3x224x224") == parse_shape([3, 224, 224]) == (3, 224, 224)
+    assert parse_normalize("0.5,0.4,0.3:0.2,0.2,0.2") == ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+    assert parse_normalize({"mean": [0.5], "std": 0.25}) == parse_normalize([0.5, 0.25]) == ([0.5], [0.25])
+    for bad in ("0.5", "0.5:0", "a:b", {"mean": [0.5]}, [1, 2, 3]):
+        with pytest.raises(CLIError, match="normalisation"):
+            parse_normalize(bad)
+    names = ["digits", "fashion_mnist"]
+    assert parse_data_spec("digits", names).kind == "name"
+    assert parse_data_spec("imagefolder:/data/x:y", names).target == "/data/x:y"
+    spec = parse_data_spec("pkg.mod:make:size=3,name=a", names)
+    assert (spec.kind, spec.target, spec.kwargs) == ("factory", "pkg.mod:make", {"size": 3, "name": "a"})
+    with pytest.raises(CLIError, match=r"unknown dataset 'imagenet'.*imagefolder:DIR"):
+        parse_data_spec("imagenet", names)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 import warnings
 
 import pytest
@@ -13,8 +15,7 @@ from test_candidates import oracle_candidates
 from test_dp import brute_force
 
 from lm_plugin import LayerMergePruner, Plan
-from lm_plugin.latency import LatencyCacheWarning
-from lm_plugin.latency.cache import decode_line
+from lm_plugin.store import CacheWarning
 from lm_plugin.tables.importance import (
     DistillImportance,
     FinetuneImportance,
@@ -109,14 +110,15 @@ def test_importance_cache_resumes_and_detects_corruption(trained, tmp_path):
     to_score = sum(1 for c in cands if not (c.end - c.st == 1 and resumed.subsets[c.key] == (c.end,)))
     assert resumed.evaluated == to_score - 3  # the three finished entries were not scored again
 
-    (path,) = tmp_path.glob("importance-zero_shot-*.jsonl")
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:-1] + [lines[-1][:-9] + "garbage}"]) + "\n")  # damage the last entry
+    (path,) = tmp_path.glob("importance-zero_shot-*.sqlite")
+    with sqlite3.connect(path) as db:  # damage the last entry: its value no longer matches its checksum
+        db.execute("UPDATE records SET value = value || '1' WHERE rowid = (SELECT MAX(rowid) FROM records)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = build_importance_table(pruner.graph_module, chain, cands, ZeroShotImportance(eval_data=test),
                                        cache_dir=tmp_path, progress=False)
-    assert any(issubclass(w.category, LatencyCacheWarning) and "damaged" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(messages) == 1 and messages[0].startswith("importance table cache ") and "damaged" in messages[0]
     assert again.evaluated == 1 and again.values == resumed.values
 
 
@@ -144,42 +146,57 @@ def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     assert Plan.from_json(plan.to_json()) == plan
 
 
-class SharedBuild(ZeroShotImportance):
-    """A real estimator; while it scores its first entry, another process sharing the cache file (a second cache
-    handle on the same file here) finishes every other entry."""
+class OtherWorkerFinishes(ZeroShotImportance):
+    """A real estimator; while it scores its first entry, another worker sharing the cache file (a second handle
+    on the same file here) stores the entries ``finished``."""
 
-    def __init__(self, cache_dir, finished, **kw):
+    def __init__(self, other, finished, **kw):
         super().__init__(**kw)
-        self.cache_dir, self.finished, self.calls = cache_dir, finished, 0
+        self.other, self.finished, self.calls = other, finished, 0
 
     def adapt(self, model, original):
         self.calls += 1
         if self.calls == 1:
-            (path,) = self.cache_dir.glob("importance-zero_shot-*.jsonl")
-            other = ImportanceCache(path, decode_line(path.read_bytes().split(b"\n")[0])["signature"])
             for key, value in self.finished.items():
-                other.put(list(key), value)
+                self.other.put(list(key), value)
+
+
+def the_cache(cache_dir):
+    """The one importance cache file in ``cache_dir``."""
+    (path,) = cache_dir.glob("importance-zero_shot-*.sqlite")
+    return path
+
+
+def stored_keys(cache_dir):
+    """The keys committed to the importance cache in ``cache_dir``, in the order they were written."""
+    with sqlite3.connect(the_cache(cache_dir)) as db:
+        return [tuple(json.loads(k)) for (k,) in db.execute("SELECT key FROM records ORDER BY rowid")]
+
+
+def reference_build(trained, tmp_path):
+    """An uninterrupted zero-shot table of the digits net: the pruner's pieces, the table, the keys it scores."""
+    model, _, test = trained
+    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path / "reference")
+    reference = pruner.importance_table()
+    scored = [c.key for c in pruner.candidates if not (c.end - c.st == 1 and reference.subsets[c.key] == (c.end,))]
+    return (pruner.graph_module, pruner.chain, pruner.candidates), reference, scored
 
 
 def test_workers_sharing_a_cache_split_the_table(trained, tmp_path):
-    model, _, test = trained
-    pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path / "reference")
-    graph, chain, cands = pruner.graph_module, pruner.chain, pruner.candidates
-    reference = pruner.importance_table()
-    scored = [c.key for c in cands if not (c.end - c.st == 1 and reference.subsets[c.key] == (c.end,))]
+    test = trained[2]
+    (graph, chain, cands), reference, scored = reference_build(trained, tmp_path)
 
-    # worker 1 of 2 starts on every second entry from the second
+    # worker 1 of 2 starts halfway through the entries
     shared = tmp_path / "shared"
     with pytest.raises(KeyboardInterrupt):
         build_importance_table(graph, chain, cands, Interrupting(3, eval_data=test), cache_dir=shared,
                                progress=False, shard=(1, 2))
-    (path,) = shared.glob("importance-zero_shot-*.jsonl")
-    written = [tuple(decode_line(line)["key"]) for line in path.read_bytes().splitlines()[1:]]
-    assert written[1:] == scored[1::2][:3]  # after the base metric: its own share, in order
+    written = stored_keys(shared)
+    assert written[1:] == scored[len(scored) // 2:][:3]  # after the base metric: from its start, in order
 
     # worker 0 picks up what the other process finishes while it runs, and scores only the rest
     others = {k: v for k, v in reference.values.items() if k in scored and k not in written}
-    worker = SharedBuild(shared, others, eval_data=test)
+    worker = OtherWorkerFinishes(ImportanceCache(the_cache(shared), reference.estimator), others, eval_data=test)
     table = build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False, shard=(0, 2))
     assert table.evaluated == 1 and worker.calls == 1
     assert table.values == pytest.approx(reference.values)
@@ -188,6 +205,22 @@ def test_workers_sharing_a_cache_split_the_table(trained, tmp_path):
         build_importance_table(graph, chain, cands, worker, cache_dir=None, progress=False, shard=(0, 2))
     with pytest.raises(ValueError, match="index < count"):
         build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False, shard=(2, 2))
+
+
+def test_an_entry_claimed_by_a_live_worker_is_left_to_it(trained, tmp_path):
+    """Claims, not re-reads: the entry another worker has claimed is not scored here; its score is read from the
+    cache once that worker stores it."""
+    test = trained[2]
+    (graph, chain, cands), reference, scored = reference_build(trained, tmp_path)
+    shared = tmp_path / "shared"
+    other = ImportanceCache(shared / the_cache(tmp_path / "reference").name, reference.estimator, owner="other")
+    claimed = scored[0]  # the first entry this worker would score
+    assert other.claim(list(claimed))
+
+    worker = OtherWorkerFinishes(other, {claimed: reference.values[claimed]}, eval_data=test)
+    table = build_importance_table(graph, chain, cands, worker, cache_dir=shared, progress=False)
+    assert table.evaluated == worker.calls == len(scored) - 1, "every entry but the claimed one scored here"
+    assert table.values == pytest.approx(reference.values)
 
 
 def test_entries_train_on_the_same_batches_whatever_the_order(trained, tmp_path):

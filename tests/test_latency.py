@@ -1,8 +1,12 @@
-"""Latency profilers, cache and tables. No assertion depends on how fast anything runs."""
+"""Latency profilers, cache and tables (the measurement harness), and the candidate-block specs timed through it.
+No assertion depends on how fast anything runs."""
 
 from __future__ import annotations
 
-import json
+import ast
+import multiprocessing
+import socket
+import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,11 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lm_plugin.activations import ACTIVATIONS
 from lm_plugin.blocks import BlockGeometry
 from lm_plugin.latency import (
-    ACTIVATIONS,
     BackendUnavailableError,
-    ConvBlockSpec,
     LatencyCache,
     LatencyCacheWarning,
     LatencyTable,
@@ -26,12 +29,11 @@ from lm_plugin.latency import (
     ModuleSpec,
     UnstableMeasurementWarning,
     available_backends,
-    conv_block_module,
     get_profiler,
     measure,
     resolve_backend,
 )
-from lm_plugin.latency.cache import decode_line, encode_line
+from lm_plugin.tables.conv_block import ConvBlockSpec, conv_block_module
 
 # Few runs and a threshold no round can miss: these tests check behaviour, not speed.
 FAST = {"warmup": 1, "repeats": 3, "retries": 0, "max_spread": 1e6}
@@ -245,7 +247,7 @@ def specs(built: list[int], fail_after: int | None = None) -> dict[str, Counting
 
 
 def test_interrupted_build_resumes_and_measures_only_missing(tmp_path, no_warnings):
-    path, profiler = tmp_path / "lat.jsonl", cpu_profiler()
+    path, profiler = tmp_path / "lat.sqlite", cpu_profiler()
     done = 2
     built: list[int] = []
     with pytest.raises(KeyboardInterrupt):
@@ -263,7 +265,7 @@ def test_interrupted_build_resumes_and_measures_only_missing(tmp_path, no_warnin
 
 
 def test_lookup_is_by_key_not_by_order(tmp_path, no_warnings):
-    path, profiler = tmp_path / "lat.jsonl", cpu_profiler()
+    path, profiler = tmp_path / "lat.sqlite", cpu_profiler()
     LatencyTable.build(specs([]), profiler, cache=path, progress=False)
     reordered = list(reversed(list(specs([]).items())))
     table = LatencyTable.build(reordered, profiler, cache=path, progress=False)
@@ -293,66 +295,110 @@ def test_same_module_is_measured_once(no_warnings):
         LatencyTable.build([("k", CountingSpec(5)), ("k", CountingSpec(6))], cpu_profiler(), progress=False)
 
 
-def build_cache(path: Path) -> tuple[object, list[str]]:
+def build_cache(path: Path) -> object:
     profiler = cpu_profiler()
     LatencyTable.build(specs([]), profiler, cache=path, progress=False)
-    return profiler, path.read_text().splitlines(keepends=True)
+    return profiler
 
 
-def tamper_checksum_protected_value(line: str) -> str:
-    record = json.loads(line)
-    record["measurement"]["median_ms"] *= 2
-    return json.dumps(record) + "\n"
+def damage_third_row(path: Path, how: str) -> None:
+    """Change one stored row behind the cache's back, as a bad disk or a foreign writer would."""
+    with sqlite3.connect(path) as db:
+        (key,) = db.execute("SELECT key FROM records ORDER BY rowid LIMIT 1 OFFSET 2").fetchone()
+        if how == "tampered":  # a plausible value, but not the one the checksum was taken of
+            db.execute("UPDATE records SET value = replace(value, '\"runs\":3', '\"runs\":4') WHERE key = ?", (key,))
+        elif how == "garbage":
+            db.execute("UPDATE records SET value = ? WHERE key = ?", (b"\x00\xff garbage }{", key))
+        else:  # valid JSON under a matching checksum, but no measurement
+            from lm_plugin.store.records import row_checksum
+
+            db.execute("UPDATE records SET value = '[1]', checksum = ? WHERE key = ?", (row_checksum(key, "[1]"), key))
 
 
 @pytest.mark.parametrize(
-    ("damage", "cause"),
-    [
-        (lambda lines: lines[:-1] + [lines[-1][: len(lines[-1]) // 2]], "not valid JSON"),  # interrupted write
-        (lambda lines: lines[:2] + [tamper_checksum_protected_value(lines[2])] + lines[3:], "checksum mismatch"),
-        (lambda lines: lines[:3] + ["\x00\xff garbage }{\n"] + lines[4:], "not valid JSON"),  # overwritten
-    ],
-    ids=["truncated", "bad-checksum", "garbage-line"],
+    ("how", "cause"),
+    [("tampered", "checksum mismatch"), ("garbage", "not a text row"), ("not-a-measurement", "bad value")],
 )
-def test_damaged_entries_are_detected_and_remeasured(tmp_path, damage, cause):
-    path = tmp_path / "lat.jsonl"
-    profiler, lines = build_cache(path)
-    path.write_text("".join(damage(lines)))
+def test_damaged_entries_are_detected_and_remeasured(tmp_path, how, cause):
+    path = tmp_path / "lat.sqlite"
+    profiler = build_cache(path)
+    damage_third_row(path, how)
 
     built: list[int] = []
-    with pytest.warns(LatencyCacheWarning, match=cause):
+    with pytest.warns(LatencyCacheWarning, match=rf"^latency table cache {path}: dropped 1 damaged entry .*{cause}"):
         table = LatencyTable.build(specs(built), profiler, cache=path, progress=False)
     assert len(built) == 1 and table.measured == 1, "exactly the damaged entry is measured again"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reopened = LatencyCache(path, profiler.signature())
-    assert len(reopened) == len(SIZES) and not reopened.problems, "the file was rewritten clean"
+    assert len(reopened) == len(SIZES) and not reopened.problems, "the store holds every entry, clean"
 
 
-@pytest.mark.parametrize(
-    ("content", "cause"),
-    [(b"\x89PNG\r\n\x1a\n not a cache at all", "header line is unreadable"), (b"", "header line is unreadable")],
-)
-def test_garbage_file_is_rebuilt_and_kept_aside(tmp_path, content, cause):
-    path = tmp_path / "lat.jsonl"
+def test_a_file_that_is_no_cache_is_kept_aside_and_rebuilt(tmp_path):
+    path, content = tmp_path / "lat.sqlite", b"\x89PNG\r\n\x1a\n not a cache at all" * 10
     path.write_bytes(content)
     profiler = cpu_profiler()
-    with pytest.warns(LatencyCacheWarning, match=cause):
+    with pytest.warns(LatencyCacheWarning, match="latency table cache .* is not a readable database"):
         table = LatencyTable.build(specs([]), profiler, cache=path, progress=False)
     assert table.measured == len(SIZES)
-    assert (tmp_path / "lat.jsonl.bak").read_bytes() == content
+    assert (tmp_path / "lat.sqlite.bak").read_bytes() == content
     assert len(LatencyCache(path, profiler.signature())) == len(SIZES)
 
 
 def test_mismatched_signature_is_detected(tmp_path):
-    path = tmp_path / "lat.jsonl"
-    profiler, _ = build_cache(path)
+    path = tmp_path / "lat.sqlite"
+    profiler = build_cache(path)
     other = cpu_profiler(batch_size=BATCH + 1)  # stands in for another machine, thread count, version ...
-    with pytest.warns(LatencyCacheWarning, match=r"different profiler \(batch_size: 2 -> 3\)"):
+    with pytest.warns(LatencyCacheWarning, match=r"latency table cache .*different profiler \(batch_size: 2 -> 3\)"):
         cache = LatencyCache(path, other.signature())
     assert len(cache) == 0 and cache.problems
     with pytest.raises(ValueError, match="another profiler"):
         LatencyTable.build(specs([]), profiler, cache=cache, progress=False)
+
+
+def _measure_while_holding_the_lock(path: str, signature: dict, keys: list, ready, release) -> None:
+    """Another process measuring into the cache: it holds the lock, stores its entries, then lets go."""
+    cache = LatencyCache(path, signature)
+    with cache.exclusive("measure"):
+        ready.set()
+        release.wait(30)
+        for key, n in keys:
+            cache.put(key, Measurement(1.0, 0.9, 1.1, 0.8, 0.2, 0.2, 3, 1, True, "cpu", "other process", 1, BATCH,
+                                       "float32", ((BATCH, 4, n, n),)))
+
+
+class SignallingCache(LatencyCache):
+    """A latency cache that tells when its build has to wait for the measuring lock."""
+
+    def __init__(self, path: Path, signature: dict, on_wait) -> None:
+        super().__init__(path, signature)
+        self.on_wait = on_wait
+
+    def exclusive(self, name: str = "build", **kw):
+        return super().exclusive(name, **{**kw, "on_wait": self.on_wait})
+
+
+def test_a_second_builder_waits_for_the_one_measuring_and_reuses_its_entries(tmp_path, no_warnings):
+    """Two processes timing at once on one machine slow each other down: measuring into one cache is serialised, and
+    the waiting process finds the other's entries instead of timing them again."""
+    path, profiler = tmp_path / "lat.sqlite", cpu_profiler()
+    keys = [({"module": {"op": "small_conv"}, "inputs": [[BATCH, 4, n, n]]}, n) for n in SIZES]
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    other = context.Process(target=_measure_while_holding_the_lock,
+                            args=(str(path), profiler.signature(), keys, ready, release))
+    other.start()
+    waited: list[str] = []
+    try:
+        assert ready.wait(30)
+        cache = SignallingCache(path, profiler.signature(), lambda holder: (waited.append(holder), release.set()))
+        built: list[int] = []
+        table = LatencyTable.build(specs(built), profiler, cache=cache, progress=False)
+    finally:
+        release.set()
+        other.join(30)
+    assert waited == [f"{socket.gethostname()}:{other.pid}"], "it waited for the process holding the lock"
+    assert built == [] and table.measured == 0 and table["s5"].device_name == "other process"
 
 
 json_values = st.recursive(
@@ -364,13 +410,13 @@ json_values = st.recursive(
 
 @settings(max_examples=50, deadline=None)
 @given(key=json_values)
-def test_any_json_key_survives_a_cache_line(key):
+def test_any_json_key_survives_the_store(key):
     measurement = Measurement(1.0, 0.9, 1.2, 0.8, 0.3, 0.3, 30, 1, True, "cpu", "x", 1, 1, "float32", ((1, 2),))
-    payload = decode_line(encode_line({"key": key, "measurement": measurement.to_dict()}).encode())
-    assert Measurement.from_dict(payload["measurement"]) == measurement
     cache = LatencyCache(None, {"backend": "cpu"})
-    cache.put(payload["key"], measurement)
-    assert cache.get(key) == measurement, "a key read back from disk must find the entry"
+    cache.put(key, measurement)
+    ((stored_key, stored),) = list(cache.items())
+    assert stored == measurement
+    assert cache.get(stored_key) == measurement, "a key read back from the store must find the entry"
 
 
 def test_bad_keys_are_rejected():
@@ -379,6 +425,39 @@ def test_bad_keys_are_rejected():
         cache.get({1: "a"})
     with pytest.raises(TypeError, match="non-finite"):
         cache.get({"a": float("nan")})
+
+
+def imported_modules(package: Path) -> dict[str, set[str]]:
+    """``{file: absolute names of the lm_plugin modules it imports}``, read from the source."""
+    found: dict[str, set[str]] = {}
+    for file in sorted(package.rglob("*.py")):
+        home = list(file.relative_to(package.parents[1]).with_suffix("").parts)[:-1]  # its package
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = home[: len(home) - node.level + 1] if node.level else []
+                module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+        found[str(file)] = {n for n in names if n.split(".")[0] == "lm_plugin"}
+    return found
+
+
+def test_the_harness_imports_nothing_of_layermerge():
+    """latency/ (and the store under it) time any module: nothing of LayerMerge (chains, blocks, activations) is
+    imported, only each other and the package's error root, which imports nothing."""
+    root = Path(__file__).resolve().parents[1] / "lm_plugin"
+    allowed = ("lm_plugin.latency", "lm_plugin.store", "lm_plugin.errors")
+    for package in ("latency", "store"):
+        imports = imported_modules(root / package)
+        assert imports, package
+        for file, names in imports.items():
+            foreign = {n for n in names if n != "lm_plugin" and not n.startswith(allowed)}
+            assert not foreign, f"{file} imports {sorted(foreign)}"
+    tree = ast.parse((root / "errors.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                and (getattr(n, "level", 0) or "lm_plugin" in (getattr(n, "module", "") or ""))]
 
 
 # ------------------------------------------------------------------------------------------- merged blocks

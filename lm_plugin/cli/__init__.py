@@ -19,7 +19,8 @@ from .specs import CLIError
 
 __all__ = ["main"]
 
-MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "seed", "cache_dir", "progress"]
+MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "normalize", "seed", "cache_dir",
+         "progress"]
 LATENCY = ["backend", "batch_size", "threads"]
 SELECT = ["budget", "importance", "importance_steps", "val_size", "mode", "max_kernel", "ignored_layers",
           "train_batch_size"]

@@ -15,17 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import data as lm_data
 from ..budget import Budget
 from ..compress import FinetuneSettings, compress, tradeoff
+from ..data import DataError, DataSplits
 from ..export import export_onnx, export_torchscript, onnx_error
 from ..inspect import inspect_model
 from ..merge import merge_error
 from ..plan import Plan
 from ..pruner import LayerMergePruner
 from ..report import plot_plan, write_run
-from ..workloads.data import DATASETS, DataSplits, data_splits
 from .options import Options
-from .specs import CLIError, load_model, parse_shape
+from .specs import CLIError, DataSpec, import_object, load_model, parse_data_spec, parse_normalize, parse_shape
 
 __all__ = ["DEMO_DEFAULTS", "run_compress", "run_inspect", "run_merge", "run_profile", "run_solve"]
 
@@ -34,7 +35,6 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "model": "lm_plugin:resnet_fm",
     "train": True,
     "data": "fashion_mnist",
-    "budget": "0.7",
     "backend": "cpu",
     "importance": "distill",
     "importance_steps": 5,
@@ -49,35 +49,93 @@ def say(message: str) -> None:
     print(f"[lm-plugin] {message}", file=sys.stderr, flush=True)
 
 
+FACTORY_HELP = "--data package.module:factory[:key=value,...] names a function that returns the loaders"
+
+
 # ------------------------------------------------------------------------------------------ building blocks
-def _check_data(opts: Options, required: bool) -> None:
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """The library's data errors are bad input to the CLI: exit status 2 with the library's advice."""
+    try:
+        yield
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _check_data(opts: Options, required: bool) -> DataSpec | None:
+    """Parse ``--data`` and check what is cheap to check (folder layout, the factory's import) before the model."""
     if opts.data is None:
         if required:
-            raise CLIError("this command needs data for the importance table and fine-tuning: pass "
-                           f"--data ({', '.join(sorted(DATASETS))})")
-    elif opts.data not in DATASETS:
-        raise CLIError(f"unknown dataset {opts.data!r}; known: {', '.join(sorted(DATASETS))}")
+            raise CLIError("this command needs data for the importance table and fine-tuning: pass --data NAME "
+                           f"({', '.join(lm_data.list_datasets())}), --data imagefolder:DIR or "
+                           "--data package.module:factory")
+        return None
+    spec = parse_data_spec(opts.data, lm_data.list_datasets())
+    if opts.normalize is not None:
+        if spec.kind != "imagefolder":
+            raise CLIError("--normalize applies to --data imagefolder:DIR (named datasets and factories normalise "
+                           "their own data); drop it")
+        parse_normalize(opts.normalize)
+    if spec.kind == "imagefolder":
+        if opts.input_shape is None:
+            raise CLIError("--data imagefolder:DIR resizes the images to --input-shape: pass it, e.g. "
+                           "--input-shape 3,224,224 (RGB) or 1,28,28 (grayscale)")
+        with _refused():
+            lm_data.check_image_folder(spec.target)
+    elif spec.kind == "factory":
+        import_object(*spec.target.split(":"), what=FACTORY_HELP)
+    return spec
 
 
-def _splits(opts: Options) -> DataSplits | None:
-    if opts.data is None:
+def _splits(opts: Options, spec: DataSpec | None, shape: tuple[int, ...] | None) -> DataSplits | None:
+    """Load the data a spec names; an ``--input-shape`` must match it."""
+    if spec is None:
         return None
     say(f"loading {opts.data}")
-    return data_splits(opts.data, opts.data_root, batch_size=opts.train_batch_size, val_size=opts.val_size,
-                       seed=opts.seed)
+    with _refused():
+        if spec.kind == "name":
+            splits = lm_data.data_splits(spec.target, opts.data_root, batch_size=opts.train_batch_size,
+                                         val_size=opts.val_size, seed=opts.seed)
+        elif spec.kind == "imagefolder":
+            assert shape is not None  # _check_data made sure
+            normalize = parse_normalize(opts.normalize) if opts.normalize is not None else None
+            splits = lm_data.image_folder(spec.target, shape, normalize=normalize,
+                                          batch_size=opts.train_batch_size, val_size=opts.val_size, seed=opts.seed)
+        else:
+            module, name = spec.target.split(":")
+            factory = import_object(module, name, FACTORY_HELP)
+            try:
+                returned = factory(**spec.kwargs)
+            except TypeError as exc:
+                raise CLIError(f"{spec.target} does not take the arguments {spec.kwargs}: {exc}") from None
+            splits = lm_data.as_data_splits(returned, val_size=opts.val_size, seed=opts.seed, source=spec.target)
+    found = tuple(splits.input_shape)
+    if shape is not None and shape != found:
+        size = "×".join(map(str, found))
+        raise CLIError(f"--input-shape {','.join(map(str, shape))} does not match {opts.data}, whose inputs are "
+                       f"{size}: drop --input-shape (the data's shape is used) or pass --input-shape "
+                       f"{','.join(map(str, found))}")
+    for note in splits.notes:
+        say(note)
+    return splits
 
 
 def _prepare(opts: Options, data_required: bool) -> tuple[nn.Module, torch.Tensor, DataSplits | None]:
-    """Validate the cheap things first (budget, data name, shape), then build the model and load the data."""
+    """Validate the cheap things first (budget, data spec and layout, shape), then build the model, load the data,
+    and check that the model runs on the data's shape with a head as wide as its classes — all before tracing."""
     _check_budget(opts.budget)
-    _check_data(opts, data_required)
-    if opts.input_shape is not None:
-        parse_shape(opts.input_shape)
-    elif opts.data is None:
+    spec = _check_data(opts, data_required)
+    shape = parse_shape(opts.input_shape) if opts.input_shape is not None else None
+    if shape is None and spec is None:
         raise CLIError("pass --input-shape (e.g. 3,224,224) or --data so the input shape is known")
     model = _model(opts)
-    splits = _splits(opts)
-    return model, _example(opts, splits), splits
+    splits = _splits(opts, spec, shape)
+    with _refused():
+        if splits is not None:
+            lm_data.check_model_fits(model, splits, data_name=opts.data or "the data")
+        else:
+            lm_data.output_width(model, shape)  # type: ignore[arg-type]
+    return model, _example(opts, splits.input_shape if splits is not None else shape), splits  # type: ignore[arg-type]
 
 
 def _model(opts: Options) -> nn.Module:
@@ -96,9 +154,7 @@ def _model(opts: Options) -> nn.Module:
     return load_model(opts.model, opts.checkpoint)
 
 
-def _example(opts: Options, splits: DataSplits | None) -> torch.Tensor:
-    assert opts.input_shape is not None or splits is not None
-    shape = parse_shape(opts.input_shape) if opts.input_shape is not None else splits.input_shape  # type: ignore
+def _example(opts: Options, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(opts.batch_size, *shape, generator=torch.Generator().manual_seed(opts.seed))
 
 
@@ -143,8 +199,10 @@ def staged_output(output: str | None, overwrite: bool) -> Iterator[Path]:
     staging.replace(final)
 
 
-def _context(opts: Options) -> dict[str, Any]:
-    return {"command": shlex.join(["lm-plugin", *sys.argv[1:]]), "model": opts.model, "data": opts.data,
+def _context(opts: Options, splits: DataSplits | None = None) -> dict[str, Any]:
+    """What was run, for the report: command line, options, and where importance and accuracy were measured."""
+    data = {"accuracy_split": splits.test_name, "data_notes": list(splits.notes)} if splits is not None else {}
+    return {"command": shlex.join(["lm-plugin", *sys.argv[1:]]), "model": opts.model, "data": opts.data, **data,
             "options": {k: v for k, v in vars(opts).items() if k not in ("progress",)}}
 
 
@@ -161,8 +219,11 @@ def run_compress(opts: Options) -> int:
         result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=settings,
                           rounds=opts.rounds, progress=opts.progress, log=say)
         say("writing the report")
-        write_run(folder, result, pruner, frontier=tradeoff(pruner), context=_context(opts))
+        write_run(folder, result, pruner, frontier=tradeoff(pruner), context=_context(opts, splits))
     print(result.summary())
+    if splits.test_name != "test":
+        print(f"\nnote: the accuracy above is measured on the {splits.test_name} split ({opts.data} has no test "
+              "split; importance was scored on other images, see the report)")
     print(f"\nreport: {Path(opts.output) / 'report.md'}")
     return 0
 
@@ -195,7 +256,7 @@ def run_solve(opts: Options) -> int:
         frontier = tradeoff(pruner)
         plan.to_json(str(folder / "plan.json"))
         plot_plan(pruner.chain, plan, folder / "plan.png", title=f"plan at budget {pruner.budget}")
-        report = {"context": _context(opts), "budget": str(pruner.budget), "budget_ms": pruner.budget_ms(),
+        report = {"context": _context(opts, splits), "budget": str(pruner.budget), "budget_ms": pruner.budget_ms(),
                   "predicted_ms": {"original": pruner.latency_model().original_ms, "compressed": predicted},
                   "estimated_accuracy_change": objective, "plan": plan.to_dict(),
                   "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in frontier]}

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..budget import DEFAULT_BUDGET
 from .specs import CLIError
 
 __all__ = ["Options", "add_options", "resolve"]
@@ -29,7 +30,8 @@ class Options:
     input_shape: str | None = None
     data: str | None = None
     data_root: str | None = None
-    budget: str = "0.6"
+    normalize: str | list | dict | None = None
+    budget: str = str(DEFAULT_BUDGET)
     backend: str = "auto"
     batch_size: int = 64
     threads: int | None = None
@@ -60,10 +62,14 @@ HELP = {
              "package.module:factory[:k=v,...] or file.pt",
     "checkpoint": "state dict to load into the model (a .pt file)",
     "train": "for lm_plugin:NAME models: train with the workload recipe first (cached after the first run)",
-    "input_shape": "shape of one input without batch, e.g. 3,224,224 (default: the dataset's)",
-    "data": "dataset for importance, fine-tuning and accuracy: fashion_mnist or digits",
-    "data_root": "dataset directory (default: $LM_PLUGIN_DATA or ~/.cache/lm_plugin/data)",
-    "budget": "latency budget: a fraction of the original (0.6) or milliseconds (12ms)",
+    "input_shape": "shape of one input without batch, e.g. 3,224,224 (default: the dataset's; imagefolder data is "
+                   "resized to it)",
+    "data": "data for importance, fine-tuning and accuracy: a dataset name (fashion_mnist, digits), "
+            "imagefolder:DIR (DIR/train, DIR/val, optional DIR/test) or package.module:factory[:k=v,...]",
+    "data_root": "dataset directory of named datasets (default: $LM_PLUGIN_DATA or ~/.cache/lm_plugin/data)",
+    "normalize": "per-channel normalisation of imagefolder data, MEAN,...:STD,... (default: computed on the "
+                 "training images)",
+    "budget": f"latency budget: a fraction of the original (default {DEFAULT_BUDGET}) or milliseconds (12ms)",
     "backend": "latency backend: auto, cpu, cuda, onnxruntime, tensorrt",
     "batch_size": "batch size of the latency measurements",
     "threads": "CPU threads for latency measurements (default: torch's)",

@@ -1,23 +1,40 @@
-"""Turning command-line strings into objects: model specs and input shapes, with errors that say what to do."""
+"""Turning command-line strings into objects: model and data specs, input shapes, normalisation.
+
+Errors say what to do. Nothing here loads data: the library's :mod:`lm_plugin.data` does, given what these parse.
+"""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LayerMergeError
 
-__all__ = ["CLIError", "load_model", "parse_kwargs", "parse_shape"]
+__all__ = ["CLIError", "DataSpec", "import_object", "load_model", "parse_data_spec", "parse_kwargs",
+           "parse_normalize", "parse_shape"]
 
 MODEL_SPEC_HELP = (
     "a model spec is one of: torchvision:NAME[:key=value,...] (e.g. torchvision:resnet18:num_classes=10), "
     "timm:NAME[:key=value,...] (randomly initialised unless pretrained=True, e.g. timm:resnet18d:num_classes=10), "
     "lm_plugin:NAME (a registered workload model, e.g. lm_plugin:resnet_fm), package.module:factory[:key=value,...], "
     "or a path to a .pt file saved with torch.save(model)"
+)
+
+DATA_SPEC_HELP = (
+    "a data spec is one of: a registered dataset name ({names}), imagefolder:DIR (DIR/train/<class>/<image>, "
+    "DIR/val/<class>/<image>, optional DIR/test/<class>/<image>), or package.module:factory[:key=value,...] (a "
+    "function returning a lm_plugin.data.DataSplits, a dict {{'train', 'val'[, 'test']}} or a tuple (train, val[, "
+    "test]) of DataLoaders)"
 )
 
 
@@ -31,7 +48,8 @@ def parse_kwargs(text: str) -> dict[str, object]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise CLIError(f"bad model argument {item!r}: write key=value pairs separated by commas")
+            raise CLIError(f"bad argument {item!r} in a spec: write key=value pairs separated by commas, e.g. "
+                           "torchvision:resnet18:num_classes=10")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -39,17 +57,96 @@ def parse_kwargs(text: str) -> dict[str, object]:
     return out
 
 
-def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """``"3,224,224"`` (or a list from YAML) → ``(3, 224, 224)``: the shape of one input, without the batch."""
-    try:
-        parts = text if isinstance(text, (list, tuple)) else [p for p in str(text).replace("x", ",").split(",") if p]
+def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"3,224,224"`` or ``"3x224x224"`` (or a list from YAML) → ``(3, 224, 224)``: one input without the batch.
+
+    Raises:
+        CLIError: an empty part ("3,x,9"), a non-integer, zero or a negative dimension.
+    """
+    parts: Sequence[Any] = text if isinstance(text, (list, tuple)) else re.split(r"[,x×]", str(text).strip())
+    shape: tuple[int, ...] = ()
+    if all((isinstance(p, int) and not isinstance(p, bool)) or (isinstance(p, str) and p.strip().isdecimal())
+           for p in parts):
         shape = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        shape = ()
     if not shape or any(d < 1 for d in shape):
         raise CLIError(f"bad input shape {text!r}: give the shape of one input without the batch dimension, "
                        "as positive integers separated by commas, e.g. --input-shape 3,224,224")
     return shape
+
+
+def parse_normalize(value: str | Sequence[Any] | dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per-channel ``(mean, std)`` from ``"0.5,0.5,0.5:0.25,0.25,0.25"``, or from YAML: ``{mean: [...], std:
+    [...]}`` or ``[[means], [stds]]``. One value each stands for every channel.
+
+    Raises:
+        CLIError: anything else, or a std that is not positive.
+    """
+    how = ("give --normalize MEAN,...:STD,... (one value per channel, or one for all), e.g. "
+           "--normalize 0.485,0.456,0.406:0.229,0.224,0.225; in YAML also normalize: {mean: [...], std: [...]}")
+    if isinstance(value, dict) and set(value) == {"mean", "std"}:
+        pair: Sequence[Any] = [value["mean"], value["std"]]
+    elif isinstance(value, str) and value.count(":") == 1:
+        pair = [part.split(",") for part in value.split(":")]
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        pair = value
+    else:
+        raise CLIError(f"bad normalisation {value!r}: {how}")
+    try:
+        mean, std = ([float(v) for v in ([part] if isinstance(part, (int, float)) else part)] for part in pair)
+    except (TypeError, ValueError):
+        raise CLIError(f"bad normalisation {value!r}: {how}") from None
+    if not mean or (len(mean) != len(std) and 1 not in (len(mean), len(std))) or min(std, default=0) <= 0:
+        raise CLIError(f"bad normalisation {value!r} (as many means as stds, every std positive): {how}")
+    return mean, std
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: ``kind`` is ``"name"``, ``"imagefolder"`` or ``"factory"``."""
+
+    kind: str
+    target: str  # the dataset name, the folder, or "package.module:function"
+    kwargs: dict[str, object] = field(default_factory=dict)
+
+
+def parse_data_spec(text: str, names: Sequence[str]) -> DataSpec:
+    """``digits`` / ``imagefolder:DIR`` / ``package.module:factory[:k=v,...]`` → :class:`DataSpec`.
+
+    Raises:
+        CLIError: an unknown name or a malformed spec; the message lists the forms and the known names.
+    """
+    text = str(text).strip()
+    help_text = DATA_SPEC_HELP.format(names=", ".join(names))
+    source, sep, rest = text.partition(":")
+    if not sep:
+        if text not in names:
+            raise CLIError(f"unknown dataset {text!r}; {help_text}")
+        return DataSpec("name", text)
+    if source == "imagefolder":
+        if not rest:
+            raise CLIError(f"imagefolder: needs a folder, e.g. --data imagefolder:path/to/images; {help_text}")
+        return DataSpec("imagefolder", rest)
+    function, _, args = rest.partition(":")
+    if not source or not function.isidentifier():
+        raise CLIError(f"bad data spec {text!r}; {help_text}")
+    return DataSpec("factory", f"{source}:{function}", parse_kwargs(args))
+
+
+def import_object(module: str, name: str, what: str) -> Callable[..., Any]:
+    """``getattr(import_module(module), name)``, also finding modules in the current directory (as ``python -m``).
+
+    Raises:
+        CLIError: the module or the attribute cannot be imported, or it is not callable.
+    """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # the console script's sys.path lacks the directory users run it from
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise CLIError(f"cannot import {name!r} from {module!r} ({exc}); {what}") from None
+    if not callable(obj):
+        raise CLIError(f"{module}:{name} is a {type(obj).__name__}, not a function; {what}")
+    return obj
 
 
 def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
@@ -102,11 +199,11 @@ def _build(spec: str) -> nn.Module:
         if name not in list_models():
             raise CLIError(f"no registered model {name!r}; registered: {', '.join(list_models())}")
         return create_model(name, **kwargs)
+    factory = import_object(source, name, MODEL_SPEC_HELP)
     try:
-        factory = getattr(importlib.import_module(source), name)
-    except (ImportError, AttributeError) as exc:
-        raise CLIError(f"cannot import {name!r} from {source!r} ({exc}); {MODEL_SPEC_HELP}") from None
-    model = factory(**kwargs)
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise CLIError(f"{source}:{name} does not take the arguments {kwargs}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise CLIError(f"{source}:{name} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -117,8 +214,8 @@ def _timm_model(name: str, kwargs: dict[str, object]) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise CLIError(f"model spec timm:{name} needs the timm package, which is not installed: pip install timm"
-                       ) from None
+        raise CLIError(f"model spec timm:{name} needs the timm package, which is not installed: "
+                       "pip install 'lm-plugin[timm]' (or pip install timm)") from None
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:8]
         hint = f"; similar names: {', '.join(close)}" if close else ""

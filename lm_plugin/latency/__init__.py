@@ -1,27 +1,30 @@
-"""Latency measurement for LayerMerge: pluggable profilers, a resumable on-disk cache, and lookup tables.
+"""The measurement harness: pluggable profilers, a resumable on-disk cache, and lookup tables of any modules.
+
+It knows nothing of LayerMerge (it imports only :mod:`lm_plugin.store` and the package's error root): what to time
+for a candidate block lives next to the latency table, in :mod:`lm_plugin.tables.conv_block`.
 
 Typical use:
 
 ```python
-from lm_plugin.latency import ConvBlockSpec, LatencyTable, get_profiler, measure
+from lm_plugin.latency import LatencyTable, ModuleSpec, get_profiler, measure
 
 m = measure(model, (1, 3, 224, 224), backend="cpu", batch_size=64)      # one module, one number
 profiler = get_profiler("auto", batch_size=64)                          # CUDA if usable, else CPU
-table = LatencyTable.build({key: ConvBlockSpec(geometry, "relu"), ...}, profiler, cache="lat.jsonl")
-table.ms(key)
+specs = {k: ModuleSpec(lambda k=k: nn.Conv2d(32, 32, k), (1, 32, 28, 28), {"k": k}) for k in (1, 3, 5)}
+table = LatencyTable.build(specs, profiler, cache="lat.sqlite")
+table.ms(3)
 ```
 
-See ``docs/latency.md`` for the measurement protocol and the cache file format.
+See ``docs/latency.md`` for the measurement protocol and the cache.
 """
 
 # Import for the side effect of registering the built-in backends, and to expose their classes.
-from ..activations import ACTIVATIONS
 from .backends import CUDAProfiler, EagerCPUProfiler, MacsProfiler, OnnxRuntimeProfiler, TensorRTProfiler
-from .cache import LatencyCache
+from .cache import LatencyCache, latency_cache_path
 from .compare import compare_latency
-from .conv_block import ConvBlockSpec, activation_module, conv_block_key, conv_block_module
 from .errors import (
     BackendUnavailableError,
+    CacheWarning,
     LatencyCacheWarning,
     LatencyDriftWarning,
     LatencyError,
@@ -43,7 +46,6 @@ from .registry import (
 from .table import LatencyTable, ModuleSpec, TimingSpec
 
 __all__ = [
-    "ACTIVATIONS",
     "AUTO",
     "DEFAULT_MAX_SPREAD",
     "DEFAULT_REPEATS",
@@ -51,7 +53,7 @@ __all__ = [
     "DEFAULT_WARMUP",
     "BackendUnavailableError",
     "CUDAProfiler",
-    "ConvBlockSpec",
+    "CacheWarning",
     "EagerCPUProfiler",
     "InputsLike",
     "LatencyCache",
@@ -67,14 +69,12 @@ __all__ = [
     "TensorRTProfiler",
     "TimingSpec",
     "UnstableMeasurementWarning",
-    "activation_module",
     "available_backends",
     "backend_class",
     "backend_names",
     "compare_latency",
-    "conv_block_key",
-    "conv_block_module",
     "get_profiler",
+    "latency_cache_path",
     "measure",
     "register_backend",
     "resolve_backend",

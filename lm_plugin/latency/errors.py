@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import LayerMergeError
+from ..store.errors import CacheWarning
 
 
 class LatencyError(LayerMergeError):
@@ -13,8 +14,8 @@ class BackendUnavailableError(LatencyError, RuntimeError):
     """A latency backend was requested that cannot run here (no GPU, package not installed, unknown name)."""
 
 
-class LatencyCacheWarning(UserWarning):
-    """A latency cache file could not be (fully) used and was rebuilt; the message names the cause."""
+#: The store's one cache warning under its former name (the message names the table: "latency table cache …").
+LatencyCacheWarning = CacheWarning
 
 
 class UnstableMeasurementWarning(UserWarning):

@@ -1,4 +1,9 @@
-"""Latency tables: measure a set of modules once, cache the results, and look them up by key."""
+"""Latency tables: measure a set of modules once, cache the results, and look them up by key.
+
+Measuring happens under the cache's exclusive lock (:meth:`~lm_plugin.store.RecordStore.exclusive`): two processes
+timing at once on one machine slow each other down, so a second process building a table from the same cache waits,
+then reads what the first one measured and times only what is still missing.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from tqdm import tqdm
 
+from ..store import canonical_json, to_jsonable
 from .cache import LatencyCache
-from .canonical import canonical_json, to_jsonable
 from .errors import UnstableMeasurementWarning
 from .inputs import InputsLike, effective_shapes
 from .measurement import Measurement
@@ -130,15 +135,16 @@ class LatencyTable:
     ) -> LatencyTable:
         """Measure every entry that the cache does not already hold, and return the full table.
 
-        Entries are measured in order with a progress bar (done / total, ETA). Each measurement is written to
-        the cache as soon as it is taken, so an interrupted build (exception, Ctrl-C) resumes where it
-        stopped when called again with the same cache.
+        Entries are measured in order with a progress bar (done / total, ETA). Each measurement is committed to
+        the cache as soon as it is taken, so an interrupted build (exception, Ctrl-C, a killed process) resumes
+        where it stopped when called again with the same cache. Measuring holds the cache's exclusive lock: a
+        second process building from the same cache file waits for it, then measures only what is still missing.
 
         Example:
             ```python
             specs = {("conv", k): ModuleSpec(lambda k=k: nn.Conv2d(16, 16, k), (1, 16, 32, 32),
                                              description={"k": k}) for k in (1, 3, 5)}
-            table = LatencyTable.build(specs, get_profiler("cpu", batch_size=64), cache="lat.jsonl")
+            table = LatencyTable.build(specs, get_profiler("cpu", batch_size=64), cache="lat.sqlite")
             table.ms(("conv", 3))
             ```
 
@@ -146,8 +152,8 @@ class LatencyTable:
             entries: ``{key: spec}`` or ``[(key, spec), ...]`` (the pair form allows unhashable keys such as
                 dicts). Specs follow :class:`TimingSpec`.
             profiler: the profiler that times the modules.
-            cache: cache file path, an open :class:`LatencyCache` for this profiler, or None to measure
-                everything in memory.
+            cache: cache file path (a SQLite file, created if missing), an open :class:`LatencyCache` for this
+                profiler, or None to measure everything in memory.
             progress: show a tqdm progress bar.
             description: label of the progress bar.
             remeasure_unstable: time again the cached entries that were unstable when measured.
@@ -185,25 +191,40 @@ class LatencyTable:
             cache_keys.append(cache_key)
             distinct.setdefault(canonical_json(cache_key), (cache_key, spec))
 
+        def missing() -> list[tuple[dict[str, Any], TimingSpec]]:
+            return [(k, spec) for k, spec in distinct.values() if needs_measuring(k)]
+
         def needs_measuring(cache_key: dict[str, Any]) -> bool:
             found = store.get(cache_key)
             return found is None or (remeasure_unstable and not found.stable)
 
-        todo = [(k, spec) for k, spec in distinct.values() if needs_measuring(k)]
-        total = len(distinct)
-        with tqdm(
-            total=total, initial=total - len(todo), desc=description, unit="entry", disable=not progress
-        ) as bar:
-            for cache_key, spec in todo:
-                measurement = profiler.measure(spec.build(), spec.inputs, warn_unstable=False)
-                store.put(cache_key, measurement)
-                bar.update(1)
+        def say_waiting(holder: str) -> None:
+            if progress:
+                tqdm.write(f"{description}: waiting for {holder}, which is measuring into {store.path}")
 
+        try:
+            total, todo, measured = len(distinct), missing(), 0
+            if todo:  # a complete table is read without waiting for anybody
+                with store.exclusive("measure", on_wait=say_waiting):
+                    todo = missing()  # what another process measured while this one waited is not timed again
+                    with tqdm(
+                        total=total, initial=total - len(todo), desc=description, unit="entry", disable=not progress
+                    ) as bar:
+                        for cache_key, spec in todo:
+                            measurement = profiler.measure(spec.build(), spec.inputs, warn_unstable=False)
+                            store.put(cache_key, measurement)
+                            measured += 1
+                            bar.update(1)
+
+            found = {k: store[cache_key] for k, (cache_key, _) in distinct.items()}  # one object per module
+        finally:
+            if store is not cache:  # opened here
+                store.close()
         table = cls(
             signature,
-            [(key, store[cache_key]) for (key, _), cache_key in zip(pairs, cache_keys)],
-            measured=len(todo),
-            reused=total - len(todo),
+            [(key, found[canonical_json(cache_key)]) for (key, _), cache_key in zip(pairs, cache_keys)],
+            measured=measured,
+            reused=total - measured,
         )
         if table.unstable:
             warnings.warn(

@@ -22,16 +22,22 @@ except ImportError as exc:  # pragma: no cover - exercised only where NNI is abs
     ) from exc
 
 from .config import DEFAULT_CONFIG_LIST, ignored_convs, selected_convs
+from .experiment import ExperimentRun, run_experiment
 from .importance import EvaluatorImportance
 from .pruner import LayerMergePruner
+from .report import ExperimentReport, experiment_report
 from .speedup import speedup
 from .training import train_with_evaluator
 
 __all__ = [
     "DEFAULT_CONFIG_LIST",
     "EvaluatorImportance",
+    "ExperimentReport",
+    "ExperimentRun",
     "LayerMergePruner",
+    "experiment_report",
     "ignored_convs",
+    "run_experiment",
     "selected_convs",
     "speedup",
     "train_with_evaluator",

@@ -111,9 +111,12 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
     lines = [f"# LayerMerge report — {ctx.get('model', 'model')}", ""]
     if ctx.get("command"):
         lines += [f"Command: `{ctx['command']}`", ""]
+    if ctx.get("data_notes"):  # where importance was scored and which split the accuracy is on
+        lines += ["Data: " + "; ".join(ctx["data_notes"]) + ".", ""]
     lines += ["## Summary", "", "| | original | compressed |", "|---|---:|---:|"]
     if result.accuracy:
-        lines.append(f"| test accuracy (%) | {result.accuracy['original']:.2f} | {result.accuracy['compressed']:.2f} |")
+        lines.append(f"| {ctx.get('accuracy_split', 'test')} accuracy (%) | {result.accuracy['original']:.2f} | "
+                     f"{result.accuracy['compressed']:.2f} |")
     lines.append(f"| measured latency (ms) | {result.measured_ms['original']:.3f} | "
                  f"{result.measured_ms['compressed']:.3f} |")
     lines.append(f"| predicted latency (ms) | {result.predicted_ms['original']:.3f} | "

@@ -14,7 +14,8 @@ Estimators (one interface, :class:`ImportanceEstimator`):
   ``finetune``: the student starts next to the teacher, so a short KD run recovers most of what a longer
   task-loss fine-tune recovers, at a fraction of the steps).
 
-Entries are independent, cached one by one (checksummed JSON Lines, like the latency cache) and resumable.
+Entries are independent, cached one by one (a :class:`~lm_plugin.store.RecordStore`, like the latency cache:
+checksummed rows in a SQLite file) and resumable; processes sharing the cache claim entries, so none is scored twice.
 Every entry trains on the *same* batches (the loader's shuffling generator is re-seeded with the estimator's seed
 for each entry, then put back), so an entry's score does not depend on which entries ran before it: a resumed or
 sharded build gives the table an uninterrupted one gives, and ``distill`` computes the teacher's logits for those
@@ -39,21 +40,21 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..candidates import Candidate
-from ..latency.cache import RecordCache, signed_cache_path
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
+from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
 from ..train import evaluate, fit
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-class ImportanceCache(RecordCache):
-    """Importance values (floats) by candidate key, for one estimator signature."""
+class ImportanceCache(RecordStore):
+    """Importance values (floats) by candidate key, for one estimator signature (see
+    :class:`~lm_plugin.store.RecordStore`)."""
 
-    FORMAT = "lm_plugin.importance-cache"
-    VALUE_FIELD = "importance"
-    WHAT = "importance cache"
+    TABLE = "importance table"
+    SIGNED_BY = "estimator, network or rewrite"
 
     def _decode_value(self, data: Any) -> float:
         if not isinstance(data, (int, float)) or isinstance(data, bool):
@@ -257,12 +258,14 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
                            shard: tuple[int, int] | None = None) -> ImportanceTable:
     """Score every candidate that is not an uncompressed single conv (those score 0 by definition).
 
-    Each finished entry is written to the cache at once: an interrupted build resumes where it stopped.
+    Each finished entry is committed to the cache at once: an interrupted build (exception, Ctrl-C, a killed
+    process) resumes where it stopped and scores only the missing entries.
 
-    Several processes can build one table together by sharing ``cache_dir``: before scoring an entry, a builder
-    reloads the cache file and skips what another process has finished. ``shard=(index, count)`` makes the
-    workers start apart: worker ``index`` of ``count`` first scores every ``count``-th entry from ``index``, then
-    helps with the rest from the far end. Every worker returns the complete table.
+    Several processes can build one table together by sharing ``cache_dir`` (one per core, say): each claims an
+    entry before scoring it (:meth:`~lm_plugin.store.RecordStore.fill`), so no entry is scored twice; an entry
+    claimed by a process that has exited is taken over. ``shard=(index, count)`` makes the workers start apart:
+    worker ``index`` of ``count`` starts at the ``index``-th ``count``-th of the missing entries and goes round.
+    Every worker returns the complete table.
     """
     if shard is not None:
         index, count = shard
@@ -273,49 +276,41 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
     original = copy.deepcopy(gm).eval()
     signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
                  "rewrite": asdict(rewrite or RewriteOptions())}
-    cache = ImportanceCache(_cache_path(cache_dir, signature), signature)
     subsets = {c.key: representative(c) for c in candidates}
-    base_key = ["base_metric"]
-    if base_key in cache:
-        base = cache[base_key]
-    else:
-        base = estimator.score(original)
-        cache.put(base_key, base)
-    values: dict[tuple, float] = {}
-    todo = []
-    for c in candidates:
-        kept = subsets[c.key]
-        if c.end - c.st == 1 and kept == (c.end,):
-            values[c.key] = 0.0  # the original layer: nothing compressed
-        elif list(c.key) in cache:
-            values[c.key] = cache[list(c.key)]
-        else:
-            todo.append(c)
-    if shard is not None:
-        mine = todo[shard[0]::shard[1]]
-        todo = mine + [c for c in reversed(todo) if c not in mine]
-    evaluated = 0
-    with tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc=f"importance ({estimator.name})",
-              unit="entry", disable=not progress) as bar:
-        for c in todo:
-            cache.refresh()  # another process sharing the cache may have scored it meanwhile
-            if list(c.key) in cache:
-                values[c.key] = cache[list(c.key)]
-            else:
-                plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
-                model = to_trainable(gm, chain, plan, rewrite)
-                estimator.adapt(model, original)
-                values[c.key] = estimator.score(model) - base
-                cache.put(list(c.key), values[c.key])
-                evaluated += 1
-            bar.update(1)
+    # the original layers score 0 (nothing compressed); every other candidate is scored
+    scored = {c.key: c for c in candidates if not (c.end - c.st == 1 and subsets[c.key] == (c.end,))}
+    with ImportanceCache(_cache_path(cache_dir, signature), signature) as cache:
+        (base,) = cache.fill([["base_metric"]], lambda _: estimator.score(original))
+        order = list(scored)
+        if shard is not None:  # start apart: offset into what is still missing, the rest after it
+            missing = [k for k in order if list(k) not in cache]
+            start, stored = shard[0] * len(missing) // shard[1], set(order) - set(missing)
+            order = missing[start:] + missing[:start] + [k for k in order if k in stored]
+
+        def score(key: list) -> float:
+            c = scored[tuple(key)]
+            model = to_trainable(gm, chain, single_block_plan(chain, c.st, c.end, subsets[c.key]), rewrite)
+            estimator.adapt(model, original)
+            return estimator.score(model) - base
+
+        evaluated = 0
+        with tqdm(total=len(candidates), initial=len(candidates) - len(scored), desc=f"importance ({estimator.name})",
+                  unit="entry", disable=not progress) as bar:
+
+            def done(key: list, value: float, computed: bool) -> None:
+                nonlocal evaluated
+                evaluated += computed
+                bar.update(1)
+
+            found = dict(zip(order, cache.fill([list(k) for k in order], score, on_entry=done)))
+    values = {c.key: found.get(c.key, 0.0) for c in candidates}
     return ImportanceTable(values, subsets, base, signature, evaluated=evaluated)
 
 
 def _cache_path(cache_dir: str | os.PathLike[str] | None, signature: dict[str, Any]) -> Path | None:
     if cache_dir is None:
         return None
-    return signed_cache_path(cache_dir, f"importance-{signature['estimator']}", signature)
+    return signed_store_path(cache_dir, f"importance-{signature['estimator']}", signature)
 
 
 def _weights_id(module: nn.Module) -> str:

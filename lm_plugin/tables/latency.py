@@ -34,12 +34,11 @@ import torch.nn as nn
 
 from ..blocks import block_geometry
 from ..candidates import Candidate
-from ..latency import LatencyDriftWarning, LatencyTable, ModuleSpec, Profiler
-from ..latency.cache import signed_cache_path
-from ..latency.conv_block import conv_block_key, conv_block_module
+from ..latency import LatencyDriftWarning, LatencyTable, ModuleSpec, Profiler, latency_cache_path
 from ..plan import Plan
 from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
+from .conv_block import conv_block_key, conv_block_module
 
 #: Relative change of the original network's latency, table vs now, beyond which a warning is given.
 DEFAULT_DRIFT_TOLERANCE = 0.15
@@ -87,8 +86,9 @@ def network_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> d
 
 
 def cache_path(cache_dir: str | os.PathLike[str], profiler: Profiler) -> Path:
-    """One cache file per profiler signature, so backends and batch sizes never overwrite each other."""
-    return signed_cache_path(cache_dir, f"latency-{profiler.name}", profiler.signature())
+    """One cache file per profiler signature (``latency-<backend>-<hash>.sqlite``), so backends and batch sizes
+    never overwrite each other."""
+    return latency_cache_path(cache_dir, profiler.name, profiler.signature())
 
 
 @dataclass
@@ -164,7 +164,9 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
             always are).
         example_inputs: inputs the network is timed with (the profiler's batch size replaces theirs).
         profiler: the profiler for every measurement.
-        cache_dir: cache folder (one file per profiler signature), or None for no cache.
+        cache_dir: cache folder (one SQLite file per profiler signature, shared safely by processes that build
+            at once: measuring is serialised, see :meth:`~lm_plugin.latency.LatencyTable.build`), or None for no
+            cache.
         progress: show a progress bar.
         drift_tolerance: after the table is built or loaded from the cache, the original network is timed once
             more; if that differs from the table's figure by more than this fraction, a
@@ -178,8 +180,6 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     entries.append((("network",), ModuleSpec(lambda: deployed, tuple(tuple(t.shape) for t in example_inputs),
                                               network_key(gm, example_inputs))))
     cache = cache_path(cache_dir, profiler) if cache_dir is not None else None
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
     table = LatencyTable.build(entries, profiler, cache=cache, progress=progress, description="latency table")
     block_ms = {c.key: table.ms(("block",) + c.key) for c in candidates}
     skip_ms = {r.target: table.ms(("skip", r.target)) for r in skips}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+# DataSplits, the registry and DataUnavailableError live in lm_plugin.data; the names stay importable from here.
+from ..data.splits import DATASETS, DataSplits, DataUnavailableError, data_splits, register_dataset
 
 __all__ = [
     "DATASETS",
@@ -26,6 +27,7 @@ __all__ = [
     "data_splits",
     "default_data_root",
     "digits",
+    "digits_image_folder",
     "digits_tensors",
     "fashion_mnist",
     "fashion_mnist_tensors",
@@ -42,10 +44,6 @@ _FM_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-class DataUnavailableError(RuntimeError):
-    """A dataset is neither cached, installed from a system package, nor downloadable."""
 
 
 def default_data_root() -> Path:
@@ -236,22 +234,46 @@ def digits(
     return _loader(dataset, batch_size, train if shuffle is None else shuffle, seed, drop_last, 0)
 
 
-@dataclass(frozen=True)
-class DataSplits:
-    """The three loaders a compression run needs, plus the input shape of one example.
+def digits_image_folder(
+    root: str | os.PathLike[str], size: int = 16, per_class: tuple[int, int, int] = (60, 20, 20)
+) -> Path:
+    """Write scikit-learn's digits as an ``ImageFolder`` tree of PNGs: ``root/{train,val,test}/<digit>/<n>.png``.
 
-    Attributes:
-        train: Shuffled training loader (fine-tuning, importance adaptation).
-        val: A fixed subset of the *training* split on which importance is scored, so that the test split
-            stays unseen until the final accuracy.
-        test: The held-out test split (reported accuracy).
-        input_shape: Shape of one example, without the batch dimension, e.g. ``(1, 28, 28)``.
+    A real image folder to try ``lm_plugin.data.image_folder`` (``--data imagefolder:DIR``) offline; the images are
+    upscaled from 8×8 to ``size``×``size`` grayscale.
+
+    Args:
+        root: Folder to write into (created; existing files of the same names are replaced).
+        size: Side of the written images.
+        per_class: Images per class in train, val and test (at most 174 in all: the rarest digit's count); a test
+            count of 0 writes no ``test/`` folder.
+
+    Returns:
+        ``root`` as a ``Path``.
     """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a dev dependency
+        raise DataUnavailableError("digits_image_folder() needs scikit-learn: pip install scikit-learn") from exc
+    from PIL import Image
 
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
-    input_shape: tuple[int, ...]
+    bunch = load_digits()
+    if min(per_class) < 0 or sum(per_class) > min(int((bunch.target == c).sum()) for c in range(10)):
+        raise ValueError(f"per_class {per_class}: give counts >= 0 that sum to at most 174 per digit")
+    out = Path(root)
+    for digit in range(10):
+        images = bunch.images[bunch.target == digit]  # values 0..16
+        start = 0
+        for split, count in zip(("train", "val", "test"), per_class):
+            if count == 0:
+                continue
+            folder = out / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images[start:start + count]):
+                pixels = (image * (255 / 16)).round().astype("uint8")
+                Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
+            start += count
+    return out
 
 
 def _fashion_mnist_splits(root: str | os.PathLike[str] | None, batch_size: int, val_size: int, seed: int) -> DataSplits:
@@ -260,6 +282,8 @@ def _fashion_mnist_splits(root: str | os.PathLike[str] | None, batch_size: int, 
         fashion_mnist(root, train=True, batch_size=512, shuffle=False, subset=val_size, seed=seed),
         fashion_mnist(root, train=False, batch_size=512),
         (1, 28, 28),
+        num_classes=10,
+        notes=(f"importance scored on {val_size} training images; accuracy reported on the 10,000 test images",),
     )
 
 
@@ -270,31 +294,11 @@ def _digits_splits(root: str | os.PathLike[str] | None, batch_size: int, val_siz
         _loader(_subset(train, min(val_size, len(train)), seed), 512, False, seed, False, 0),
         digits(512, train=False),
         (1, 8, 8),
+        num_classes=10,
+        notes=(f"importance scored on {min(val_size, len(train))} training images; accuracy reported on the "
+               "held-out test split",),
     )
 
 
-#: Named datasets the CLI and the benchmarks accept (``--data NAME``); add yours with :func:`register_dataset`.
-DATASETS: dict[str, Callable[[str | os.PathLike[str] | None, int, int, int], DataSplits]] = {
-    "fashion_mnist": _fashion_mnist_splits,
-    "digits": _digits_splits,
-}
-
-
-def register_dataset(name: str, factory: Callable[[str | os.PathLike[str] | None, int, int, int], DataSplits]) -> None:
-    """Make ``factory(root, batch_size, val_size, seed) -> DataSplits`` available as ``--data name``."""
-    DATASETS[name] = factory
-
-
-def data_splits(
-    name: str, root: str | os.PathLike[str] | None = None, *, batch_size: int = 128, val_size: int = 2000,
-    seed: int = 0,
-) -> DataSplits:
-    """Train / importance-validation / test loaders of a registered dataset.
-
-    Raises:
-        KeyError: unknown dataset name (the message lists the known ones).
-        DataUnavailableError: the data cannot be found or downloaded (the message says how to get it).
-    """
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](root, batch_size, val_size, seed)
+register_dataset("fashion_mnist", _fashion_mnist_splits)
+register_dataset("digits", _digits_splits)

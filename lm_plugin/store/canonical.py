@@ -1,4 +1,5 @@
-"""Canonical JSON: one spelling per value, so that keys compare and checksum the same across runs."""
+"""Canonical JSON: one spelling per value, so that record keys compare and checksum the same across runs and
+processes (the record store keys every row by it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-#: Hex digits of SHA-256 kept as a checksum: enough to catch corruption, short enough to keep lines readable.
+#: Hex digits of SHA-256 kept as a checksum: enough to catch corruption, short enough to keep rows readable.
 CHECKSUM_HEX_DIGITS = 16
 
 
@@ -32,7 +33,7 @@ def to_jsonable(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, numbers.Real):
         if not math.isfinite(obj):
-            raise TypeError(f"cannot use the non-finite number {obj} in a latency key")
+            raise TypeError(f"cannot use the non-finite number {obj} in a record key or value")
         return float(obj)
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
@@ -42,13 +43,13 @@ def to_jsonable(obj: Any) -> Any:
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
-                raise TypeError(f"latency key dicts need string keys (JSON objects), got {key!r}")
+                raise TypeError(f"record dicts need string keys (JSON objects), got {key!r}")
             out[key] = to_jsonable(value)
         return out
     if isinstance(obj, (list, tuple, torch.Size)):
         return [to_jsonable(x) for x in obj]
     raise TypeError(
-        f"cannot use a {type(obj).__name__} in a latency key: use dicts, lists, tuples, dataclasses, strings, "
+        f"cannot use a {type(obj).__name__} in a record key or value: use dicts, lists, tuples, dataclasses, strings, "
         "numbers, booleans or None"
     )
 

@@ -1,4 +1,9 @@
-"""The module a merged LayerMerge block becomes, for latency tables over candidate blocks."""
+"""What the latency table times for a candidate block: the module a merged LayerMerge block becomes.
+
+The measurement harness (:mod:`lm_plugin.latency`) times any module; this module says which one stands for a merged
+block (its geometry from :mod:`lm_plugin.blocks`, its activation from :mod:`lm_plugin.activations`) and which key
+describes it in the cache.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,7 @@ from torch import nn
 
 from .. import activations
 from ..blocks import BlockGeometry
-from .inputs import Shape
-
-
-def activation_module(activation: str | None) -> nn.Module:
-    """A fresh activation module of a kind of :data:`lm_plugin.activations.ACTIVATIONS` (``nn.Identity`` for None).
-
-    Raises:
-        ValueError: for an unknown name.
-    """
-    return activations.make(activation)
+from ..latency.inputs import Shape
 
 
 def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Module:
@@ -26,7 +22,8 @@ def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Mod
 
     Args:
         geometry: kernel, stride, padding, channels and groups of the merged conv.
-        activation: activation after the conv, a name in :data:`ACTIVATIONS`, or None for a linear block.
+        activation: activation after the conv, a name in :data:`lm_plugin.activations.ACTIVATIONS`, or None for a
+            linear block.
 
     Returns:
         ``nn.Sequential(conv, activation)`` (activation ``nn.Identity`` when None), randomly initialised;
@@ -43,8 +40,8 @@ def conv_block_module(geometry: BlockGeometry, activation: str | None) -> nn.Mod
         bias=True,
     )
     if asymmetric:  # the deploy form pads explicitly, then runs the conv unpadded
-        return nn.Sequential(nn.ZeroPad2d(geometry.pad_lrtb), conv, activation_module(activation))
-    return nn.Sequential(conv, activation_module(activation))
+        return nn.Sequential(nn.ZeroPad2d(geometry.pad_lrtb), conv, activations.make(activation))
+    return nn.Sequential(conv, activations.make(activation))
 
 
 def conv_block_key(geometry: BlockGeometry, activation: str | None) -> dict[str, Any]:
@@ -74,7 +71,7 @@ class ConvBlockSpec:
     Example:
         ```python
         specs = {(g.st, g.end, g.kept): ConvBlockSpec(g, "relu") for g in candidate_geometries}
-        table = LatencyTable.build(specs, get_profiler("cpu", batch_size=64), cache="resnet_cpu.jsonl")
+        table = LatencyTable.build(specs, get_profiler("cpu", batch_size=64), cache="resnet_cpu.sqlite")
         table.ms((0, 2, (1, 2)))
         ```
 
@@ -88,7 +85,7 @@ class ConvBlockSpec:
     activation: str | None
 
     def __post_init__(self) -> None:
-        activation_module(self.activation)  # fail at construction, not halfway through a table build
+        activations.make(self.activation)  # fail at construction, not halfway through a table build
 
     @property
     def inputs(self) -> Shape:
