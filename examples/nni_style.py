@@ -80,7 +80,7 @@ def main(budget: float = 0.7, *, epochs: int = 8, importance_steps: int = 20, fi
     # --- LayerMerge, NNI style: select layers with config_list, the budget is a constructor argument ---
     config_list = [{"op_types": ["Conv2d"], "exclude_op_names": ["0.0"]}]  # keep the stem conv as it is
     pruner = LayerMergePruner(
-        model, budget, config_list, make_evaluator(model),
+        model, config_list, make_evaluator(model), budget=budget,
         importance="finetune", importance_settings={"steps": importance_steps},  # by the evaluator's training_func
         backend=backend, profiler_settings=profiler_settings, cache_dir=tempfile.mkdtemp(prefix="lm_plugin-"),
         progress=False,

@@ -33,7 +33,7 @@ def main() -> None:
         cache_dir=tempfile.mkdtemp(prefix="lm_plugin-"),
     )
     print(pruner.chain.summary(), end="\n\n")
-    plan = pruner.search()
+    plan = pruner.search().plan
     print(plan.summary(pruner.chain), end="\n\n")
 
     trainable = pruner.apply(plan)

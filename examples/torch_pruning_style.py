@@ -18,7 +18,7 @@ import tempfile
 import torch
 import torch_pruning as tp
 
-from lm_plugin import LayerMergePruner
+from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.latency import compare_latency
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import digits
@@ -46,7 +46,7 @@ def main(quick: bool = False) -> dict[str, float]:
         cache_dir=tempfile.mkdtemp(prefix="lm_plugin-"), progress=False,
     )
     trainable = pruner.step()                          # search + apply, like tp's pruner.step()
-    print(pruner.plan.summary(pruner.chain), end="\n\n")
+    print(Plan.of(trainable).summary(pruner.chain), end="\n\n")
     fit(trainable, train, epochs=1 if quick else 2, max_lr=0.02, seed=0, progress=False)
     deployed = pruner.merge(trainable.eval())          # one conv per block, BatchNorm folded
 

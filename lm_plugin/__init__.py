@@ -2,23 +2,44 @@
 
 Data flow: trace -> chain -> candidate blocks -> latency & importance tables -> solve -> plan
 -> trainable form (fine-tune) -> merged deploy form.
+
+The workflow needs one import::
+
+    from lm_plugin import LayerMergePruner, compress
 """
 
 from . import data
+from .budget import DEFAULT_BUDGET, Budget
+from .compress import CompressionResult, FinetuneSettings, compress, tradeoff
 from .data import DataSplits, data_splits, image_folder
-from .errors import InvalidPlanError, LayerMergeError, MergeError, NoChainError, UntraceableModelError
+from .errors import (
+    ConfigurationError,
+    InvalidPlanError,
+    LayerMergeError,
+    MergeError,
+    NoChainError,
+    UntraceableModelError,
+)
 from .inspect import CompressibilityReport, inspect_model
 from .plan import Plan
-from .pruner import LayerMergePruner
+from .pruner import LayerMergePruner, SearchResult
 from .rewrite import RewriteOptions
+from .solve import InfeasibleBudgetError
 from .trace import Chain
+from .train import evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BUDGET",
+    "Budget",
     "Chain",
     "CompressibilityReport",
+    "CompressionResult",
+    "ConfigurationError",
     "DataSplits",
+    "FinetuneSettings",
+    "InfeasibleBudgetError",
     "InvalidPlanError",
     "LayerMergeError",
     "LayerMergePruner",
@@ -26,10 +47,15 @@ __all__ = [
     "NoChainError",
     "Plan",
     "RewriteOptions",
+    "SearchResult",
     "UntraceableModelError",
     "__version__",
+    "compress",
     "data",
     "data_splits",
+    "evaluate",
+    "fit",
     "image_folder",
     "inspect_model",
+    "tradeoff",
 ]

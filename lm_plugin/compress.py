@@ -4,8 +4,10 @@ This is what the CLI's ``compress`` and ``demo`` commands, the pipeline's LayerM
 benchmark run, so that they all compress the same way:
 
 ```python
-pruner = LayerMergePruner(model, budget=0.6, example_inputs=x, train_data=train, eval_data=val)
-result = compress(pruner, train_data=train, test_data=test)
+from lm_plugin import LayerMergePruner, compress
+
+pruner = LayerMergePruner(model, 0.6, x, train_data=train, eval_data=val)
+result = compress(pruner, test_data=test)  # fine-tunes on the pruner's train_data
 print(result.summary())
 result.merged  # the deploy form
 ```
@@ -14,7 +16,8 @@ result.merged  # the deploy form
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,9 @@ from torch import fx, nn
 
 from .budget import Budget
 from .latency import compare_latency
-from .merge import merge_error, output_error
+from .latency import get_profiler
+from .merge import output_error
+from .merge.deploy import CHECK_META_KEY
 from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .pruner import LayerMergePruner
@@ -69,7 +74,10 @@ class CompressionResult:
         budget: The budget that was asked for.
         budget_ms: The budget in ms of the latency table's backend.
         predicted_ms: Predicted end-to-end latency of the plan and of the original (``"original"``).
-        measured_ms: Side-by-side measured latency of the BN-folded original and the merged network.
+        measured_ms: Side-by-side measured latency of the BN-folded original and the merged network, with the
+            latency table's backend.
+        runtime_ms: The same side by side in each deployment runtime asked for (``{"onnxruntime":
+            {"original": ms, "compressed": ms}}``): the exported models, timed where users deploy them.
         accuracy: Test accuracy (%) of the original and the merged network, if test data was given.
         cost: MACs (per image) / params / conv layers of the original and the merged network.
         merge_error: Float64 relative error of the merge algebra, merged vs trainable (exact ≈ 1e-15).
@@ -86,6 +94,7 @@ class CompressionResult:
     budget_ms: float
     predicted_ms: dict[str, float]
     measured_ms: dict[str, float]
+    runtime_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, float] = field(default_factory=dict)
     cost: dict[str, ModelCost] = field(default_factory=dict)
     merge_error: float = float("nan")
@@ -97,6 +106,11 @@ class CompressionResult:
     def speedup(self) -> float:
         """Measured speed-up of the merged network over the BN-folded original."""
         return self.measured_ms["original"] / self.measured_ms["compressed"]
+
+    def runtime_speedup(self, runtime: str) -> float:
+        """Measured speed-up in a deployment runtime (see ``runtime_ms``)."""
+        ms = self.runtime_ms[runtime]
+        return ms["original"] / ms["compressed"]
 
     @property
     def exact(self) -> bool:
@@ -112,6 +126,8 @@ class CompressionResult:
             "predicted_ms": self.predicted_ms,
             "measured_ms": self.measured_ms,
             "speedup": self.speedup,
+            "runtime_ms": self.runtime_ms,
+            "runtime_speedup": {name: self.runtime_speedup(name) for name in self.runtime_ms},
             "accuracy": self.accuracy,
             "cost": {k: v.to_dict() for k, v in self.cost.items()},
             "merge_error": self.merge_error,
@@ -128,6 +144,8 @@ class CompressionResult:
             rows.append(("test accuracy (%)", f"{self.accuracy['original']:.2f}", f"{self.accuracy['compressed']:.2f}"))
         rows.append(("measured latency (ms)", f"{self.measured_ms['original']:.3f}",
                      f"{self.measured_ms['compressed']:.3f}"))
+        for name, ms in self.runtime_ms.items():
+            rows.append((f"{name} latency (ms)", f"{ms['original']:.3f}", f"{ms['compressed']:.3f}"))
         rows.append(("predicted latency (ms)", f"{self.predicted_ms['original']:.3f}",
                      f"{self.predicted_ms['compressed']:.3f}"))
         if self.cost:
@@ -138,6 +156,8 @@ class CompressionResult:
         width = max(len(r[0]) for r in rows)
         lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
         tail = f"measured speed-up {self.speedup:.2f}x (budget {self.budget}, {self.budget_ms:.3f} ms)"
+        for name in self.runtime_ms:
+            tail += f", {self.runtime_speedup(name):.2f}x in {name}"
         if self.accuracy:
             tail += f", accuracy change {self.accuracy['compressed'] - self.accuracy['original']:+.2f} %p"
         tail += f"; merge error {self.merge_error:.1e} ({'exact' if self.exact else 'NOT EXACT'})"
@@ -152,6 +172,7 @@ def compress(
     test_data: Any = None,
     finetune: FinetuneSettings | None = None,
     rounds: int = 3,
+    runtimes: Sequence[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
@@ -161,11 +182,15 @@ def compress(
     Args:
         pruner: A configured :class:`LayerMergePruner` (its model is never modified).
         budget: Overrides the pruner's budget.
-        train_data: Loader of ``(inputs, targets)`` for fine-tuning; without it the trainable form is merged as is.
+        train_data: Loader of ``(inputs, targets)`` for fine-tuning (default: the pruner's ``train_data``); with
+            neither, the trainable form is merged as is.
         test_data: Loader for the accuracy of the original and the merged network (held out: not the data the
             importance table was estimated on).
         finetune: Fine-tuning settings (default: 1 epoch, max lr 0.02 — the reference workload).
         rounds: Interleaved rounds of the side-by-side latency measurement.
+        runtimes: Deployment runtimes in which the exported original and merged networks are also timed side
+            by side (``result.runtime_ms``). Default: ``("onnxruntime",)`` when ONNX Runtime is installed and
+            is not already the table's backend; ``()`` for none.
         progress: Show progress bars while fine-tuning.
         log: Called with a line of text at the start of each stage (e.g. ``print``).
         on_epoch: Called as ``on_epoch(epoch, trainable)`` after each fine-tuning epoch (model in eval mode),
@@ -179,6 +204,7 @@ def compress(
     """
     say = log or (lambda _msg: None)
     settings = finetune or FinetuneSettings()
+    train_data = train_data if train_data is not None else pruner.train_data
     seconds: dict[str, float] = {}
     target = Budget.parse(budget) if budget is not None else pruner.budget
 
@@ -193,7 +219,8 @@ def compress(
     seconds["importance_table"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    plan = pruner.search(target)
+    found = pruner.search(target)
+    plan = found.plan
     seconds["solve"] = time.perf_counter() - start
     say(plan.summary(pruner.chain))
 
@@ -209,16 +236,21 @@ def compress(
 
     start = time.perf_counter()
     say("merging")
-    merged = pruner.merge(trainable)
-    error = merge_error(trainable, pruner.merge, pruner.example_inputs)
+    merged = pruner.merge(trainable)  # checks itself in float64 and raises if it is wrong
+    error = float(merged.meta[CHECK_META_KEY])
     deviation = output_error(trainable, merged, pruner.example_inputs)
     seconds["merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
     say(f"measuring latency side by side ({rounds} rounds)")
     # The fair baseline is the original as it would be deployed: BN folded, nothing merged.
-    measured = compare_latency(pruner.profiler, {"original": pruner.baseline(), "compressed": merged},
-                               pruner.example_inputs, rounds=rounds)
+    pair = {"original": pruner.baseline(), "compressed": merged}
+    measured = compare_latency(pruner.profiler, pair, pruner.example_inputs, rounds=rounds)
+    runtime_ms: dict[str, dict[str, float]] = {}
+    for runtime in _runtimes(runtimes, pruner):
+        say(f"measuring latency side by side in {runtime}")
+        profiler = get_profiler(runtime, batch_size=pruner.profiler.batch_size)
+        runtime_ms[runtime] = compare_latency(profiler, pair, pruner.example_inputs, rounds=rounds)
     seconds["measure"] = time.perf_counter() - start
 
     accuracy: dict[str, float] = {}
@@ -231,10 +263,19 @@ def compress(
     cost = {"original": model_cost(pruner.model, one), "compressed": model_cost(merged, one)}
     return CompressionResult(
         plan=plan, trainable=trainable, merged=merged, budget=target, budget_ms=target.to_ms(lat.original_ms),
-        predicted_ms={"original": lat.original_ms, "compressed": lat.predict(plan)}, measured_ms=measured,
+        predicted_ms={"original": found.original_ms, "compressed": found.predicted_ms}, measured_ms=measured,
+        runtime_ms=runtime_ms,
         accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
         latency_settings=dict(pruner.profiler.signature()))
 
+
+
+def _runtimes(asked: Sequence[str] | None, pruner: LayerMergePruner) -> tuple[str, ...]:
+    if asked is not None:
+        return tuple(asked)
+    table_backend = pruner.profiler.signature().get("backend")
+    has_ort = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    return ("onnxruntime",) if has_ort and table_backend != "onnxruntime" else ()
 
 
 @dataclass(frozen=True)
@@ -267,10 +308,8 @@ def tradeoff(pruner: LayerMergePruner, fractions: list[float] | None = None) -> 
     points = []
     for fraction in fractions:
         try:
-            plan = pruner.search(fraction)
+            found = pruner.search(fraction)
         except InfeasibleBudgetError:
             continue
-        assert pruner.solution is not None
-        points.append(TradeoffPoint(fraction, pruner.predict_latency(plan), base + pruner.solution.objective,
-                                    len(plan.blocks())))
+        points.append(TradeoffPoint(fraction, found.predicted_ms, base + found.objective, len(found.plan.blocks())))
     return points

@@ -21,3 +21,7 @@ class InvalidPlanError(LayerMergeError, ValueError):
 
 class MergeError(LayerMergeError):
     """A trainable-form model cannot be merged (wrong plan, missing weights)."""
+
+
+class ConfigurationError(LayerMergeError, ValueError):
+    """Settings that contradict each other or cannot work (a part configured twice, a bad value)."""

@@ -180,6 +180,19 @@ class Plan:
             raise InvalidPlanError(f"malformed plan: {exc}") from exc
 
     @classmethod
+    def of(cls, model: object) -> Plan:
+        """The plan a trainable or deploy form was made from (``LayerMergePruner.apply`` records it).
+
+        Raises:
+            InvalidPlanError: ``model`` was not made by ``apply``/``merge``.
+        """
+        info = getattr(model, "meta", {}).get("lm_plugin") if hasattr(model, "meta") else None
+        if not info or "plan" not in info:
+            raise InvalidPlanError("this model carries no plan: only models made by LayerMergePruner.apply(plan) "
+                                   "(and their merged forms) do")
+        return cls.from_dict(info["plan"])
+
+    @classmethod
     def from_json(cls, text_or_path: str) -> Plan:
         """Parse a plan from JSON text or from a file path."""
         text = text_or_path

@@ -7,6 +7,7 @@ It owns the traced copy of the model and its chain; ``apply(plan)`` gives the tr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .budget import Budget
+from .budget import DEFAULT_BUDGET, Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
-from .errors import LayerMergeError
+from .errors import ConfigurationError, LayerMergeError
 from .latency import Profiler, get_profiler
 from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
@@ -25,7 +26,8 @@ from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import Entry, InfeasibleBudgetError, Solution, solve
-from .tables.importance import ImportanceEstimator, ImportanceTable, build_importance_table, make_estimator
+from .tables.importance import (DEFAULT_ESTIMATOR, ImportanceEstimator, ImportanceTable, build_importance_table,
+                                make_estimator)
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
@@ -44,6 +46,36 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    """What :meth:`LayerMergePruner.search` found for one budget.
+
+    Attributes:
+        plan: The chosen plan (which activations and convs are kept).
+        budget: The budget that was solved for.
+        budget_ms: The budget in ms of the latency table's backend.
+        predicted_ms: Predicted end-to-end latency of the plan's deploy form.
+        original_ms: Predicted (= measured, in the table) latency of the BN-folded original.
+        objective: The DP's objective: the chosen blocks' summed importance (for accuracy: the estimated change
+            in percentage points right after compression, before fine-tuning). A ranking signal, not a forecast
+            of the fine-tuned accuracy.
+        solution: The DP's raw answer (chosen entries, summed latency, bins).
+    """
+
+    plan: Plan
+    budget: Budget
+    budget_ms: float
+    predicted_ms: float
+    original_ms: float
+    objective: float
+    solution: Solution
+
+    @property
+    def predicted_speedup(self) -> float:
+        """``original_ms / predicted_ms``."""
+        return self.original_ms / self.predicted_ms
+
+
 class LayerMergePruner:
     """Depth compression of a CNN by removing activations and conv layers and merging what remains.
 
@@ -58,23 +90,33 @@ class LayerMergePruner:
         mode: ``"layermerge"`` (joint), ``"act_only"`` or ``"layer_only"`` (the two baselines).
         max_kernel: largest merged kernel the search considers.
         backend: latency backend: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``,
-            ``"onnxruntime"``, ``"tensorrt"``; or a ready :class:`lm_plugin.latency.Profiler`.
-        batch_size: batch size latency is measured at (default: that of ``example_inputs``).
-        profiler_settings: further profiler settings (``warmup``, ``repeats``, ``threads`` ...).
+            ``"onnxruntime"``, ``"tensorrt"``, ``"macs"``; or a ready :class:`lm_plugin.latency.Profiler`. Build
+            the table with the backend you deploy with: a plan searched with eager-PyTorch latencies is
+            faster in eager PyTorch, less so in ONNX Runtime (``backend="onnxruntime"``).
+        batch_size: batch size latency is measured at (default: that of ``example_inputs``); with a backend
+            name only.
+        profiler_settings: further profiler settings (``warmup``, ``repeats``, ``threads`` ...); with a backend
+            name only.
         cache_dir: where tables are cached (default ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``); None
             disables caching.
         progress: show progress bars on long work.
         importance: importance estimator: ``"distill"`` (default; a few distillation steps per block),
-            ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or an
-            :class:`~lm_plugin.tables.importance.ImportanceEstimator`.
-        train_data: ``(inputs, targets)`` batches for the training estimators (a ``DataLoader``).
-        eval_data: batches the importance metric is measured on.
-        importance_settings: further estimator settings (``steps``, ``max_lr``, ``metric``, ``seed`` ...).
+            ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or a ready
+            :class:`~lm_plugin.tables.importance.ImportanceEstimator` (which carries its own data and settings).
+        train_data: ``(inputs, targets)`` batches for the training estimators (a ``DataLoader``); with an
+            estimator name only. :func:`lm_plugin.compress` fine-tunes on it too unless told otherwise.
+        eval_data: batches the importance metric is measured on; with an estimator name only.
+        importance_settings: further estimator settings (``steps``, ``max_lr``, ``metric``, ``seed`` ...); with
+            an estimator name only.
+
+    Raises:
+        ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
         resolution: latency resolution of the DP, as a fraction of the original latency (0.001 = 0.1 %).
 
     Example:
-        >>> pruner = LayerMergePruner(model, budget=0.7, example_inputs=torch.randn(1, 3, 224, 224))
-        >>> plan = Plan.sample(pruner.chain, 0)
+        >>> pruner = LayerMergePruner(model, 0.7, torch.randn(1, 3, 224, 224), train_data=loader)
+        >>> found = pruner.search()             # found.plan, found.predicted_ms, found.objective
+        >>> plan = found.plan
         >>> trainable = pruner.apply(plan)      # fine-tune this
         >>> deployed = pruner.merge(trainable)  # one conv per block, BN folded
     """
@@ -82,7 +124,7 @@ class LayerMergePruner:
     def __init__(
         self,
         model: nn.Module,
-        budget: float = 0.7,
+        budget: float | str | Budget = DEFAULT_BUDGET,
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         *,
         ignored_layers: Iterable[nn.Module | str] = (),
@@ -94,17 +136,22 @@ class LayerMergePruner:
         profiler_settings: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = "default",
         progress: bool = True,
-        importance: str | ImportanceEstimator = "distill",
+        importance: str | ImportanceEstimator = DEFAULT_ESTIMATOR,
         train_data: Any = None,
         eval_data: Any = None,
         importance_settings: dict[str, Any] | None = None,
         resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
-            raise LayerMergeError(
+            raise ConfigurationError(
                 "example_inputs is required: pass a tensor shaped like one real input batch, e.g. "
-                "example_inputs=torch.randn(1, 3, 224, 224)"
+                "LayerMergePruner(model, 0.7, torch.randn(1, 3, 224, 224))"
             )
+        _one_way("backend", backend, Profiler, batch_size=batch_size, profiler_settings=profiler_settings)
+        _one_way("importance", importance, ImportanceEstimator, train_data=train_data, eval_data=eval_data,
+                 importance_settings=importance_settings)
+        if rewrite is not None and not isinstance(rewrite, RewriteOptions):
+            raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model
         self.budget = Budget.parse(budget)
         self.example_inputs = normalize_inputs(example_inputs)
@@ -129,12 +176,12 @@ class LayerMergePruner:
         else:
             self.estimator = make_estimator(importance, train_data=train_data, eval_data=eval_data,
                                             **(importance_settings or {}))
+        #: The training batches of this pruner (its estimator's): what :func:`lm_plugin.compress` fine-tunes on.
+        self.train_data = getattr(self.estimator, "train_data", None)
         if not 0 < resolution < 1:
-            raise ValueError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
+            raise ConfigurationError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
         self.resolution = resolution
         self._importance: ImportanceTable | None = None
-        self.solution: Solution | None = None  # the DP's last answer (entries, objective, latency)
-        self.plan: Plan | None = None  # the plan of the last step()
 
     def _conv_scores(self) -> dict[int, float]:
         """Σ|W| of each prunable conv: a candidate keeps the subset of largest score (the reference's rule).
@@ -214,10 +261,14 @@ class LayerMergePruner:
         return [Entry(c.st, c.end, imp.subsets[c.key], lat.cost(c.st, c.end, imp.subsets[c.key]), imp.values[c.key],
                       c.key) for c in self.candidates]
 
-    def search(self, budget: float | str | Budget | None = None) -> Plan:
+    def search(self, budget: float | str | Budget | None = None) -> SearchResult:
         """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
 
-        Builds (or loads) the latency and importance tables, then solves the DP.
+        Builds (or loads) the latency and importance tables, then solves the DP. Nothing is stored on the
+        pruner: solving again at another budget is cheap (the tables are built once).
+
+        Returns:
+            The plan with its predicted latency and objective (:class:`SearchResult`).
 
         Raises:
             InfeasibleBudgetError: no plan meets the budget; the message gives the smallest achievable latency.
@@ -236,15 +287,18 @@ class LayerMergePruner:
                 f"original {lat.original_ms:.3f} ms). The smallest achievable predicted latency is "
                 f"{lowest:.3f} ms ({lowest / lat.original_ms:.1%}) in mode {self.mode!r} with "
                 f"max_kernel={self.max_kernel}; raise the budget to at least that.", lowest) from None
-        self.solution = solution
         kept_acts = {e.end for e in solution.entries} - {self.chain.length}
         kept_convs = {j for e in solution.entries for j in e.kept}
-        return Plan(self.chain.length, kept_acts, kept_convs, self.chain.fingerprint())
+        plan = Plan(self.chain.length, kept_acts, kept_convs, self.chain.fingerprint())
+        return SearchResult(plan, target, budget_ms, lat.predict(plan), lat.original_ms, solution.objective,
+                            solution)
 
     def step(self, budget: float | str | Budget | None = None) -> fx.GraphModule:
-        """``search()`` then ``apply()``: the trainable form of the best plan (torch-pruning's habit)."""
-        self.plan = self.search(budget)
-        return self.apply(self.plan)
+        """``search()`` then ``apply()``: the trainable form of the best plan (torch-pruning's habit).
+
+        The plan travels with the result: ``Plan.of(trainable)`` reads it back.
+        """
+        return self.apply(self.search(budget).plan)
 
     def baseline(self) -> fx.GraphModule:
         """The uncompressed network in deploy form (identity plan merged: BN folded).
@@ -267,7 +321,8 @@ class LayerMergePruner:
             elif id(layer) in names:
                 out.append(names[id(layer)])
             else:
-                raise LayerMergeError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model")
+                raise ConfigurationError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model; "
+                                         "pass the model's own modules or their qualified names")
         return out
 
     def identity_plan(self) -> Plan:
@@ -282,13 +337,18 @@ class LayerMergePruner:
         """
         return to_trainable(self.graph_module, self.chain, plan, self.rewrite)
 
-    def merge(self, trainable: fx.GraphModule) -> fx.GraphModule:
+    def merge(self, trainable: fx.GraphModule, *, check: bool = True) -> fx.GraphModule:
         """Deploy form: one conv per block, BN folded, exact w.r.t. ``trainable`` (in eval mode).
 
         ``trainable`` may have been channel-pruned in place since :meth:`apply` (torch-pruning, or
         :class:`lm_plugin.efa.HierarchicalPruner`); the merged convs then have the pruned widths.
+
+        Args:
+            trainable: the (fine-tuned) trainable form.
+            check: verify the result in float64 and raise :class:`~lm_plugin.MergeError` if it is wrong
+                (default; see :func:`lm_plugin.merge.merge`).
         """
-        return _merge(trainable, self.chain)
+        return _merge(trainable, self.chain, check=check)
 
     def internal_layers(self, trainable: fx.GraphModule) -> list[nn.Module]:
         """Convs of ``trainable`` whose output channels exist only inside a merged block.
@@ -305,3 +365,15 @@ class LayerMergePruner:
             >>> deployed = pruner.merge(trainable)  # after fine-tuning
         """
         return _internal_layers(trainable, self.chain)
+
+
+def _one_way(part: str, value: Any, ready: type, **settings: Any) -> None:
+    """A part is configured by a name plus settings, or by a ready object that carries its own: not both."""
+    given = [name for name, v in settings.items() if v is not None]
+    example = "cpu" if part == "backend" else DEFAULT_ESTIMATOR
+    if isinstance(value, ready) and given:
+        raise ConfigurationError(
+            f"{part}= is a ready {type(value).__name__}, which carries its own settings, so "
+            f"{', '.join(given)} would be ignored. Either configure the {type(value).__name__} itself, or pass "
+            f"{part} by name (e.g. {part}={example!r}) with "
+            f"{', '.join(given)}.")

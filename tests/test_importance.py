@@ -127,11 +127,14 @@ def test_search_returns_the_best_plan_within_budget(trained, tmp_path):
     # analytic costs: on a busy machine noisy timings can make the part outside the blocks negative, and then even
     # a 1 ns budget below looks reachable
     pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path, budget=0.9, backend="macs")
-    plan = pruner.search()
+    found = pruner.search()
+    plan = found.plan
     assert plan.is_valid(pruner.chain)
-    assert pruner.predict_latency(plan) <= pruner.budget_ms() + 1e-9
+    assert found.predicted_ms == pruner.predict_latency(plan) and found.budget_ms == pruner.budget_ms()
+    assert found.predicted_ms <= found.budget_ms + 1e-9
     # No decomposition of the chain within the budget scores higher (exhaustive check).
-    lat, sol = pruner.latency_model(), pruner.solution
+    lat, sol = pruner.latency_model(), found.solution
+    assert found.objective == sol.objective
     block_budget = pruner.budget_ms() - lat.rest_ms - sum(lat.skip_ms.values())
     best = brute_force(pruner.entries(), pruner.chain.length, math.floor(block_budget / sol.step_ms + 1e-9),
                        sol.step_ms)

@@ -24,6 +24,7 @@ from nni.compression.speedup import ModelSpeedup  # noqa: E402
 from schema import SchemaError  # noqa: E402
 
 from lm_plugin.budget import Budget  # noqa: E402
+from lm_plugin.errors import ConfigurationError  # noqa: E402
 from lm_plugin.nni import LayerMergePruner, ignored_convs, selected_convs, speedup  # noqa: E402
 from lm_plugin.solve import InfeasibleBudgetError  # noqa: E402
 from lm_plugin.train import evaluate, fit  # noqa: E402
@@ -103,8 +104,8 @@ def test_compress_with_a_real_torch_evaluator(digits_model, tmp_path):
     with torch.no_grad():
         before = model(x)
     calls: dict[str, int] = {}
-    pruner = LayerMergePruner(model, 0.9, [{"op_types": ["Conv2d"], "exclude_op_names": ["2.b.0"]}],
-                              make_evaluator(model, calls), importance_settings={"steps": 3},
+    pruner = LayerMergePruner(model, [{"op_types": ["Conv2d"], "exclude_op_names": ["2.b.0"]}],
+                              make_evaluator(model, calls), budget=0.9, importance_settings={"steps": 3},
                               cache_dir=tmp_path, **MACS)
     assert isinstance(pruner, Pruner)
     assert hasattr(model[0][0], "_nni_wrapper")  # NNI's life cycle: wrapped until compress()
@@ -137,7 +138,7 @@ def test_compress_with_a_real_torch_evaluator(digits_model, tmp_path):
 
 def test_output_merged_and_zero_shot_with_the_evaluators_metric(digits_model, tmp_path):
     model = copy.deepcopy(digits_model)
-    pruner = LayerMergePruner(model, 0.8, None, make_evaluator(model), importance="zero_shot", output="merged",
+    pruner = LayerMergePruner(model, None, make_evaluator(model), budget=0.8, importance="zero_shot", output="merged",
                               cache_dir=tmp_path, **FAST)
     reachable_budget(pruner)
     deployed, masks = pruner.compress()
@@ -148,7 +149,7 @@ def test_output_merged_and_zero_shot_with_the_evaluators_metric(digits_model, tm
 
 
 def test_fine_tuning_needs_an_evaluator(digits_model, tmp_path):
-    pruner = LayerMergePruner(copy.deepcopy(digits_model), 0.9, example_inputs=torch.randn(8, 1, 8, 8),
+    pruner = LayerMergePruner(copy.deepcopy(digits_model), budget=0.9, example_inputs=torch.randn(8, 1, 8, 8),
                               importance="zero_shot", eval_data=digits(256, train=False), cache_dir=tmp_path, **FAST)
     with pytest.raises(ValueError, match="evaluator"):
         pruner.compress(max_steps=5)
@@ -159,7 +160,7 @@ def test_resnet18_with_an_excluded_conv(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     config_list = [{"op_types": ["Conv2d"], "exclude_op_names": ["layer1.0.conv2"],
                     "exclude_op_names_re": [r"layer4\..*"]}]
-    pruner = LayerMergePruner(model, 0.9, config_list, example_inputs=torch.randn(1, 3, 32, 32),
+    pruner = LayerMergePruner(model, config_list, budget=0.9, example_inputs=torch.randn(1, 3, 32, 32),
                               importance="zero_shot", eval_data=random_loader((3, 32, 32)), cache_dir=tmp_path, **FAST)
     reachable_budget(pruner)
     trainable, masks = pruner.compress()
@@ -176,7 +177,7 @@ def test_mobilenet_v2_with_op_names_re(tmp_path):
     model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
     # Only the first bottleneck stages take part; everything else is passed on as ignored_layers.
     config_list = [{"op_types": ["Conv2d"], "op_names_re": [r"features\.[1-4]\..*"]}]
-    pruner = LayerMergePruner(model, 0.95, config_list, example_inputs=torch.randn(1, 3, 32, 32),
+    pruner = LayerMergePruner(model, config_list, budget=0.95, example_inputs=torch.randn(1, 3, 32, 32),
                               importance="zero_shot", eval_data=random_loader((3, 32, 32)), cache_dir=tmp_path, **FAST)
     chosen = selected_convs(model, config_list)
     assert chosen and all(name.startswith(("features.1.", "features.2.", "features.3.", "features.4."))
@@ -196,18 +197,20 @@ def test_mobilenet_v2_with_op_names_re(tmp_path):
 def test_config_list_follows_nnis_schema_and_rules():
     model = digits_resnet(width=16)
     with pytest.raises(SchemaError):  # NNI's strict schema: the budget is not a config key
-        LayerMergePruner(model, 0.5, [{"op_types": ["Conv2d"], "budget": 0.5}], example_inputs=torch.randn(1, 1, 8, 8))
+        LayerMergePruner(model, [{"op_types": ["Conv2d"], "budget": 0.5}], budget=0.5, example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="budget"):
-        LayerMergePruner(model, 0.5, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}],
+        LayerMergePruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], budget=0.5,
                          example_inputs=torch.randn(1, 1, 8, 8))
+    with pytest.raises(ConfigurationError, match=r"budget=0.5"):  # NNI's order: (model, config_list, evaluator)
+        LayerMergePruner(model, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="dummy_input"):
-        LayerMergePruner(model, 0.5)
+        LayerMergePruner(model, budget=0.5)
     wrapped = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}])
     with pytest.raises(ValueError, match="unwrap_model"):  # tracing a wrapped model would see masked buffers
-        LayerMergePruner(model, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
+        LayerMergePruner(model, budget=0.5, example_inputs=torch.randn(1, 1, 8, 8))
     wrapped.unwrap_model()
     with pytest.raises(TypeError, match="exclude_op_names"):
-        LayerMergePruner(model, 0.5, example_inputs=torch.randn(1, 1, 8, 8), ignored_layers=["0.0"])
+        LayerMergePruner(model, budget=0.5, example_inputs=torch.randn(1, 1, 8, 8), ignored_layers=["0.0"])
     assert selected_convs(model, [{"op_names": ["2.a.0", "2.a.1"]}]) == {"2.a.0"}  # a BatchNorm is not a conv
     assert selected_convs(model, [{"op_types": ["Conv2d"], "exclude_op_names_re": [r"[23]\..*"]}]) == {"0.0", "4.a.0",
                                                                                                      "4.b.0"}

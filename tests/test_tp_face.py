@@ -111,7 +111,7 @@ def test_step_compresses_in_torch_pruning_habits(arch, one_thread):
                               max_kernel=max_kernel, cache_dir=None, progress=False, importance="zero_shot",
                               eval_data=calib)
     trainable = pruner.step()
-    plan = pruner.plan
+    plan = Plan.of(trainable)
     assert plan is not None and pruner.predict_latency(plan) <= pruner.budget_ms() + 1e-9
     assert pruner.predict_latency(plan) == pytest.approx(tp.utils.count_ops_and_params(
         pruner.merge(pruner.apply(plan).eval()), x)[0] / 1e6, rel=1e-6)  # macs backend: prediction = count

@@ -250,9 +250,8 @@ def run_solve(opts: Options) -> int:
     with staged_output(opts.output, opts.overwrite) as folder:
         model, example, splits = _prepare(opts, data_required=True)
         pruner = _pruner(opts, model, example, splits)
-        plan = pruner.search()
-        assert pruner.solution is not None
-        predicted, objective = pruner.predict_latency(plan), pruner.solution.objective
+        found = pruner.search()
+        plan, predicted, objective = found.plan, found.predicted_ms, found.objective
         frontier = tradeoff(pruner)
         plan.to_json(str(folder / "plan.json"))
         plot_plan(pruner.chain, plan, folder / "plan.png", title=f"plan at budget {pruner.budget}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from nni.compression.utils import Evaluator
 
-from ..tables.importance import ImportanceEstimator
+from ..tables.importance import DistillImportance, ImportanceEstimator
 from .training import evaluate_with_evaluator, train_with_evaluator
 
 
@@ -28,7 +28,7 @@ class EvaluatorImportance(ImportanceEstimator):
 
     Args:
         evaluator: an NNI evaluator, initialised by a compressor (so its optimizers can be rebuilt).
-        steps: optimizer steps per candidate (0: no training).
+        steps: optimizer steps per candidate (0: no training); default: as many as the core's default estimator.
         eval_data: if given, the metric is measured on these batches with ``metric`` (as the core
             estimators); otherwise with the evaluator's ``evaluating_func``.
         known_parameters: parameter names of the model the evaluator's optimizers were built for.
@@ -38,7 +38,7 @@ class EvaluatorImportance(ImportanceEstimator):
     """
 
     evaluator: Evaluator | None = None
-    steps: int = 200
+    steps: int = DistillImportance.steps  # the core default's cost per entry, not the paper's 200 steps
     known_parameters: frozenset[str] = field(default_factory=frozenset)
 
     name = "nni_evaluator"

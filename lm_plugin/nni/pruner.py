@@ -12,8 +12,8 @@ from nni.compression.base.compressor import Pruner
 from nni.compression.utils import Evaluator
 
 from .. import pruner as _core
-from ..budget import Budget
-from ..errors import LayerMergeError
+from ..budget import DEFAULT_BUDGET, Budget
+from ..errors import ConfigurationError, LayerMergeError
 from ..plan import Plan
 from ..trace import Chain
 from .config import ignored_convs, normalize_config_list
@@ -38,14 +38,14 @@ class LayerMergePruner(Pruner):
         model: the network to compress. Like every NNI compressor, the pruner wraps the selected convs until
             ``compress()``; afterwards ``model`` is unwrapped and unchanged, and the compressed network is a
             new module.
-        budget: latency budget: a fraction of the original network's measured latency (``0.6``) or a time
-            (``"12.5ms"``).
         config_list: NNI configs selecting the participating convs (``op_types``, ``op_names``,
             ``op_names_re``, ``exclude_op_types``, ``exclude_op_names``, ``exclude_op_names_re``). Default:
             every ``Conv2d``.
         evaluator: an NNI evaluator (``TorchEvaluator``). It supplies ``example_inputs`` (its
             ``dummy_input``), trains the ``finetune`` importance estimator, fine-tunes in ``compress`` and,
             without ``eval_data``, scores candidates with its ``evaluating_func``.
+        budget: latency budget (keyword, NNI's config schema has no key for it): a fraction of the original
+            network's measured latency (``0.6``, default 0.7) or a time (``"12.5ms"``).
         example_inputs: an input batch; defaults to the evaluator's ``dummy_input``.
         output: what ``compress()`` returns: ``"trainable"`` (default; fine-tune it, then :meth:`merge`) or
             ``"merged"`` (deploy form: one conv per block, BatchNorm folded).
@@ -53,7 +53,8 @@ class LayerMergePruner(Pruner):
         **layermerge_kwargs: any keyword of :class:`lm_plugin.LayerMergePruner` (``importance``,
             ``importance_settings``, ``eval_data``, ``train_data``, ``backend``, ``profiler_settings``,
             ``cache_dir``, ``mode``, ``max_kernel``, ``rewrite``, ``progress`` ...). ``importance`` defaults to
-            ``"finetune"`` trained by the evaluator when there is one.
+            ``"finetune"`` trained by the evaluator when there is one, for as many steps per entry as the core's
+            default estimator takes (``importance_settings={"steps": n}`` to change).
 
     Raises:
         ValueError: bad ``config_list`` (sparsity keys), or neither ``example_inputs`` nor an evaluator with
@@ -61,8 +62,8 @@ class LayerMergePruner(Pruner):
         schema.SchemaError: ``config_list`` breaks NNI's schema.
 
     Example:
-        >>> pruner = LayerMergePruner(model, 0.6, [{"op_types": ["Conv2d"], "exclude_op_names": ["conv1"]}],
-        ...                           evaluator, importance_settings={"steps": 20})
+        >>> pruner = LayerMergePruner(model, [{"op_types": ["Conv2d"], "exclude_op_names": ["conv1"]}],
+        ...                           evaluator, budget=0.6, importance_settings={"steps": 20})
         >>> trainable, masks = pruner.compress(max_steps=500)   # fine-tuned 500 steps by the evaluator
         >>> deployed = pruner.merge(trainable)
     """
@@ -70,15 +71,19 @@ class LayerMergePruner(Pruner):
     def __init__(
         self,
         model: nn.Module,
-        budget: float | str | Budget,
         config_list: Sequence[dict[str, Any]] | None = None,
         evaluator: Evaluator | None = None,
         *,
+        budget: float | str | Budget = DEFAULT_BUDGET,
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         output: Output = "trainable",
         existed_wrappers: dict[str, Any] | None = None,
         **layermerge_kwargs: Any,
     ) -> None:
+        if isinstance(config_list, (int, float, str, Budget)):
+            raise ConfigurationError(
+                f"the second argument is NNI's config_list, not the budget (got {config_list!r}): write "
+                f"LayerMergePruner(model, config_list, evaluator, budget={config_list!r})")
         if existed_wrappers:
             raise NotImplementedError(
                 "LayerMergePruner cannot be fused with another compressor (from_compressor): it rewrites the "
@@ -99,7 +104,7 @@ class LayerMergePruner(Pruner):
             raise ValueError("LayerMerge needs an input batch: pass example_inputs=torch.randn(...) or an "
                              "evaluator built with dummy_input=...")
         self.output: Output = output
-        self.plan: Plan | None = None
+        self.plan: Plan | None = None  # the plan compress() chose (NNI compressors keep their result)
         known = frozenset(name for name, _ in model.named_parameters())
         self._known_parameters = known
         importance = self._importance(evaluator, known, layermerge_kwargs)
@@ -132,10 +137,9 @@ class LayerMergePruner(Pruner):
         """The compressible conv chain (``lm_plugin.Chain``); excluded convs sit between breaks."""
         return self.layermerge.chain
 
-    def search(self, budget: float | str | Budget | None = None) -> Plan:
+    def search(self, budget: float | str | Budget | None = None) -> _core.SearchResult:
         """The best plan for ``budget`` (default: the constructor's); see :meth:`lm_plugin.LayerMergePruner.search`."""
-        self.plan = self.layermerge.search(budget)
-        return self.plan
+        return self.layermerge.search(budget)
 
     def merge(self, trainable: fx.GraphModule) -> fx.GraphModule:
         """Deploy form of a (fine-tuned) trainable model: one conv per block, BatchNorm folded."""
@@ -183,7 +187,7 @@ class LayerMergePruner(Pruner):
         # The rewrite replaces modules, which NNI only allows while the model is unwrapped.
         if self._is_wrapped:
             self.unwrap_model()
-        plan = self.search()
+        plan = self.plan = self.search().plan
         model: nn.Module = self.layermerge.apply(plan)
         if max_steps or max_epochs:
             train_with_evaluator(self.evaluator, model, self._known_parameters, max_steps=max_steps,

@@ -40,6 +40,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..candidates import Candidate
+from ..errors import ConfigurationError
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
 from ..store import RecordStore, signed_store_path
@@ -207,6 +208,9 @@ def _tensor_key(x: torch.Tensor) -> tuple:
     return (tuple(x.shape), str(x.dtype), str(x.device), digest)
 
 
+#: The estimator every entry point uses unless told otherwise.
+DEFAULT_ESTIMATOR = "distill"
+
 ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
     "zero_shot": ZeroShotImportance,
     "finetune": FinetuneImportance,
@@ -219,7 +223,8 @@ def make_estimator(spec: str | ImportanceEstimator, **kwargs: Any) -> Importance
     if isinstance(spec, ImportanceEstimator):
         return spec
     if spec not in ESTIMATORS:
-        raise ValueError(f"unknown importance estimator {spec!r}; use one of {sorted(ESTIMATORS)} or an instance")
+        raise ConfigurationError(f"unknown importance estimator {spec!r}; use one of {sorted(ESTIMATORS)} or an "
+                                 "ImportanceEstimator instance")
     return ESTIMATORS[spec](**kwargs)
 
 
