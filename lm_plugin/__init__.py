@@ -8,7 +8,7 @@ The workflow needs one import::
     from lm_plugin import LayerMergePruner, compress
 """
 
-from . import data
+from . import data, workloads
 from .budget import DEFAULT_BUDGET, Budget
 from .compress import CompressionResult, FinetuneSettings, compress, tradeoff
 from .data import DataSplits, data_splits, image_folder
@@ -58,4 +58,5 @@ __all__ = [
     "image_folder",
     "inspect_model",
     "tradeoff",
+    "workloads",
 ]

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .latency.backends.ort import CLASSIC_EXPORTER
+
 __all__ = ["export_onnx", "export_torchscript", "onnx_error"]
 
 
@@ -32,14 +34,14 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
     """Export ``model`` to ONNX with a dynamic batch dimension; returns the path.
 
-    Uses the TorchScript-based exporter (``dynamo=False``): the dynamo exporter needs extra packages and
+    Uses the TorchScript-based exporter (``dynamo=False`` where torch has the keyword): the dynamo exporter needs extra packages and
     the merged networks are plain conv/activation graphs that the classic exporter handles exactly.
     """
     module = _eager_copy(model)
     out = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, (example.cpu().float(),), str(out), dynamo=False, opset_version=opset,
+        torch.onnx.export(module, (example.cpu().float(),), str(out), opset_version=opset, **CLASSIC_EXPORTER,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import io
 import platform
 import warnings
@@ -30,6 +31,12 @@ OPTIMIZATION_LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 _PROVIDER = "CPUExecutionProvider"
+
+
+#: Keywords that select the TorchScript-based ONNX exporter: newer torch defaults to the dynamo exporter
+#: (``dynamo=True``), older torch has no such keyword and only the classic one.
+CLASSIC_EXPORTER: dict[str, bool] = (
+    {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {})
 
 
 @register_backend
@@ -107,7 +114,7 @@ class OnnxRuntimeProfiler(Profiler):
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
                 torch.onnx.export(
-                    model, inputs, buffer, input_names=names, opset_version=self.opset, dynamo=False
+                    model, inputs, buffer, input_names=names, opset_version=self.opset, **CLASSIC_EXPORTER
                 )
             except Exception as exc:  # the exporter raises many unrelated types
                 raise LatencyError(
