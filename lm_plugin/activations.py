@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class ActivationKind:
@@ -78,5 +80,5 @@ def make(kind: str | None) -> nn.Module:
     if kind is None:
         return nn.Identity()
     if kind not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {kind!r}; use one of {sorted(ACTIVATIONS)} or None")
+        raise ConfigurationError(f"unknown activation {kind!r}; use one of {sorted(ACTIVATIONS)} or None")
     return ACTIVATIONS[kind].factory()

@@ -6,6 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from .errors import ConfigurationError
+
 __all__ = ["DEFAULT_BUDGET", "Budget"]
 
 #: The default latency budget of the pruner, the CLI and the docs: 70 % of the original network's latency.
@@ -40,17 +42,18 @@ class Budget:
                 return cls.parse(float(text[:-1]) / 100)
             match = _MS.match(budget)
             if not match:
-                raise ValueError(f"budget {budget!r} not understood: use a ratio such as 0.7 or '70%' (of "
+                raise ConfigurationError(f"budget {budget!r} not understood: use a ratio such as 0.7 or '70%' (of "
                                  "the original latency) or a time such as '12.5ms'")
             ms = float(match.group(1))
             if not ms > 0 or math.isinf(ms):
-                raise ValueError(f"budget must be a positive time, got {budget!r}")
+                raise ConfigurationError(f"budget must be a positive time, got {budget!r}")
             return cls(ms, "ms")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise ValueError(f"budget must be a float ratio or a string like '12ms', got {type(budget).__name__}")
+            raise ConfigurationError(
+                f"budget must be a float ratio or a string like '12ms', got {type(budget).__name__}")
         value = float(budget)
         if math.isnan(value) or value <= 0 or value > 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"budget {budget!r} is not a latency ratio in (0, 1]: pass e.g. 0.7 for 70 % of the original "
                 "network's latency, or an absolute budget as a string such as '12.5ms'"
             )

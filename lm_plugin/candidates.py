@@ -51,6 +51,7 @@ from fractions import Fraction
 from numbers import Rational
 
 from .blocks import BlockGeometry, end_activation, pad_extra, residual_relation
+from .errors import ConfigurationError
 from .trace.chain import Chain, ChainConv, Residual
 
 MODES = ("layermerge", "act_only", "layer_only")
@@ -111,7 +112,7 @@ def enumerate_candidates(chain: Chain, mode: str = "layermerge", *, max_kernel: 
             residuals must be nested or disjoint, as :func:`~lm_plugin.trace.extract_chain` makes them).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
     scores = _exact_scores(chain, weights)
     opening: dict[int, list[Residual]] = {}  # source -> residuals starting there, outermost first
     for r in sorted(chain.residuals, key=lambda r: (r.source, -r.target)):
@@ -150,7 +151,7 @@ def _from_start(chain: Chain, st: int, mode: str, max_kernel: int | None, insert
             r, pushed = frames.pop()
             states = _close(pushed, states, r, mode)
         if any(r.target <= end for r, _ in frames):
-            raise ValueError(f"residuals of the chain cross at position {end}; they must be nested or disjoint")
+            raise ConfigurationError(f"residuals of the chain cross at position {end}; they must be nested or disjoint")
         if all(r.source == st for r, _ in frames):  # otherwise (st, end] crosses an open residual
             out.extend(_emit(chain, st, end, states, max_kernel, inserted_act))
         if end in breaks:
@@ -269,13 +270,13 @@ def _exact_scores(chain: Chain, weights: Mapping[int, float] | None) -> dict[int
         return dict.fromkeys(indices, 1)
     missing = [j for j in indices if j not in weights]
     if missing:
-        raise ValueError(f"weights has no score for convs {missing[:10]}{' …' if len(missing) > 10 else ''}")
+        raise ConfigurationError(f"weights has no score for convs {missing[:10]}{' …' if len(missing) > 10 else ''}")
     exact: dict[int, Fraction] = {}
     for j in indices:
         v = weights[j]
         try:
             exact[j] = Fraction(v) if isinstance(v, (float, Rational)) else Fraction(float(v))  # type: ignore[arg-type]
         except (ValueError, OverflowError, TypeError) as e:
-            raise ValueError(f"the weight of conv {j} must be a finite number, got {v!r}") from e
+            raise ConfigurationError(f"the weight of conv {j} must be a finite number, got {v!r}") from e
     scale = math.lcm(*(f.denominator for f in exact.values())) if exact else 1
     return {j: int(f * scale) for j, f in exact.items()}

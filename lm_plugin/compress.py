@@ -15,8 +15,8 @@ result.merged  # the deploy form
 
 from __future__ import annotations
 
-import time
 import importlib.util
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +24,8 @@ from typing import Any
 from torch import fx, nn
 
 from .budget import Budget
-from .latency import compare_latency
-from .latency import get_profiler
+from .errors import ConfigurationError
+from .latency import compare_latency, get_profiler
 from .merge import output_error
 from .merge.deploy import CHECK_META_KEY
 from .metrics import ModelCost, model_cost
@@ -58,7 +58,7 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or not self.max_lr > 0 or not 0 <= self.distill_alpha <= 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"fine-tuning needs epochs >= 0, max_lr > 0 and 0 <= distill_alpha <= 1; got {self.epochs}, "
                 f"{self.max_lr}, {self.distill_alpha}")
 
@@ -137,11 +137,17 @@ class CompressionResult:
             "latency_settings": self.latency_settings,
         }
 
-    def summary(self) -> str:
-        """The before/after table every entry point prints."""
-        rows = [("", "original", "compressed")]
+    def rows(self, accuracy_split: str = "test") -> list[tuple[str, str, str]]:
+        """The before/after table, ``(quantity, original, compressed)`` formatted: the one source of every summary
+        (:meth:`summary` on the terminal, the report's Markdown table).
+
+        Args:
+            accuracy_split: which split the accuracy was measured on (``"test"``, or ``"val"`` without a test split).
+        """
+        rows = []
         if self.accuracy:
-            rows.append(("test accuracy (%)", f"{self.accuracy['original']:.2f}", f"{self.accuracy['compressed']:.2f}"))
+            rows.append((f"{accuracy_split} accuracy (%)", f"{self.accuracy['original']:.2f}",
+                         f"{self.accuracy['compressed']:.2f}"))
         rows.append(("measured latency (ms)", f"{self.measured_ms['original']:.3f}",
                      f"{self.measured_ms['compressed']:.3f}"))
         for name, ms in self.runtime_ms.items():
@@ -153,15 +159,23 @@ class CompressionResult:
             rows += [("MACs per image (M)", f"{o.macs / 1e6:.2f}", f"{c.macs / 1e6:.2f}"),
                      ("parameters (k)", f"{o.params / 1e3:.1f}", f"{c.params / 1e3:.1f}"),
                      ("conv layers", str(o.convs), str(c.convs))]
-        width = max(len(r[0]) for r in rows)
-        lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
+        return rows
+
+    def headline(self) -> str:
+        """One line: measured speed-up(s), accuracy change, merge check."""
         tail = f"measured speed-up {self.speedup:.2f}x (budget {self.budget}, {self.budget_ms:.3f} ms)"
         for name in self.runtime_ms:
             tail += f", {self.runtime_speedup(name):.2f}x in {name}"
         if self.accuracy:
             tail += f", accuracy change {self.accuracy['compressed'] - self.accuracy['original']:+.2f} %p"
-        tail += f"; merge error {self.merge_error:.1e} ({'exact' if self.exact else 'NOT EXACT'})"
-        return "\n".join([*lines, tail])
+        return tail + f"; merge error {self.merge_error:.1e} ({'exact' if self.exact else 'NOT EXACT'})"
+
+    def summary(self, accuracy_split: str = "test") -> str:
+        """The before/after table every entry point prints (:meth:`rows`), then :meth:`headline`."""
+        rows = [("", "original", "compressed"), *self.rows(accuracy_split)]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
+        return "\n".join([*lines, self.headline()])
 
 
 def compress(

@@ -25,3 +25,30 @@ class MergeError(LayerMergeError):
 
 class ConfigurationError(LayerMergeError, ValueError):
     """Settings that contradict each other or cannot work (a part configured twice, a bad value)."""
+
+
+class ArgumentTypeError(LayerMergeError, TypeError):
+    """An argument of the wrong type; the message names the type expected."""
+
+
+class UnknownNameError(LayerMergeError, KeyError):
+    """A name (dataset, model, backend, table entry, stage ...) that is not registered or not present."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; ours is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedError(LayerMergeError, NotImplementedError):
+    """Something lm_plugin does not do (the message says what to do instead)."""
+
+
+class LayerMergeRuntimeError(LayerMergeError, RuntimeError):
+    """An operation failed at run time for a reason the message explains."""
+
+
+class MissingDependencyError(LayerMergeError, ImportError):
+    """An optional dependency is not installed; the message gives the ``pip install`` line."""
+
+
+class TrainingDivergedError(LayerMergeError, FloatingPointError):
+    """Training produced a non-finite loss (the message suggests a lower learning rate or a data check)."""

@@ -34,7 +34,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
     """Export ``model`` to ONNX with a dynamic batch dimension; returns the path.
 
-    Uses the TorchScript-based exporter (``dynamo=False`` where torch has the keyword): the dynamo exporter needs extra packages and
+    Uses the TorchScript-based exporter (``dynamo=False`` where torch has the keyword): the dynamo exporter needs
+    extra packages and
     the merged networks are plain conv/activation graphs that the classic exporter handles exactly.
     """
     module = _eager_copy(model)

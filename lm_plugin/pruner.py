@@ -7,8 +7,8 @@ It owns the traced copy of the model and its chain; ``apply(plan)`` gives the tr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .budget import DEFAULT_BUDGET, Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
-from .errors import ConfigurationError, LayerMergeError
+from .errors import ConfigurationError
 from .latency import Profiler, get_profiler
 from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
@@ -26,16 +26,23 @@ from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import Entry, InfeasibleBudgetError, Solution, solve
-from .tables.importance import (DEFAULT_ESTIMATOR, ImportanceEstimator, ImportanceTable, build_importance_table,
-                                make_estimator)
-from .tables.latency import LatencyModel, build_latency_model
+from .store.paths import cache_root
+from .tables.importance import (
+    DEFAULT_ESTIMATOR,
+    ImportanceEstimator,
+    ImportanceTable,
+    build_importance_table,
+    make_estimator,
+)
+from .tables.latency import LatencyModel, build_latency_model, deploy_identity
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
 
 
 def default_cache_dir() -> Path:
-    """``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``."""
-    return Path(os.environ.get("LM_PLUGIN_CACHE", Path.home() / ".cache" / "lm_plugin"))
+    """Where tables are cached by default: ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``
+    (:func:`lm_plugin.store.paths.cache_root`)."""
+    return cache_root()
 
 
 def _si(n: float) -> str:
@@ -305,7 +312,7 @@ class LayerMergePruner:
 
         This is what the latency table calls "original": compare compressed models against it.
         """
-        return self.merge(self.apply(self.identity_plan()))
+        return deploy_identity(self.graph_module, self.chain)
 
     def budget_ms(self) -> float:
         """The budget in ms (a ratio budget is relative to the original network's measured latency)."""

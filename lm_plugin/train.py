@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ArgumentTypeError, ConfigurationError, TrainingDivergedError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -40,7 +42,7 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     """
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError(
+    raise ArgumentTypeError(
         "expected loader batches of the form (inputs, targets); got "
         f"{type(batch).__name__}. Wrap your dataset so that it yields (inputs, targets) pairs."
     )
@@ -84,7 +86,7 @@ def distillation_loss(
         The scalar loss, averaged over the batch.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigurationError(f"temperature must be > 0, got {temperature}")
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
@@ -99,22 +101,22 @@ def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
             empty = False
             yield batch
         if empty:
-            raise ValueError("the training loader yielded no batches")
+            raise ConfigurationError("the training loader yielded no batches")
 
 
 def _num_steps(loader: Iterable[Any], epochs: float | None, steps: int | None) -> int:
     if steps is not None:
         if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise ConfigurationError(f"steps must be >= 1, got {steps}")
         return int(steps)
     if epochs is None or epochs <= 0:
-        raise ValueError(f"epochs must be > 0, got {epochs}")
+        raise ConfigurationError(f"epochs must be > 0, got {epochs}")
     try:
         per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError as exc:
-        raise ValueError("the loader has no len(); pass steps= instead of epochs=") from exc
+        raise ConfigurationError("the loader has no len(); pass steps= instead of epochs=") from exc
     if per_epoch == 0:
-        raise ValueError("the training loader is empty")
+        raise ConfigurationError("the training loader is empty")
     return max(1, math.ceil(epochs * per_epoch))
 
 
@@ -171,14 +173,14 @@ def fit(
             ``[0, 1]`` or without a teacher, non-positive length).
     """
     if not 0.0 <= distill_alpha <= 1.0:
-        raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
+        raise ConfigurationError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
     if distill_alpha > 0 and teacher is None:
-        raise ValueError("distill_alpha > 0 needs a teacher model")
+        raise ConfigurationError("distill_alpha > 0 needs a teacher model")
     if max_lr <= 0:
-        raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        raise ConfigurationError(f"max_lr must be > 0, got {max_lr}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigurationError("the model has no trainable parameters")
     total = _num_steps(loader, epochs, steps)
     if seed is not None:
         torch.manual_seed(seed)
@@ -216,7 +218,7 @@ def fit(
                 kd = distillation_loss(outputs, teacher_out, temperature)
                 loss = (1.0 - distill_alpha) * loss + distill_alpha * kd
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDivergedError(
                     f"training loss became {loss.item()} at step {step}; lower max_lr or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -265,7 +267,7 @@ def predict_logits(
     finally:
         model.train(was_training)
     if not outs:
-        raise ValueError("the evaluation loader yielded no batches")
+        raise ConfigurationError("the evaluation loader yielded no batches")
     return torch.cat(outs), torch.cat(tgts)
 
 
@@ -294,11 +296,11 @@ def evaluate(
     """
     if isinstance(metric, str):
         if metric != "accuracy":
-            raise ValueError(f"unknown metric {metric!r}; use 'accuracy' or a callable")
+            raise ConfigurationError(f"unknown metric {metric!r}; use 'accuracy' or a callable")
         metric_fn: MetricFn = _accuracy
     elif callable(metric):
         metric_fn = metric
     else:
-        raise TypeError(f"metric must be 'accuracy' or a callable, got {type(metric).__name__}")
+        raise ArgumentTypeError(f"metric must be 'accuracy' or a callable, got {type(metric).__name__}")
     outputs, targets = predict_logits(model, loader, device)
     return float(metric_fn(outputs, targets))

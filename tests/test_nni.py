@@ -197,7 +197,8 @@ def test_mobilenet_v2_with_op_names_re(tmp_path):
 def test_config_list_follows_nnis_schema_and_rules():
     model = digits_resnet(width=16)
     with pytest.raises(SchemaError):  # NNI's strict schema: the budget is not a config key
-        LayerMergePruner(model, [{"op_types": ["Conv2d"], "budget": 0.5}], budget=0.5, example_inputs=torch.randn(1, 1, 8, 8))
+        LayerMergePruner(model, [{"op_types": ["Conv2d"], "budget": 0.5}], budget=0.5,
+                         example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="budget"):
         LayerMergePruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], budget=0.5,
                          example_inputs=torch.randn(1, 1, 8, 8))

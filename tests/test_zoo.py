@@ -6,7 +6,8 @@ each model accepts (32x32 unless it needs more), in float64, with the identity p
 Each model must either
 
 * be refused at construction with a ``LayerMergeError`` whose message is not empty, or
-* merge with float64 error <= 1e-10 for every plan tried (the merge checks itself; the test compares independently with ``output_error``), the identity plan's merged network
+* merge with float64 error <= 1e-10 for every plan tried (the merge checks itself; the test compares independently
+  with ``output_error``), the identity plan's merged network
   matching the original model (<= 1e-10).
 
 A wrong merge, a ``MergeError`` from ``merge`` or any other exception fails the test. Nothing is skipped or expected
@@ -38,7 +39,7 @@ from torch import nn
 
 from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.errors import LayerMergeError, MergeError
-from lm_plugin.merge import merge_error, output_error
+from lm_plugin.merge import output_error
 from lm_plugin.workloads.zoo import ZooModel, randomize_norms, zoo_models
 
 pytestmark = pytest.mark.zoo  # registered in pyproject.toml: ``-m "not zoo"`` leaves this file out

@@ -220,7 +220,7 @@ def run_compress(opts: Options) -> int:
                           rounds=opts.rounds, progress=opts.progress, log=say)
         say("writing the report")
         write_run(folder, result, pruner, frontier=tradeoff(pruner), context=_context(opts, splits))
-    print(result.summary())
+    print(result.summary(splits.test_name))
     if splits.test_name != "test":
         print(f"\nnote: the accuracy above is measured on the {splits.test_name} split ({opts.data} has no test "
               "split; importance was scored on other images, see the report)")

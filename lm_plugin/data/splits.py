@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from ..errors import LayerMergeError
+from ..errors import LayerMergeError, UnknownNameError
 
 __all__ = [
     "DATASETS",
@@ -114,7 +114,7 @@ def data_splits(
     """
     known = list_datasets()
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+        raise UnknownNameError(f"unknown dataset {name!r}; known: {', '.join(known)}")
     return DATASETS[name](root, batch_size, val_size, seed)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..errors import ConfigurationError
 from .cost import CostFn, measure_cost, prune_copy
 from .report import RedundancyReport
 from .spectrum import rank_profile
@@ -31,7 +32,7 @@ AllocationRule = Literal["energy", "proportional"]
 __all__ = ["Allocation", "AllocationRule", "RedundancyBoundError", "allocate"]
 
 
-class RedundancyBoundError(ValueError):
+class RedundancyBoundError(ConfigurationError):
     """The requested reduction exceeds what the estimated redundancy bounds allow."""
 
 
@@ -137,16 +138,16 @@ def allocate(
         ValueError: For bad arguments.
     """
     if reduction is not None and not 0.0 < reduction < 1.0:
-        raise ValueError(f"reduction must be in (0, 1) or None, got {reduction}")
+        raise ConfigurationError(f"reduction must be in (0, 1) or None, got {reduction}")
     if rule not in ("energy", "proportional"):
-        raise ValueError(f"rule must be 'energy' or 'proportional', got {rule!r}")
+        raise ConfigurationError(f"rule must be 'energy' or 'proportional', got {rule!r}")
     kept_at = _kept_energy if rule == "energy" else _kept_proportional
     channels = {g.name: g.channels for g in report.groups}
 
     analytic = isinstance(metric, str) and metric in ("macs", "params")
     if analytic:
         if report._cost is None:
-            raise ValueError("this report has no cost model; build it with estimate_redundancy()")
+            raise ConfigurationError("this report has no cost model; build it with estimate_redundancy()")
         cost_model = report._cost
         metric_name = str(metric)
 
@@ -156,9 +157,9 @@ def allocate(
         base = cost_model.base[metric_name]
     else:
         if model is None or example_inputs is None:
-            raise ValueError("a measured metric (latency or a callable) needs model= and example_inputs=")
+            raise ConfigurationError("a measured metric (latency or a callable) needs model= and example_inputs=")
         if isinstance(metric, str) and metric != "latency":
-            raise ValueError(f"metric must be 'macs', 'params', 'latency' or a callable, got {metric!r}")
+            raise ConfigurationError(f"metric must be 'macs', 'params', 'latency' or a callable, got {metric!r}")
         metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
         orders = {g.name: g.prune_order() for g in report.groups}
 

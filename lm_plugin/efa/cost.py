@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import ConfigurationError
 from .groups import GroupSpec
 
 CostFn = Callable[[nn.Module], float]
@@ -64,7 +65,7 @@ class CostModel:
         """Predicted ``metric`` (``"macs"`` or ``"params"``) when group ``name`` keeps ``kept[name]``
         channels (groups not in ``kept`` are left whole)."""
         if metric not in self.base:
-            raise ValueError(f"the analytic cost model knows 'macs' and 'params', not {metric!r}")
+            raise ConfigurationError(f"the analytic cost model knows 'macs' and 'params', not {metric!r}")
         pruned: dict[tuple[nn.Module, str], float] = {}
         for spec in self.specs:
             k = kept.get(spec.name)
@@ -132,7 +133,7 @@ def measure_cost(model: nn.Module, example_inputs: Any, metric: str | CostFn) ->
         return float(macs if metric == "macs" else params)
     if metric == "latency":
         return latency_ms(model, example_inputs)
-    raise ValueError(f"metric must be 'macs', 'params', 'latency' or a callable, got {metric!r}")
+    raise ConfigurationError(f"metric must be 'macs', 'params', 'latency' or a callable, got {metric!r}")
 
 
 def prune_copy(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import ConfigurationError
 from ..train import split_batch
 from .groups import GroupSpec, LayerSlice, slice_rows
 
@@ -109,9 +110,9 @@ def accumulate_grams(
         ValueError: If ``data`` yields no batch, or the loss is not finite.
     """
     if side not in ("consumer", "producer", "both"):
-        raise ValueError(f"side must be 'consumer', 'producer' or 'both', got {side!r}")
+        raise ConfigurationError(f"side must be 'consumer', 'producer' or 'both', got {side!r}")
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        raise ConfigurationError(f"num_batches must be >= 1, got {num_batches}")
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     criterion = loss_fn if loss_fn is not None else F.cross_entropy
@@ -149,7 +150,8 @@ def accumulate_grams(
             with torch.enable_grad():
                 loss = criterion(_forward(model, inputs), targets)
                 if not torch.isfinite(loss):
-                    raise ValueError(f"calibration loss is {loss.item()} on batch {batches}; check the data and model")
+                    raise ConfigurationError(
+                        f"calibration loss is {loss.item()} on batch {batches}; check the data and model")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for g_idx, (spec, layers) in enumerate(zip(specs, layer_sets)):
                 for l_idx, layer in enumerate(layers):
@@ -171,7 +173,7 @@ def accumulate_grams(
             p.requires_grad_(flag)
         model.train(was_training)
     if batches == 0:
-        raise ValueError("the calibration data yielded no batches")
+        raise ConfigurationError("the calibration data yielded no batches")
 
     results = []
     for spec, layers, g_list, c_list, ok in zip(specs, layer_sets, grams, columns, usable):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 
+from ..errors import ConfigurationError, LayerMergeRuntimeError
 from .gradients import LossFn, Side, accumulate_grams
 from .groups import WEIGHTED_TYPES, GroupSpec, describe_group, describe_groups
 from .report import RedundancyReport
@@ -75,7 +76,7 @@ class EffectiveFilterImportance(tp.importance.Importance):
         device: str | torch.device | None = None,
     ) -> None:
         if data is None and report is None:
-            raise ValueError("EffectiveFilterImportance needs calibration data, a report, or both")
+            raise ConfigurationError("EffectiveFilterImportance needs calibration data, a report, or both")
         self.data = data
         self.loss_fn = loss_fn
         self.num_batches = num_batches
@@ -99,7 +100,7 @@ class EffectiveFilterImportance(tp.importance.Importance):
 
     def _analyse(self, DG: tp.DependencyGraph, group: tp.Group) -> None:
         if self.data is None:
-            raise RuntimeError(
+            raise LayerMergeRuntimeError(
                 "the report's analysis does not match the network any more (it was pruned or changed); "
                 "pass calibration data to EffectiveFilterImportance so that it can re-analyse"
             )

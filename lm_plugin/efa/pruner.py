@@ -15,6 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import ArgumentTypeError, ConfigurationError
 from .allocation import Allocation, AllocationRule, allocate
 from .cost import CostFn
 from .gradients import LossFn, Side
@@ -98,13 +99,13 @@ class HierarchicalPruner(tp.pruner.BasePruner):
             "ch_sparsity",
         } & set(kwargs)
         if forbidden:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"HierarchicalPruner chooses per-group ratios itself; remove {sorted(forbidden)} "
                 "(use tp.pruner.MetaPruner with EffectiveFilterImportance for fixed ratios)"
             )
         if report is None:
             if data is None:
-                raise ValueError("HierarchicalPruner needs calibration data (data=...) or a precomputed report")
+                raise ConfigurationError("HierarchicalPruner needs calibration data (data=...) or a precomputed report")
             report = estimate_redundancy(
                 model,
                 example_inputs,

@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import ConfigurationError, MissingDependencyError, UnknownNameError
 from .cost import CostModel, prune_copy
 from .gradients import LossFn, Side, accumulate_grams
 from .groups import WEIGHTED_TYPES, GroupSpec, describe_groups
@@ -124,7 +125,7 @@ class RedundancyReport:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise KeyError(f"no analysed group is rooted at {name!r}; groups: {[g.name for g in self.groups]}")
+        raise UnknownNameError(f"no analysed group is rooted at {name!r}; groups: {[g.name for g in self.groups]}")
 
     def __iter__(self) -> Iterator[GroupRedundancy]:
         return iter(self.groups)
@@ -250,7 +251,7 @@ class RedundancyReport:
                 matplotlib.use("Agg", force=False)
             import matplotlib.pyplot as plt
         except ImportError as exc:
-            raise ImportError("RedundancyReport.plot needs matplotlib: pip install matplotlib") from exc
+            raise MissingDependencyError("RedundancyReport.plot needs matplotlib: pip install matplotlib") from exc
         selected = [g for g in self.groups if groups is None or g.name in groups]
         if ax is None:
             _, ax = plt.subplots(figsize=(7, 4.5))
@@ -353,13 +354,13 @@ def estimate_redundancy(
         ValueError: For bad arguments or calibration data that yields nothing.
     """
     if not 0.0 < tol < 1.0:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+        raise ConfigurationError(f"tol must be in (0, 1), got {tol}")
     if rank_rule not in ("energy", "relative"):
-        raise ValueError(f"rank_rule must be 'energy' or 'relative', got {rank_rule!r}")
+        raise ConfigurationError(f"rank_rule must be 'energy' or 'relative', got {rank_rule!r}")
     DG = build_dependency_graph(model, example_inputs, forward_fn, output_transform)
     specs = describe_groups(DG, ignored_layers or (), root_module_types)
     if not specs:
-        raise ValueError(
+        raise ConfigurationError(
             "the model has no prunable channel group read by another layer; nothing to analyse "
             "(check ignored_layers and root_module_types)"
         )

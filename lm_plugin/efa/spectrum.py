@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from ..errors import ConfigurationError
+
 RankRule = Literal["energy", "relative"]
 
 __all__ = ["RankRule", "effective_rank", "pivoted_importance", "rank_profile", "singular_values"]
@@ -33,9 +35,9 @@ def singular_values(gram: torch.Tensor) -> torch.Tensor:
 
 def _check(tol: float, rule: str) -> None:
     if rule not in ("energy", "relative"):
-        raise ValueError(f"rank_rule must be 'energy' or 'relative', got {rule!r}")
+        raise ConfigurationError(f"rank_rule must be 'energy' or 'relative', got {rule!r}")
     if not 0.0 < tol < 1.0:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+        raise ConfigurationError(f"tol must be in (0, 1), got {tol}")
 
 
 def effective_rank(sigma: torch.Tensor, tol: float, rule: RankRule = "energy") -> int:

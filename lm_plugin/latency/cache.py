@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentTypeError
 from ..store import RecordStore, signed_store_path
 from .measurement import Measurement
 
@@ -40,7 +41,7 @@ class LatencyCache(RecordStore):
 
     def _decode_value(self, data: Any) -> Measurement:
         if not isinstance(data, dict):
-            raise TypeError("a measurement must be a JSON object")
+            raise ArgumentTypeError("a measurement must be a JSON object")
         return Measurement.from_dict(data)
 
 

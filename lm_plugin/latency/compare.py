@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ..errors import ConfigurationError
 from .inputs import InputsLike
 from .profiler import Profiler
 
@@ -35,7 +36,7 @@ def compare_latency(
         ``{name: median ms}`` in the order of ``models``.
     """
     if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise ConfigurationError(f"rounds must be >= 1, got {rounds}")
     per_round: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, measurement in profiler.measure_together(models, inputs).items():

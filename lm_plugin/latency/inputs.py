@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ConfigurationError
+
 Shape = tuple[int, ...]
 #: Inputs a profiler accepts: one shape ``(N, C, H, W)``, several shapes, one tensor, or several tensors.
 #: The leading dimension of every shape / tensor is the batch dimension.
@@ -38,14 +40,14 @@ def normalize(inputs: InputsLike) -> tuple[Shape | Tensor, ...]:
     ):
         items = tuple(x if isinstance(x, Tensor) else tuple(int(d) for d in x) for x in inputs)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             "inputs must be a shape such as (1, 3, 224, 224), a tensor, or a tuple of shapes/tensors "
             f"(one per model input); got {type(inputs).__name__}"
         )
     for item in items:
         shape = item.shape if isinstance(item, Tensor) else item
         if len(shape) == 0 or any(d <= 0 for d in shape):
-            raise ValueError(
+            raise ConfigurationError(
                 f"input shape {tuple(shape)} needs a leading batch dimension and positive sizes, "
                 "e.g. (1, 3, 32, 32)"
             )

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..errors import ArgumentTypeError, ConfigurationError
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -63,12 +65,12 @@ class Measurement:
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             missing, extra = sorted(names - set(data)), sorted(set(data) - names)
-            raise ValueError(f"not a Measurement record (missing {missing}, unexpected {extra})")
+            raise ConfigurationError(f"not a Measurement record (missing {missing}, unexpected {extra})")
         values = dict(data)
         values["input_shapes"] = tuple(tuple(int(d) for d in s) for s in data["input_shapes"])
         for name in ("median_ms", "q1_ms", "q3_ms", "min_ms", "iqr_ms", "spread"):
             if not isinstance(values[name], (int, float)) or isinstance(values[name], bool):
-                raise TypeError(f"Measurement field {name!r} must be a number, got {values[name]!r}")
+                raise ArgumentTypeError(f"Measurement field {name!r} must be a number, got {values[name]!r}")
             values[name] = float(values[name])
         return cls(**values)
 
@@ -103,7 +105,7 @@ def summarize(samples_ms: Sequence[float]) -> RunStats:
         The order statistics. With fewer than two samples the quartiles equal the median.
     """
     if not samples_ms:
-        raise ValueError("summarize() needs at least one timed run")
+        raise ConfigurationError("summarize() needs at least one timed run")
     median = statistics.median(samples_ms)
     if len(samples_ms) < 2:
         q1 = q3 = median

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigurationError
 from .errors import BackendUnavailableError, UnstableMeasurementWarning
 from .inputs import InputsLike, effective_shapes, materialize
 from .measurement import Measurement, RunStats, summarize
@@ -82,15 +83,15 @@ class Profiler(abc.ABC):
         if reason is not None:
             raise BackendUnavailableError(f"latency backend {self.name!r} cannot run here: {reason}")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
+            raise ConfigurationError(f"batch_size must be a positive integer or None, got {batch_size}")
         if warmup < 0 or repeats < 1 or retries < 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"need warmup >= 0, repeats >= 1 and retries >= 0; got {warmup}, {repeats}, {retries}"
             )
         if not max_spread > 0:
-            raise ValueError(f"max_spread must be positive, got {max_spread}")
+            raise ConfigurationError(f"max_spread must be positive, got {max_spread}")
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating type such as torch.float32, got {dtype}")
+            raise ConfigurationError(f"dtype must be a floating type such as torch.float32, got {dtype}")
         self.batch_size = batch_size
         self.warmup = warmup
         self.repeats = repeats
@@ -202,7 +203,7 @@ class Profiler(abc.ABC):
         more rounds. Deterministic (analytic) backends just measure each module.
         """
         if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+            raise ConfigurationError(f"chunk must be >= 1, got {chunk}")
         if self.deterministic:
             return {name: self.measure(module, inputs, warn_unstable=False) for name, module in modules.items()}
         tensors = materialize(

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..errors import ConfigurationError
 from .errors import BackendUnavailableError
 from .inputs import InputsLike
 from .measurement import Measurement
@@ -30,9 +31,9 @@ def register_backend(cls: _P) -> _P:
     """
     name = cls.name
     if not name or name == AUTO or name in ALIASES:
-        raise ValueError(f"{cls.__name__}.name must be a new, non-reserved backend name, got {name!r}")
+        raise ConfigurationError(f"{cls.__name__}.name must be a new, non-reserved backend name, got {name!r}")
     if _REGISTRY.get(name, cls) is not cls:
-        raise ValueError(f"latency backend {name!r} is already registered by {_REGISTRY[name].__name__}")
+        raise ConfigurationError(f"latency backend {name!r} is already registered by {_REGISTRY[name].__name__}")
     _REGISTRY[name] = cls
     return cls
 

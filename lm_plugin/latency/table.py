@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import ArgumentTypeError, ConfigurationError, UnknownNameError
 from ..store import canonical_json, to_jsonable
 from .cache import LatencyCache
 from .errors import UnstableMeasurementWarning
@@ -82,7 +83,7 @@ def _lookup_id(key: Any) -> Hashable:
         try:
             hash(key)
         except TypeError:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"table key {key!r} is neither JSON-able nor hashable; use a dict, tuple, string or dataclass"
             ) from None
         return key
@@ -164,7 +165,7 @@ class LatencyTable:
         signature = to_jsonable(profiler.signature())
         if isinstance(cache, LatencyCache):
             if cache.signature != signature:
-                raise ValueError(
+                raise ConfigurationError(
                     "the LatencyCache was opened for another profiler signature; open it with "
                     "profiler.signature() or pass a path"
                 )
@@ -181,7 +182,7 @@ class LatencyTable:
         for key, spec in pairs:
             lookup = _lookup_id(key)
             if lookup in seen:
-                raise ValueError(f"table key {key!r} is given twice")
+                raise ConfigurationError(f"table key {key!r} is given twice")
             seen.add(lookup)
             described = spec.cache_key()
             cache_key = {
@@ -240,7 +241,7 @@ class LatencyTable:
     def __getitem__(self, key: Any) -> Measurement:
         entry = self._entries.get(_lookup_id(key))
         if entry is None:
-            raise KeyError(f"no latency entry for key {key!r}; the table has {len(self)} entries")
+            raise UnknownNameError(f"no latency entry for key {key!r}; the table has {len(self)} entries")
         return entry[1]
 
     def get(self, key: Any, default: Measurement | None = None) -> Measurement | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigurationError
+
 Pair = tuple[int, int]
 DTYPE = torch.float64  # merge arithmetic is done in float64, then cast to the model's dtype
 
@@ -87,7 +89,7 @@ class LinearConv:
     def then(self, nxt: LinearConv) -> LinearConv:
         """``nxt ∘ self``: apply ``self`` first, then ``nxt``."""
         if nxt.in_channels != self.out_channels:
-            raise ValueError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
+            raise ConfigurationError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
         first, second = (self, nxt) if self.groups == nxt.groups else (self.dense(), nxt.dense())
         g = first.groups
         w1, w2 = first.weight, second.weight
@@ -115,11 +117,11 @@ class LinearConv:
         """``self + other`` where ``other``'s (smaller) kernel sits at ``offset`` inside ``self``'s kernel."""
         if (other.in_channels, other.out_channels, other.stride) != (self.in_channels, self.out_channels,
                                                                     self.stride):
-            raise ValueError("cannot add convs of different channels or strides")
+            raise ConfigurationError("cannot add convs of different channels or strides")
         a, b = (self, other) if self.groups == other.groups else (self.dense(), other.dense())
         (kh, kw), (oh, ow) = b.kernel_size, offset
         if oh < 0 or ow < 0 or oh + kh > a.kernel_size[0] or ow + kw > a.kernel_size[1]:
-            raise ValueError(f"kernel {b.kernel_size} at offset {offset} does not fit in {a.kernel_size}")
+            raise ConfigurationError(f"kernel {b.kernel_size} at offset {offset} does not fit in {a.kernel_size}")
         w = a.weight.clone()
         w[:, :, oh:oh + kh, ow:ow + kw] += b.weight
         return LinearConv(w, a.bias + b.bias, a.stride, a.groups)

@@ -12,11 +12,13 @@ Example:
 
 from __future__ import annotations
 
+from ..errors import MissingDependencyError
+
 try:
     import nni  # noqa: F401
     from nni.compression.base.compressor import Pruner as _NNIPruner  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only where NNI is absent
-    raise ImportError(
+    raise MissingDependencyError(
         "lm_plugin.nni needs NNI 3.0 (the nni.compression package), which is not installed or cannot be "
         f"imported ({exc}). Install it with:  pip install 'lm-plugin[nni]'"
     ) from exc

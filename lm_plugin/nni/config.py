@@ -14,6 +14,8 @@ from typing import Any
 import torch.nn as nn
 from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
 
+from ..errors import ConfigurationError
+
 #: Every Conv2d may be merged or pruned.
 DEFAULT_CONFIG_LIST: list[dict[str, Any]] = [{"op_types": ["Conv2d"]}]
 
@@ -37,14 +39,14 @@ def normalize_config_list(config_list: Sequence[dict[str, Any]] | None) -> list[
     """
     configs = trans_legacy_config_list(deepcopy(list(config_list or DEFAULT_CONFIG_LIST)))
     if not configs:
-        raise ValueError("config_list is empty: pass None to let every Conv2d take part, or e.g. "
+        raise ConfigurationError("config_list is empty: pass None to let every Conv2d take part, or e.g. "
                          "[{'op_types': ['Conv2d'], 'exclude_op_names': ['conv1']}]")
     schema = default_config_schema("pruning")
     for config in configs:
         schema.validate(config)
         found = [key for key in _SPARSITY_KEYS if key in config]
         if found:
-            raise ValueError(
+            raise ConfigurationError(
                 f"config {config} sets {found}: LayerMerge removes whole layers for a latency target and has no "
                 "per-layer sparsity. Keep only the module selection keys (op_types, op_names, op_names_re, "
                 "exclude_op_types, exclude_op_names, exclude_op_names_re) and pass the target as "

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from nni.compression.utils import Evaluator
 
+from ..errors import ConfigurationError
 from ..tables.importance import DistillImportance, ImportanceEstimator
 from .training import evaluate_with_evaluator, train_with_evaluator
 
@@ -66,5 +67,5 @@ class EvaluatorImportance(ImportanceEstimator):
 
     def _require(self) -> Evaluator:
         if self.evaluator is None:
-            raise ValueError("EvaluatorImportance needs evaluator=<an NNI TorchEvaluator>")
+            raise ConfigurationError("EvaluatorImportance needs evaluator=<an NNI TorchEvaluator>")
         return self.evaluator

@@ -13,7 +13,7 @@ from nni.compression.utils import Evaluator
 
 from .. import pruner as _core
 from ..budget import DEFAULT_BUDGET, Budget
-from ..errors import ConfigurationError, LayerMergeError
+from ..errors import ArgumentTypeError, ConfigurationError, LayerMergeError, UnsupportedError
 from ..plan import Plan
 from ..trace import Chain
 from .config import ignored_convs, normalize_config_list
@@ -85,23 +85,23 @@ class LayerMergePruner(Pruner):
                 f"the second argument is NNI's config_list, not the budget (got {config_list!r}): write "
                 f"LayerMergePruner(model, config_list, evaluator, budget={config_list!r})")
         if existed_wrappers:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 "LayerMergePruner cannot be fused with another compressor (from_compressor): it rewrites the "
                 "network's graph. Run it on its own, then apply other compressors to the model it returns.")
         if output not in ("trainable", "merged"):
-            raise ValueError(f"output must be 'trainable' or 'merged', got {output!r}")
+            raise ConfigurationError(f"output must be 'trainable' or 'merged', got {output!r}")
         if "ignored_layers" in layermerge_kwargs:
-            raise TypeError("the NNI face selects layers with config_list: use exclude_op_names=[...] in a "
+            raise ArgumentTypeError("the NNI face selects layers with config_list: use exclude_op_names=[...] in a "
                             "config instead of ignored_layers")
         wrapped = [name for name, m in model.named_modules() if hasattr(m, "_nni_wrapper")]
         if wrapped:
-            raise ValueError(f"the model is wrapped by another NNI compressor ({wrapped[:3]} ...): call that "
+            raise ConfigurationError(f"the model is wrapped by another NNI compressor ({wrapped[:3]} ...): call that "
                              "compressor's unwrap_model() (or compress() it first) before LayerMergePruner")
         configs = normalize_config_list(config_list)
         if example_inputs is None and evaluator is not None:
             example_inputs = evaluator.get_dummy_input()
         if example_inputs is None:
-            raise ValueError("LayerMerge needs an input batch: pass example_inputs=torch.randn(...) or an "
+            raise ConfigurationError("LayerMerge needs an input batch: pass example_inputs=torch.randn(...) or an "
                              "evaluator built with dummy_input=...")
         self.output: Output = output
         self.plan: Plan | None = None  # the plan compress() chose (NNI compressors keep their result)
@@ -158,7 +158,7 @@ class LayerMergePruner(Pruner):
 
     # ------------------------------------------------------------------------------------- NNI contract
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
-        raise NotImplementedError("LayerMergePruner overrides compress()")
+        raise UnsupportedError("LayerMergePruner overrides compress()")
 
     def compress(self, max_steps: int | None = None,
                  max_epochs: int | None = None) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
@@ -179,9 +179,9 @@ class LayerMergePruner(Pruner):
             ValueError: fine-tuning asked for without an evaluator.
         """
         if len(self.fused_compressors) > 1:
-            raise NotImplementedError("LayerMergePruner cannot run fused with other compressors")
+            raise UnsupportedError("LayerMergePruner cannot run fused with other compressors")
         if (max_steps or max_epochs) and self.evaluator is None:
-            raise ValueError("compress(max_steps=..., max_epochs=...) fine-tunes with the evaluator: construct "
+            raise ConfigurationError("compress(max_steps=..., max_epochs=...) fine-tunes with the evaluator: construct "
                              "LayerMergePruner with evaluator=TorchEvaluator(...), or call compress() and "
                              "fine-tune the returned model yourself")
         # The rewrite replaces modules, which NNI only allows while the model is unwrapped.

@@ -33,7 +33,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..errors import LayerMergeError
+from ..errors import ConfigurationError, LayerMergeError
 
 __all__ = ["ExperimentReport", "ReportError", "TrialSummary", "experiment_dir", "experiment_report", "main",
            "pareto_front", "plot_front", "read_trials", "render_table"]
@@ -369,7 +369,7 @@ def experiment_report(experiment: str | Path, max_drop: float = 1.0, output: str
         ValueError: ``max_drop`` is negative or not a number.
     """
     if not max_drop >= 0:
-        raise ValueError(f"max_drop must be a number of accuracy points >= 0, got {max_drop!r}")
+        raise ConfigurationError(f"max_drop must be a number of accuracy points >= 0, got {max_drop!r}")
     directory = experiment_dir(experiment)
     trials = read_trials(directory)
     report = ExperimentReport(directory.name, directory, trials, pareto_front(trials), _best(trials, max_drop),

@@ -18,6 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 from nni.compression.speedup import ModelSpeedup
 
+from ..errors import ConfigurationError, LayerMergeRuntimeError
+
 
 @contextmanager
 def _nni_log_level(level: int) -> Iterator[None]:
@@ -60,13 +62,13 @@ def speedup(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor | No
     """
     wrapped = [name for name, m in model.named_modules() if hasattr(m, "_nni_wrapper")]
     if wrapped:
-        raise ValueError(f"the model is still wrapped by an NNI compressor ({wrapped[:3]} ...): call "
+        raise ConfigurationError(f"the model is still wrapped by an NNI compressor ({wrapped[:3]} ...): call "
                          "pruner.unwrap_model() before speedup()")
     if graph_module is None:
         try:
             graph_module = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types
-            raise RuntimeError(
+            raise LayerMergeRuntimeError(
                 f"torch.fx.symbolic_trace failed on {type(model).__name__} ({type(exc).__name__}: {exc}); trace "
                 "it yourself (e.g. a torch.fx.Tracer with custom leaf modules) and pass graph_module=...") from exc
     if not verbose:

@@ -15,6 +15,8 @@ from typing import Any
 import torch.nn as nn
 from nni.compression.utils import Evaluator
 
+from ..errors import ConfigurationError
+
 
 class _StepLimitReached(Exception):
     """Raised from the optimizer step once ``max_steps`` steps are done (a training_func may ignore max_steps)."""
@@ -49,7 +51,7 @@ def train_with_evaluator(evaluator: Evaluator, model: nn.Module, known_parameter
         ValueError: neither ``max_steps`` nor ``max_epochs`` is given.
     """
     if max_steps is None and max_epochs is None:
-        raise ValueError("give max_steps or max_epochs: how long the evaluator's training function should run")
+        raise ConfigurationError("give max_steps or max_epochs: how long the evaluator's training function should run")
     evaluator.bind_model(model)
     try:
         new = _new_parameters(model, set(known_parameters))
@@ -89,7 +91,7 @@ def evaluate_with_evaluator(evaluator: Evaluator, model: nn.Module) -> float:
         model.train(was_training)
     metric = result[0] if isinstance(result, tuple) else result
     if metric is None:
-        raise ValueError(
+        raise ConfigurationError(
             "the NNI evaluator returned no metric: build it with evaluating_func=... (returning a number, higher "
             "is better, or a dict with a 'default' number), or pass eval_data=<DataLoader> to LayerMergePruner."
         )

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnknownNameError
+
 __all__ = ["PipelineResult", "StageRecord"]
 
 
@@ -88,7 +90,7 @@ class PipelineResult:
         for record in self.records:
             if record.name == name:
                 return record
-        raise KeyError(f"no stage {name!r}; stages: {[r.name for r in self.records]}")
+        raise UnknownNameError(f"no stage {name!r}; stages: {[r.name for r in self.records]}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

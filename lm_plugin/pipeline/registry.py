@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigurationError
 from .contract import StageOutput
 
 __all__ = ["STAGES", "Stage", "StageSpec", "list_stages", "register_stage"]
@@ -48,7 +49,7 @@ def register_stage(name: str, fn: Stage | None = None, *, final: bool = False) -
 
     def add(f: Stage) -> Stage:
         if name in STAGES:
-            raise ValueError(f"a stage named {name!r} is already registered")
+            raise ConfigurationError(f"a stage named {name!r} is already registered")
         STAGES[name] = StageSpec(f, final)
         return f
 

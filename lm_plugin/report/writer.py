@@ -114,22 +114,8 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
     if ctx.get("data_notes"):  # where importance was scored and which split the accuracy is on
         lines += ["Data: " + "; ".join(ctx["data_notes"]) + ".", ""]
     lines += ["## Summary", "", "| | original | compressed |", "|---|---:|---:|"]
-    if result.accuracy:
-        lines.append(f"| {ctx.get('accuracy_split', 'test')} accuracy (%) | {result.accuracy['original']:.2f} | "
-                     f"{result.accuracy['compressed']:.2f} |")
-    lines.append(f"| measured latency (ms) | {result.measured_ms['original']:.3f} | "
-                 f"{result.measured_ms['compressed']:.3f} |")
-    lines.append(f"| predicted latency (ms) | {result.predicted_ms['original']:.3f} | "
-                 f"{result.predicted_ms['compressed']:.3f} |")
-    if result.cost:
-        o, c = result.cost["original"], result.cost["compressed"]
-        lines += [f"| MACs per image (M) | {o.macs / 1e6:.2f} | {c.macs / 1e6:.2f} |",
-                  f"| parameters (k) | {o.params / 1e3:.1f} | {c.params / 1e3:.1f} |",
-                  f"| conv layers | {o.convs} | {c.convs} |"]
-    lines += ["", f"**Measured speed-up {result.speedup:.2f}×** at budget {result.budget} "
-              f"({result.budget_ms:.3f} ms predicted)"
-              + (f", accuracy change {result.accuracy['compressed'] - result.accuracy['original']:+.2f} %p"
-                 if result.accuracy else "") + ".", ""]
+    lines += [f"| {name} | {o} | {c} |" for name, o, c in result.rows(ctx.get("accuracy_split", "test"))]
+    lines += ["", f"**{result.headline()}**.", ""]
     ort = report.get("onnx_error")
     lines += [f"Merge check: float64 relative error {result.merge_error:.1e} "
               f"({'exact' if result.exact else 'NOT EXACT — please report this'}); the float32 deploy form "

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import activations
 from ..blocks import block_geometry, end_activation, skip_offset
+from ..errors import ConfigurationError
 from ..plan import Plan
 from ..trace.chain import Chain, ChainConv
 from ..trace.fxedit import erase_unused
@@ -58,9 +59,9 @@ class RewriteOptions:
 
     def __post_init__(self) -> None:
         if self.linear_boundary_act not in ("reference", "none"):
-            raise ValueError("linear_boundary_act must be 'reference' or 'none'")
+            raise ConfigurationError("linear_boundary_act must be 'reference' or 'none'")
         if self.inserted_act is not None and self.inserted_act not in activations.ACTIVATIONS:
-            raise ValueError(f"inserted_act must be one of {sorted(activations.ACTIVATIONS)}")
+            raise ConfigurationError(f"inserted_act must be one of {sorted(activations.ACTIVATIONS)}")
 
 
 def crop_to(x: torch.Tensor, ref: torch.Tensor, top: int, left: int, sh: int, sw: int, kh: int, kw: int):

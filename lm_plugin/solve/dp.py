@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LayerMergeError
+from ..errors import ConfigurationError, LayerMergeError
 
 
 class InfeasibleBudgetError(LayerMergeError, ValueError):
@@ -78,9 +78,9 @@ def solve(entries: Sequence[Entry], length: int, budget_ms: float, step_ms: floa
         ValueError: non-positive or non-finite ``step_ms`` / ``budget_ms``.
     """
     if not (step_ms > 0 and math.isfinite(step_ms)):
-        raise ValueError(f"step_ms must be positive and finite, got {step_ms}")
+        raise ConfigurationError(f"step_ms must be positive and finite, got {step_ms}")
     if math.isnan(budget_ms):
-        raise ValueError("budget is NaN")
+        raise ConfigurationError("budget is NaN")
     lowest = min_latency(entries, length)
     if math.isinf(lowest):
         raise LayerMergeError("the candidate blocks do not cover the chain; was a candidate list filtered?")
@@ -92,7 +92,7 @@ def solve(entries: Sequence[Entry], length: int, budget_ms: float, step_ms: floa
         )
     n_bins = int(math.floor(budget_ms / step_ms + 1e-9))
     if n_bins > 5_000_000:
-        raise ValueError(f"{n_bins} latency bins: use a coarser resolution")
+        raise ConfigurationError(f"{n_bins} latency bins: use a coarser resolution")
     by_end: dict[int, list[int]] = {}
     cost = np.array([max(0, math.ceil(max(e.latency_ms, 0.0) / step_ms - 1e-9)) for e in entries], dtype=np.int64)
     for i, e in enumerate(entries):

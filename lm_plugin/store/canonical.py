@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ArgumentTypeError
+
 #: Hex digits of SHA-256 kept as a checksum: enough to catch corruption, short enough to keep rows readable.
 CHECKSUM_HEX_DIGITS = 16
 
@@ -33,7 +35,7 @@ def to_jsonable(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, numbers.Real):
         if not math.isfinite(obj):
-            raise TypeError(f"cannot use the non-finite number {obj} in a record key or value")
+            raise ArgumentTypeError(f"cannot use the non-finite number {obj} in a record key or value")
         return float(obj)
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
@@ -43,12 +45,12 @@ def to_jsonable(obj: Any) -> Any:
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
-                raise TypeError(f"record dicts need string keys (JSON objects), got {key!r}")
+                raise ArgumentTypeError(f"record dicts need string keys (JSON objects), got {key!r}")
             out[key] = to_jsonable(value)
         return out
     if isinstance(obj, (list, tuple, torch.Size)):
         return [to_jsonable(x) for x in obj]
-    raise TypeError(
+    raise ArgumentTypeError(
         f"cannot use a {type(obj).__name__} in a record key or value: use dicts, lists, tuples, dataclasses, strings, "
         "numbers, booleans or None"
     )

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import ArgumentTypeError, UnknownNameError
 from .canonical import canonical_json, checksum, to_jsonable
 from .errors import CacheWarning, StoreBusyError, StoreError
 from .owner import Holder
@@ -179,7 +180,7 @@ class RecordStore:
     def __getitem__(self, key: Any) -> Any:
         found = self.get(key)
         if found is None:
-            raise KeyError(f"{self.describe()} has no entry for key {canonical_json(key)}")
+            raise UnknownNameError(f"{self.describe()} has no entry for key {canonical_json(key)}")
         return found
 
     def __contains__(self, key: object) -> bool:
@@ -205,7 +206,7 @@ class RecordStore:
             TypeError: for a None value (it would read back as a missing entry) or a value that is not JSON-able.
         """
         if value is None:
-            raise TypeError(f"{self.describe()}: cannot store None (it reads back as a missing entry)")
+            raise ArgumentTypeError(f"{self.describe()}: cannot store None (it reads back as a missing entry)")
         k = canonical_json(key)
         v = canonical_json(self._encode_value(value))
         now = time.time()

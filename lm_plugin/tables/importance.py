@@ -40,7 +40,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..candidates import Candidate
-from ..errors import ConfigurationError
+from ..errors import ArgumentTypeError, ConfigurationError
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
 from ..store import RecordStore, signed_store_path
@@ -59,7 +59,7 @@ class ImportanceCache(RecordStore):
 
     def _decode_value(self, data: Any) -> float:
         if not isinstance(data, (int, float)) or isinstance(data, bool):
-            raise TypeError("importance must be a number")
+            raise ArgumentTypeError("importance must be a number")
         return float(data)
 
 
@@ -115,7 +115,7 @@ class ImportanceEstimator:
 
     def score(self, model: nn.Module) -> float:
         if self.eval_data is None:
-            raise ValueError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
+            raise ConfigurationError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
         return evaluate(model, self.eval_data, self.metric, device=self.device)
 
     def settings(self) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class FinetuneImportance(ImportanceEstimator):
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
-            raise ValueError("the finetune importance estimator needs train_data (a DataLoader)")
+            raise ConfigurationError("the finetune importance estimator needs train_data (a DataLoader)")
         with self.same_batches():
             fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
                 device=self.device, progress=False, seed=self.seed)
@@ -163,7 +163,7 @@ class DistillImportance(ImportanceEstimator):
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self.train_data is None:
-            raise ValueError("the distill importance estimator needs train_data (a DataLoader)")
+            raise ConfigurationError("the distill importance estimator needs train_data (a DataLoader)")
         if self._teacher is None or self._teacher.teacher is not original:  # a new table, a new memory
             self._teacher = MemoTeacher(original, capacity=2 * self.steps)
         with self.same_batches():
@@ -275,9 +275,10 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
     if shard is not None:
         index, count = shard
         if cache_dir is None:
-            raise ValueError("shard needs a cache_dir that the workers share; without one they cannot cooperate")
+            raise ConfigurationError(
+                "shard needs a cache_dir that the workers share; without one they cannot cooperate")
         if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
-            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+            raise ConfigurationError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     original = copy.deepcopy(gm).eval()
     signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
                  "rewrite": asdict(rewrite or RewriteOptions())}

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from ..blocks import block_geometry
 from ..candidates import Candidate
+from ..errors import UnknownNameError
 from ..latency import LatencyDriftWarning, LatencyTable, ModuleSpec, Profiler, latency_cache_path
 from ..plan import Plan
 from ..rewrite import to_trainable
@@ -130,7 +131,7 @@ class LatencyModel:
         """
         key = self.entry_key(st, end, kept)
         if key not in self.block_ms:
-            raise KeyError(f"block ({st},{end}] with kernel {key[2]}x{key[3]} is not in the latency table; "
+            raise UnknownNameError(f"block ({st},{end}] with kernel {key[2]}x{key[3]} is not in the latency table; "
                            "rebuild it with a larger max_kernel")
         return self.block_ms[key]
 

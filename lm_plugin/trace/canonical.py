@@ -29,6 +29,10 @@ from ..activations import kind_of_function, kind_of_method
 from .fxedit import erase_unused, replace_submodule
 
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+
+
+class _NotConstant(LookupError):
+    """A value is not a constant of the traced graph (caught by the callers)."""
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -255,7 +259,7 @@ def _static_value(node: Any) -> Any:
     is_dim = node.op == "call_method" and node.target == "dim" and len(node.args) == 1
     if (is_ndim or is_dim) and (shape := _shape(node.args[0])) is not None:
         return len(shape)
-    raise LookupError(node.name)
+    raise _NotConstant(node.name)
 
 
 _PURE = (getattr, operator.getitem, operator.floordiv, operator.add, operator.sub, operator.mul, operator.neg)
@@ -275,12 +279,12 @@ def _constant(gm: fx.GraphModule, value: Any) -> Any:
         args = [_constant(gm, a) for a in value.args]
         if value.target is getattr and isinstance(args[0], _ShapeOnly):
             if args[1] != "shape":
-                raise LookupError(value.name)
+                raise _NotConstant(value.name)
             return args[0].shape
         if any(isinstance(a, _ShapeOnly) for a in args):
-            raise LookupError(value.name)
+            raise _NotConstant(value.name)
         return value.target(*args)
-    raise LookupError(value.name)
+    raise _NotConstant(value.name)
 
 
 class _ShapeOnly:

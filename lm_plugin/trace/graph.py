@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import activations
-from ..errors import UntraceableModelError
+from ..errors import ArgumentTypeError, UntraceableModelError
 from .canonical import zero_pad_amounts
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -122,7 +122,7 @@ def normalize_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> t
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
-    raise TypeError(
+    raise ArgumentTypeError(
         "example_inputs must be a tensor or a tuple of tensors, e.g. torch.randn(1, 3, 224, 224); "
         f"got {type(example_inputs).__name__}"
     )

@@ -1,7 +1,17 @@
 """The reference workload (Fashion-MNIST, ``resnet_fm``, ``mbv2_fm``) and a digits workload for tests."""
 
 from .data import DataUnavailableError, default_data_root, digits, fashion_mnist
-from .models import MODELS, create_model, digits_resnet, list_models, mbv2_fm, register_model, resnet_fm, small_cnn, trained
+from .models import (
+    MODELS,
+    create_model,
+    digits_resnet,
+    list_models,
+    mbv2_fm,
+    register_model,
+    resnet_fm,
+    small_cnn,
+    trained,
+)
 
 __all__ = [
     "MODELS",

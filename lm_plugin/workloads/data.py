@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # DataSplits, the registry and DataUnavailableError live in lm_plugin.data; the names stay importable from here.
 from ..data.splits import DATASETS, DataSplits, DataUnavailableError, data_splits, register_dataset
+from ..errors import ConfigurationError
+from ..store.paths import data_root
 
 __all__ = [
     "DATASETS",
@@ -47,9 +49,8 @@ _FM_FILES = (
 
 
 def default_data_root() -> Path:
-    """Return the data directory: ``$LM_PLUGIN_DATA`` or ``~/.cache/lm_plugin/data``."""
-    env = os.environ.get("LM_PLUGIN_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lm_plugin" / "data"
+    """Return the data directory: ``$LM_PLUGIN_DATA`` or ``<cache root>/data`` (:mod:`lm_plugin.store.paths`)."""
+    return data_root()
 
 
 def _raw_dir(root: Path) -> Path:
@@ -124,7 +125,7 @@ def _loader(
     dataset: TensorDataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool, num_workers: int
 ) -> DataLoader:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset,
@@ -171,7 +172,7 @@ def fashion_mnist(
 def _subset(dataset: TensorDataset, size: int, seed: int) -> TensorDataset:
     n = len(dataset)
     if not 1 <= size <= n:
-        raise ValueError(f"subset must be in [1, {n}], got {size}")
+        raise ConfigurationError(f"subset must be in [1, {n}], got {size}")
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
     return TensorDataset(*(t[idx] for t in dataset.tensors))
 
@@ -259,7 +260,7 @@ def digits_image_folder(
 
     bunch = load_digits()
     if min(per_class) < 0 or sum(per_class) > min(int((bunch.target == c).sum()) for c in range(10)):
-        raise ValueError(f"per_class {per_class}: give counts >= 0 that sum to at most 174 per digit")
+        raise ConfigurationError(f"per_class {per_class}: give counts >= 0 that sum to at most 174 per digit")
     out = Path(root)
     for digit in range(10):
         images = bunch.images[bunch.target == digit]  # values 0..16

@@ -18,6 +18,9 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock
 
+from ..errors import ConfigurationError, UnknownNameError
+from ..store.paths import checkpoint_dir
+
 __all__ = [
     "MODELS",
     "ModelSpec",
@@ -172,9 +175,9 @@ MODELS: dict[str, ModelSpec] = {
 def register_model(name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]) -> None:
     """Add a model to :data:`MODELS` (``dataset`` is ``"fashion_mnist"`` or ``"digits"``)."""
     if name in MODELS:
-        raise ValueError(f"a model named {name!r} is already registered")
+        raise ConfigurationError(f"a model named {name!r} is already registered")
     if dataset not in ("fashion_mnist", "digits"):
-        raise ValueError(f"dataset must be 'fashion_mnist' or 'digits', got {dataset!r}")
+        raise ConfigurationError(f"dataset must be 'fashion_mnist' or 'digits', got {dataset!r}")
     MODELS[name] = ModelSpec(factory, dataset, tuple(input_shape))
 
 
@@ -187,7 +190,7 @@ def _spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, **kwargs: object) -> nn.Module:
@@ -196,9 +199,9 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 
 
 def default_cache_dir() -> Path:
-    """Checkpoint directory: ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin/checkpoints``."""
-    env = os.environ.get("LM_PLUGIN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lm_plugin" / "checkpoints"
+    """Checkpoint directory: ``<cache root>/checkpoints`` (``$LM_PLUGIN_CACHE/checkpoints`` or
+    ``~/.cache/lm_plugin/checkpoints``; :mod:`lm_plugin.store.paths`)."""
+    return checkpoint_dir()
 
 
 def _loaders(dataset: str, data_root: str | os.PathLike[str] | None, seed: int):

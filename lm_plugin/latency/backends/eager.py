@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import ConfigurationError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
 from ..system import cpu_name, private_cache_bytes
@@ -45,9 +46,9 @@ class EagerCPUProfiler(Profiler):
     def __init__(self, *, threads: int | None = None, flush_bytes: int | None = None, **settings: Any) -> None:
         super().__init__(**settings)
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads}")
+            raise ConfigurationError(f"threads must be a positive integer or None, got {threads}")
         if flush_bytes is not None and flush_bytes < 0:
-            raise ValueError(f"flush_bytes must be >= 0 or None, got {flush_bytes}")
+            raise ConfigurationError(f"flush_bytes must be >= 0 or None, got {flush_bytes}")
         self._threads = threads if threads is not None else torch.get_num_threads()
         if flush_bytes is None:
             flush_bytes = 2 * (private_cache_bytes() or FALLBACK_FLUSH_BYTES // 2) * self._threads

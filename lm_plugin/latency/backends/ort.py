@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import ConfigurationError
 from ..errors import LatencyError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
@@ -67,11 +68,11 @@ class OnnxRuntimeProfiler(Profiler):
     ) -> None:
         super().__init__(**settings)
         if self.dtype != torch.float32:
-            raise ValueError(f"the onnxruntime backend times float32 only, got dtype={self.dtype}")
+            raise ConfigurationError(f"the onnxruntime backend times float32 only, got dtype={self.dtype}")
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads}")
+            raise ConfigurationError(f"threads must be a positive integer or None, got {threads}")
         if optimization not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"optimization must be one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+            raise ConfigurationError(f"optimization must be one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}")
         self._threads = threads if threads is not None else torch.get_num_threads()
         self.opset = opset
         self.optimization = optimization
