@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("nni")
 from lm_plugin.cli.specs import load_model
+from lm_plugin.nni.experiment import load_config
 from lm_plugin.nni.report import ReportError, TrialSummary, experiment_report, pareto_front
 from lm_plugin.nni.trial import TrialError, apply_parameters, build_tables, main, trial_options
 from lm_plugin.pruner import LayerMergePruner
@@ -54,7 +55,7 @@ def test_bad_search_space_values_are_refused(parameters, words):
 
 
 def test_config_yml_is_valid_and_its_trial_command_parses():
-    config = example_runner().load_config()
+    config = load_config(ROOT / "examples/nni_experiment/config.yml")
     config.validate()  # NNI's own schema check (what nnictl create runs)
     assert config.training_service.platform == "local" and config.training_service.use_active_gpu is False
     assert config.search_space["budget"]["_type"] == "quniform"

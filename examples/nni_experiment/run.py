@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +23,13 @@ from nni.experiment import ExperimentConfig
 from nni.experiment.config import AlgorithmConfig
 
 from lm_plugin.cli.specs import load_model
-from lm_plugin.nni.experiment import ExperimentRun, run_experiment, trial_command
+from lm_plugin.nni.experiment import ExperimentRun, load_config, run_experiment, trial_command
 from lm_plugin.nni.report import ExperimentReport, experiment_report
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import digits
 
 HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "config.yml"
 
 #: The quick mode's model: a residual CNN for 8×8 digits with 5 convs (16 channels), trained for 3 epochs.
 QUICK_MODEL = "lm_plugin:digits_resnet:width=16,blocks=2"
@@ -39,20 +39,6 @@ QUICK_BUDGETS = (0.6, 0.75, 0.9)
 #: infeasible), 3 distillation steps per importance entry, two epochs of fine-tuning.
 QUICK_TRIAL = ["--data", "digits", "--backend", "macs", "--importance", "distill", "--importance-steps", "3",
                "--val-size", "256", "--finetune-epochs", "2", "--rounds", "1"]
-
-
-def load_config(path: str | os.PathLike[str] = HERE / "config.yml", python: str | None = None) -> ExperimentConfig:
-    """``config.yml`` as NNI reads it, its trial command run by ``python`` (default: this interpreter).
-
-    ``nnictl`` runs ``python`` from the shell's PATH (an activated virtual environment); from Python, the
-    interpreter that runs this script is the one that has lm_plugin installed.
-    """
-    config = ExperimentConfig.load(path)
-    words = shlex.split(config.trial_command)
-    if words and words[0] in ("python", "python3"):
-        words[0] = python or sys.executable
-    config.trial_command = shlex.join(words)
-    return config
 
 
 def quick_model(folder: str | os.PathLike[str]) -> Path:
@@ -77,7 +63,7 @@ def quick_config(workdir: str | os.PathLike[str], budgets: Sequence[float | str]
     Experiments, the model and the table cache go under ``workdir``.
     """
     work = Path(workdir).resolve()
-    config = load_config()
+    config = load_config(CONFIG)
     config.experiment_name = "layermerge-quick"
     config.search_space = {"budget": {"_type": "choice", "_value": list(budgets)}}
     config.tuner = AlgorithmConfig(name="GridSearch")
@@ -100,7 +86,7 @@ def run(config: ExperimentConfig, output: str | os.PathLike[str], *, max_drop: f
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits, a tiny model, 3 trials (tests and CI)")
-    parser.add_argument("--config", default=str(HERE / "config.yml"), help="experiment config (not with --quick)")
+    parser.add_argument("--config", default=str(CONFIG), help="experiment config (not with --quick)")
     parser.add_argument("--output", help="report folder (default: nni_experiment_report, or nni_quick with --quick)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points the pick may lose")
     parser.add_argument("--timeout", type=float, default=None, help="stop the experiment after this many seconds")

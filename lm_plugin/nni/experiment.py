@@ -11,7 +11,7 @@
   where its data lies for :func:`lm_plugin.nni.report.experiment_report`.
 
 Example:
-    >>> config = ExperimentConfig.load("examples/nni_experiment/config.yml")
+    >>> config = load_config("examples/nni_experiment/config.yml")
     >>> run = run_experiment(config)
     >>> experiment_report(run.directory, max_drop=1.0)
 """
@@ -33,7 +33,7 @@ from nni.experiment import Experiment, ExperimentConfig
 from ..errors import LayerMergeError
 
 __all__ = ["FINAL_TRIAL_STATUSES", "ExperimentError", "ExperimentRun", "free_port", "listening_addresses",
-           "loopback_preload", "run_experiment", "trial_command"]
+           "load_config", "loopback_preload", "run_experiment", "trial_command"]
 
 #: NNI trial statuses after which a trial never runs again.
 FINAL_TRIAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED"})
@@ -60,6 +60,21 @@ class ExperimentError(LayerMergeError, RuntimeError):
 def trial_command(args: Sequence[str], python: str | None = None) -> str:
     """``trialCommand`` that runs :mod:`lm_plugin.nni.trial` with ``args`` (default interpreter: this one)."""
     return shlex.join([python or sys.executable, "-m", "lm_plugin.nni.trial", *args])
+
+
+def load_config(path: str | os.PathLike[str], python: str | None = None) -> ExperimentConfig:
+    """An experiment config file as ``nnictl create`` reads it, with a trial command that starts with ``python``
+    (or ``python3``) run by ``python`` instead (default: this interpreter).
+
+    ``nnictl`` runs ``python`` from the shell's PATH (an activated virtual environment); from Python, the
+    interpreter that runs the experiment is the one that has lm_plugin installed.
+    """
+    config = ExperimentConfig.load(path)
+    words = shlex.split(config.trial_command or "")
+    if words and words[0] in ("python", "python3"):
+        words[0] = python or sys.executable
+        config.trial_command = shlex.join(words)
+    return config
 
 
 def loopback_preload(directory: str | os.PathLike[str] | None = None) -> Path:

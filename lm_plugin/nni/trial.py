@@ -51,12 +51,12 @@ from ..cli.commands import _prepare, _pruner, staged_output
 from ..cli.options import Options, add_options, resolve
 from ..cli.specs import CLIError
 from ..compress import CompressionResult, FinetuneSettings, compress, tradeoff
+from ..data import DataUnavailableError
 from ..errors import LayerMergeError
 from ..pruner import LayerMergePruner, default_cache_dir
 from ..report import write_run
 from ..solve import InfeasibleBudgetError
 from ..train import evaluate
-from ..workloads.data import DataUnavailableError
 
 __all__ = ["PARAMETERS", "TABLE_LOCK", "TableBuild", "TrialError", "TrialRun", "apply_parameters", "build_tables",
            "main", "run_trial", "table_lock", "trial_options"]
