@@ -1,0 +1,82 @@
+"""The pruner's front door: each part configured one way, search() returns what it found, compress reuses data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lm_plugin import (
+    ConfigurationError,
+    FinetuneSettings,
+    LayerMergePruner,
+    Plan,
+    SearchResult,
+    compress,
+    data_splits,
+    fit,
+    workloads,
+)
+from lm_plugin.latency import get_profiler
+from lm_plugin.tables.importance import ZeroShotImportance
+
+X = torch.randn(16, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    data = data_splits("digits", batch_size=64, val_size=256)
+    model = fit(workloads.digits_resnet(width=16, blocks=2), data.train, epochs=2, seed=0, progress=False).eval()
+    return model, data
+
+
+def test_a_ready_object_plus_its_settings_is_refused_with_both_named(digits_setup):
+    model, data = digits_setup
+    profiler = get_profiler("macs")
+    with pytest.raises(ConfigurationError, match=r"batch_size.*ignored"):
+        LayerMergePruner(model, 0.8, X, backend=profiler, batch_size=8, cache_dir=None)
+    estimator = ZeroShotImportance(eval_data=data.val)
+    with pytest.raises(ConfigurationError, match=r"train_data, importance_settings"):
+        LayerMergePruner(model, 0.8, X, importance=estimator, train_data=data.train,
+                         importance_settings={"steps": 3}, cache_dir=None)
+    with pytest.raises(ConfigurationError, match="RewriteOptions"):
+        LayerMergePruner(model, 0.8, X, rewrite={"insert": "relu"}, cache_dir=None)
+    with pytest.raises(ValueError, match="example_inputs"):  # ConfigurationError is a ValueError
+        LayerMergePruner(model, 0.8)
+
+
+def test_search_returns_plan_prediction_and_objective_and_keeps_no_state(digits_setup, tmp_path):
+    model, data = digits_setup
+    pruner = LayerMergePruner(model, 0.7, X, backend="macs", importance="zero_shot", eval_data=data.val,
+                              cache_dir=tmp_path, progress=False)
+    before = vars(pruner).keys() - {"_latency", "_importance"}
+    found = pruner.search()
+    assert isinstance(found, SearchResult) and found.plan.is_valid(pruner.chain)
+    assert found.predicted_ms == pytest.approx(pruner.predict_latency(found.plan))
+    assert found.predicted_ms <= found.budget_ms + 1e-9 and found.predicted_speedup >= 1 / 0.7 - 1e-6
+    assert found.objective == pytest.approx(sum(e.importance for e in found.solution.entries))
+    looser = pruner.search(0.95)
+    assert looser.objective >= found.objective - 1e-9  # a larger budget never scores lower
+    assert vars(pruner).keys() - {"_latency", "_importance"} == before  # nothing new left behind
+    trainable = pruner.step()
+    assert Plan.of(trainable) == found.plan == Plan.of(pruner.merge(trainable.eval()))
+
+
+def test_compress_fine_tunes_on_the_pruners_data_and_times_onnx_side_by_side(digits_setup, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, data = digits_setup
+    original = copy.deepcopy(model.state_dict())
+    pruner = LayerMergePruner(model, 0.8, X, backend="macs", importance="zero_shot", eval_data=data.val,
+                              train_data=data.train, cache_dir=tmp_path, progress=False)
+    assert pruner.train_data is data.train
+    epochs: list[int] = []
+    result = compress(pruner, test_data=data.test, finetune=FinetuneSettings(epochs=2), rounds=1, progress=False,
+                      on_epoch=lambda epoch, _m: epochs.append(epoch))
+    assert epochs == [1, 2]  # fine-tuned on the pruner's train_data without being told again
+    assert set(result.runtime_ms) == {"onnxruntime"} and result.runtime_speedup("onnxruntime") > 0
+    assert "onnxruntime latency (ms)" in result.summary() and result.exact
+    assert result.merge_error <= 1e-10
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+    none = compress(pruner, finetune=FinetuneSettings(epochs=0), rounds=1, runtimes=(), progress=False)
+    assert none.runtime_ms == {}
