@@ -35,3 +35,39 @@ def test_readme_and_quickstart_need_at_most_two_imports():
     for name in ("README.md", "docs/quickstart.md"):
         imports = [line for line in blocks(name)[0].splitlines() if line.startswith(("import ", "from "))]
         assert len(imports) <= 2, (name, imports)
+
+
+def _defines(path: str, name: str) -> bool:
+    """Whether the documented object ``path`` is a module whose source assigns ``name``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(path)
+    except ImportError:
+        return False
+    return re.search(rf"^{name}\b.*=", Path(module.__file__).read_text(), re.M) is not None
+
+
+def test_api_reference_covers_every_public_name():
+    """Each name ``lm_plugin`` exports is rendered by docs/api.md: directly or through the module defining it."""
+    import inspect
+
+    import lm_plugin
+
+    documented = set(re.findall(r"^::: (\S+)", (ROOT / "docs/api.md").read_text(), re.M))
+    missing = []
+    for name in lm_plugin.__all__:
+        if name.startswith("__"):
+            continue
+        obj = getattr(lm_plugin, name)
+        if inspect.ismodule(obj):
+            where = obj.__name__
+        elif inspect.isclass(obj) or inspect.isfunction(obj):
+            where = obj.__module__
+        else:  # a constant: the documented module that defines it
+            where = next((m for m in documented if _defines(m, name)), None)
+        candidates = {f"lm_plugin.{name}", where, f"{where}.{name}", (where or "").rsplit(".", 1)[0]}
+        if documented & candidates or any(m.startswith(f"{where}.") for m in documented):
+            continue
+        missing.append(f"{name} (from {where})")
+    assert not missing, "not in docs/api.md: " + ", ".join(missing)
