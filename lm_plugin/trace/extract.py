@@ -61,6 +61,24 @@ def extract_chain(gm: fx.GraphModule, ignored_layers: Iterable[str] = ()) -> Cha
     return chain
 
 
+def _unrecognised_convs(gm: fx.GraphModule) -> str:
+    """Why the convs the model does have were not taken: what they compute is not a conv of a stored kernel."""
+    kinds: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.Conv2d) and type(mod) is not nn.Conv2d:
+                kinds[type(mod).__name__] = kinds.get(type(mod).__name__, 0) + 1
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in ("conv2d", "convolution"):
+            kinds["conv2d on a computed kernel"] = kinds.get("conv2d on a computed kernel", 0) + 1
+    if not kinds:
+        return " The model has no such conv."
+    found = ", ".join(f"{name} x{n}" for name, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return (f" The model's convs ({found}) compute their kernel in forward (e.g. weight standardisation) or are "
+            "not a plain conv of their weight on the traced input, so merging them would not be exact. Replace "
+            "them by plain convs with the kernel they compute (fold it once, after training) to compress the model.")
+
+
 def _extract(gm, units, by_out, order, residual_adds, ignored: set[str], notes: list[str]):
     """One extraction with the given residual adds: ``(chain, adds that turned out not to be foldable)``."""
     projections = {info[2].conv for info in residual_adds.values() if info[2] is not None}
@@ -88,8 +106,9 @@ def _extract(gm, units, by_out, order, residual_adds, ignored: set[str], notes: 
             node = succ.get(node)
     if not ordered:
         raise NoChainError(
-            "No mergeable convolution found. LayerMerge compresses chains of nn.Conv2d layers (zero padding, "
-            "no dilation, each called once). Check that the model uses nn.Conv2d modules, not F.conv2d calls."
+            "No mergeable convolution found. LayerMerge merges 2-D convolutions whose kernel is a stored parameter "
+            "(nn.Conv2d or F.conv2d on parameters; zero padding, no dilation, each called once)."
+            + _unrecognised_convs(gm)
         )
 
     index_of = {c: i + 1 for i, c in enumerate(ordered)}
