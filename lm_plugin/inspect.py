@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LayerMergeError
+from .errors import ArgumentTypeError, ConfigurationError, LayerMergeError
 
 __all__ = ["CompressibilityReport", "break_category", "inspect_model"]
 
@@ -305,6 +305,7 @@ def inspect_model(
         construction: untraceable, no chain ...) gives a report with ``refused=True`` and the reason.
 
     Raises:
+        ConfigurationError, ArgumentTypeError: bad arguments (the caller's mistake, not a refusal).
         Any exception that is not a ``LayerMergeError`` (a bug, or the model failing on its inputs in a way
         the tracer does not catch).
     """
@@ -315,6 +316,8 @@ def inspect_model(
     try:
         pruner = LayerMergePruner(model, 0.7, example_inputs, ignored_layers=ignored_layers, max_kernel=max_kernel,
                                   **kwargs)
+    except (ConfigurationError, ArgumentTypeError):
+        raise  # the caller's arguments are wrong: not something the model is refused for
     except LayerMergeError as exc:
         return CompressibilityReport.from_refusal(model, example_inputs, exc, time.perf_counter() - start)
     return CompressibilityReport.from_pruner(pruner, time.perf_counter() - start, model)
