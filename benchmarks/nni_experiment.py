@@ -9,7 +9,12 @@ merge → side-by-side CPU timing (3 rounds, batch 64) → test accuracy. The fi
 importance tables, the others load them.
 
     python benchmarks/nni_experiment.py                       # 8 trials: about an hour on 2 CPU cores
+    taskset -c 1 python benchmarks/nni_experiment.py --threads 1   # one quiet core, as benchmarks/pareto.py
     python benchmarks/nni_experiment.py --trials 3 --output /tmp/nni_bench   # a shorter look
+
+Every trial plans with the latency table the first trial measured: on a busy machine that table is wrong for all
+of them. The JSON lists, per trial, the drift warnings its ``trial.stderr`` holds (the original network timed
+again against the table's figure); a run with large drift measures nothing but the machine's load.
 
 Writes ``benchmarks/results/nni_experiment.json`` (every trial, the front, the fastest within ``--max-drop``) and
 ``benchmarks/results/nni_experiment_front.png``; prints the trial table. The experiment itself stays in
@@ -38,10 +43,20 @@ from lm_plugin.workloads.models import trained  # noqa: E402
 CONFIG = ROOT / "examples" / "nni_experiment" / "config.yml"
 
 
+def _drift_lines(folder: str | None) -> list[str]:
+    """The LatencyDriftWarning lines of a trial's stderr (the machine changed speed since the table was built)."""
+    path = Path(folder or "") / "trial.stderr"
+    if not path.is_file():
+        return []
+    return [line.split("LatencyDriftWarning: ", 1)[1][:160] for line in path.read_text(errors="replace").splitlines()
+            if "LatencyDriftWarning: " in line]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8, help="maxTrialNumber (default 8)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points the pick may lose")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the trials' latency timing")
     parser.add_argument("--workdir", default=None, help="experimentWorkingDirectory (default ~/nni-experiments)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"),
                         help="folder for nni_experiment.json and nni_experiment_front.png")
@@ -52,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resnet_fm: {model.test_accuracy:.2f} % test accuracy", flush=True)
     config = load_config(CONFIG)
     config.max_trial_number = args.trials
+    if args.threads is not None:
+        config.trial_command += f" --threads {args.threads}"
     if args.workdir:
         config.experiment_working_directory = str(Path(args.workdir).resolve())
     finished = run_experiment(config)
@@ -67,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": finished.status,
         "listening": finished.listening,
         "seconds": time.time() - start,
+        "drift_warnings": {t.trial_id: _drift_lines(t.folder) for t in report.trials},
         **report.to_dict(),
     }
     (out / "nni_experiment.json").write_text(json.dumps(result, indent=1, default=str))

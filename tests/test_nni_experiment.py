@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("nni")
 from lm_plugin.cli.specs import load_model
 from lm_plugin.nni.experiment import load_config
-from lm_plugin.nni.report import ReportError, TrialSummary, experiment_report, pareto_front
+from lm_plugin.nni.report import ReportError, TrialSummary, experiment_report, fastest_within, pareto_front
 from lm_plugin.nni.trial import TrialError, apply_parameters, build_tables, main, trial_options
 from lm_plugin.pruner import LayerMergePruner
 from lm_plugin.workloads.data import digits
@@ -110,6 +110,9 @@ def test_pareto_front_keeps_exactly_the_undominated_trials():
     trials = [_summary("a", 94.0, 1.2), _summary("b", 90.0, 1.8), _summary("c", 89.0, 1.5),
               _summary("d", 94.0, 1.1), _summary("e", 80.0, 2.5), TrialSummary("f", 0, "FAILED")]
     assert [t.trial_id for t in pareto_front(trials)] == ["e", "b", "a"]
+    assert fastest_within(trials, 1.0).trial_id == "a" and fastest_within(trials, 5.0).trial_id == "b"
+    slower = [_summary("s", 95.0, 0.9)]  # as accurate as the original but slower: not a pick
+    assert pareto_front(slower) == slower and fastest_within(slower, 1.0) is None
 
 
 def test_report_of_a_missing_experiment_says_where_it_looked(tmp_path):

@@ -204,7 +204,12 @@ def run_experiment(config: ExperimentConfig, *, port: int | None = None, poll_s:
                                   f"{preload} did not take effect (was NODE_OPTIONS overridden?); stopped it")
         status, quiet_polls = "", 0
         while True:
-            status = experiment.get_status()
+            try:
+                status = experiment.get_status()
+            except OSError as exc:  # requests' ConnectionError: the manager is gone (nnictl stop, killed)
+                raise ExperimentError(f"NNI's manager of experiment {experiment.id} stopped answering on port {port} "
+                                      f"({type(exc).__name__}); was it stopped from outside (nnictl stop)? See "
+                                      f"{directory / 'log' / 'nnimanager.log'}") from exc
             if status == "ERROR":
                 logs = directory / "log"
                 raise ExperimentError(f"NNI reported ERROR for experiment {experiment.id}; see "

@@ -15,7 +15,7 @@ It writes, into ``output`` (default ``<experiment>/lm_plugin_report``):
   MACs, parameters, convs, whether it built the tables) with the front and the pick marked;
 - ``pareto.json`` — every trial, the Pareto front of accuracy vs measured speed-up (no other trial is at least as
   accurate *and* at least as fast, and better in one), and the fastest trial whose accuracy is at most
-  ``max_drop`` points below the original's;
+  ``max_drop`` points below the original's (among those faster than the original);
 - ``pareto.png`` — accuracy against measured speed-up: all trials, the front, the original, the pick.
 """
 
@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 
 from ..errors import ConfigurationError, LayerMergeError
 
-__all__ = ["ExperimentReport", "ReportError", "TrialSummary", "experiment_dir", "experiment_report", "main",
-           "pareto_front", "plot_front", "read_trials", "render_table"]
+__all__ = ["ExperimentReport", "ReportError", "TrialSummary", "experiment_dir", "experiment_report", "fastest_within",
+           "main", "pareto_front", "plot_front", "read_trials", "render_table"]
 
 _FINAL = ("SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED")
 
@@ -108,7 +108,8 @@ class ExperimentReport:
         directory: the experiment's folder.
         trials: every trial, in submission order.
         front: the Pareto front (accuracy vs speed-up), fastest first.
-        best: the fastest trial within ``max_drop`` of the original accuracy (None: no trial is).
+        best: the fastest trial within ``max_drop`` of the original accuracy and faster than the original (None:
+            no trial is).
         max_drop: the allowed accuracy drop, in points.
         files: name → path of what was written (``trials.md``, ``pareto.json``, ``pareto.png``).
     """
@@ -276,8 +277,11 @@ def pareto_front(trials: Sequence[TrialSummary]) -> list[TrialSummary]:
     return sorted((t for t in done if not dominated(t)), key=lambda t: -t.speedup)  # type: ignore[operator]
 
 
-def _best(trials: Sequence[TrialSummary], max_drop: float) -> TrialSummary | None:
-    within = [t for t in trials if t.complete and t.drop is not None and t.drop <= max_drop]
+def fastest_within(trials: Sequence[TrialSummary], max_drop: float) -> TrialSummary | None:
+    """The fastest complete trial at most ``max_drop`` accuracy points below the original and faster than it
+    (measured speed-up above 1); None if there is none."""
+    within = [t for t in trials if t.complete and t.drop is not None and t.drop <= max_drop
+              and t.speedup > 1.0]  # type: ignore[operator]
     return max(within, key=lambda t: (t.speedup, t.accuracy), default=None)
 
 
@@ -311,7 +315,7 @@ def render_table(report: ExperimentReport) -> str:
     if failed:
         lines.append("")
     if report.best is None:
-        lines.append(f"No trial stays within {report.max_drop:g} %p of the original accuracy.")
+        lines.append(f"No trial is faster than the original within {report.max_drop:g} %p of its accuracy.")
     else:
         b = report.best
         lines.append(f"Fastest within {report.max_drop:g} %p: trial {b.trial_id} (budget "
@@ -372,7 +376,7 @@ def experiment_report(experiment: str | Path, max_drop: float = 1.0, output: str
         raise ConfigurationError(f"max_drop must be a number of accuracy points >= 0, got {max_drop!r}")
     directory = experiment_dir(experiment)
     trials = read_trials(directory)
-    report = ExperimentReport(directory.name, directory, trials, pareto_front(trials), _best(trials, max_drop),
+    report = ExperimentReport(directory.name, directory, trials, pareto_front(trials), fastest_within(trials, max_drop),
                               max_drop)
     out = Path(output) if output is not None else directory / "lm_plugin_report"
     out.mkdir(parents=True, exist_ok=True)
