@@ -122,6 +122,14 @@ def test_report_of_a_missing_experiment_says_where_it_looked(tmp_path):
 
 # ---------------------------------------------------------------------------------------- a real experiment
 @pytest.mark.slow
+def test_lm_plugin_nni_report_is_the_report_command(tmp_path, capsys):
+    from lm_plugin.cli import build_parser, main
+
+    assert "nni-report" in build_parser().format_help()
+    assert main(["nni-report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
 def test_real_nni_experiment_builds_tables_once_and_reports_the_front(tmp_path):
     """4 trials, 2 at a time; budget 0.01 is infeasible: that trial fails with a clear error, the rest go on."""
     runner = example_runner()

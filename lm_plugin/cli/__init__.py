@@ -1,4 +1,5 @@
-"""The ``lm-plugin`` command line (also ``python -m lm_plugin``): compress, profile, solve, merge, demo, inspect.
+"""The ``lm-plugin`` command line (also ``python -m lm_plugin``): compress, profile, solve, merge, demo, inspect,
+nni-report.
 
 Exit status: 0 on success, 2 on bad input (the message says what to fix), 1 on any other failure. Every
 command that writes results stages them and publishes the output folder only when it is complete.
@@ -67,11 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name in EXTRA_ARGUMENTS:
             EXTRA_ARGUMENTS[name](cmd)
         cmd.set_defaults(func=runner)
+    # Delegated whole to lm_plugin.nni.report (which parses its own arguments): listed here for --help.
+    sub.add_parser("nni-report", add_help=False, help="report a finished NNI experiment of LayerMerge trials: "
+                   "all trials, the Pareto front, the fastest within --max-drop (needs the nni extra)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["nni-report"]:
+        from ..nni.report import main as nni_report  # imports NNI: only for this command
+
+        return nni_report(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         opts = resolve(args, COMMANDS[args.command][3])
