@@ -148,6 +148,8 @@ def test_real_nni_experiment_builds_tables_once_and_reports_the_front(tmp_path):
         m = trial.metric
         assert 0 <= m["default"] <= 100 and m["speedup"] > 1 and m["latency_ms"] > 0
         assert m["macs"] > 0 and m["params"] > 0 and abs(m["budget"] - budget) < 1e-6
+        # macs backend: the analytic "latency" is exact, so prediction and measurement agree
+        assert m["predicted_speedup"] == pytest.approx(m["speedup"], rel=1e-6)
         assert len(trial.intermediate) == 2  # one per fine-tuning epoch
         assert {"plan.json", "model.ts", "result.json"} <= {p.name for p in Path(trial.folder).iterdir()}
 

@@ -11,8 +11,8 @@
 
 It writes, into ``output`` (default ``<experiment>/lm_plugin_report``):
 
-- ``trials.md`` — a table of every trial (status, budget, accuracy and its change, measured speed-up, latency,
-  MACs, parameters, convs, whether it built the tables) with the front and the pick marked;
+- ``trials.md`` — a table of every trial (status, budget, accuracy and its change, measured and predicted speed-up,
+  latency, MACs, parameters, convs, whether it built the tables) with the front and the pick marked;
 - ``pareto.json`` — every trial, the Pareto front of accuracy vs measured speed-up (no other trial is at least as
   accurate *and* at least as fast, and better in one), and the fastest trial whose accuracy is at most
   ``max_drop`` points below the original's (among those faster than the original);
@@ -294,9 +294,9 @@ def render_table(report: ExperimentReport) -> str:
     """``trials.md``: every trial, the front (★) and the pick (←) marked."""
     front = {t.trial_id for t in report.front}
     best = report.best.trial_id if report.best else None
-    rows = ["| # | trial | status | budget | accuracy (%) | Δ (%p) | speed-up | latency (ms) | MMACs | params (k) "
-            "| convs | tables | front |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    rows = ["| # | trial | status | budget | accuracy (%) | Δ (%p) | speed-up | predicted | latency (ms) | MMACs "
+            "| params (k) | convs | tables | front |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for t in report.trials:
         m = t.metric
         budget = m.get("budget", t.parameters.get("budget"))
@@ -304,7 +304,8 @@ def render_table(report: ExperimentReport) -> str:
         mark = ("★" if t.trial_id in front else "") + (" ← pick" if t.trial_id == best else "")
         rows.append(f"| {t.sequence} | {t.trial_id} | {t.status} | {_cell(budget, '.3g')} | "
                     f"{_cell(t.accuracy, '.2f')} | {_cell(None if t.drop is None else -t.drop, '+.2f')} | "
-                    f"{_cell(t.speedup, '.2f')} | {_cell(m.get('latency_ms'), '.3f')} | "
+                    f"{_cell(t.speedup, '.2f')} | {_cell(m.get('predicted_speedup'), '.2f')} | "
+                    f"{_cell(m.get('latency_ms'), '.3f')} | "
                     f"{_cell(None if m.get('macs') is None else m['macs'] / 1e6, '.2f')} | "
                     f"{_cell(None if m.get('params') is None else m['params'] / 1e3, '.1f')} | "
                     f"{_cell(m.get('convs'), '.0f')} | {tables} | {mark} |")
