@@ -80,3 +80,12 @@ def test_compress_fine_tunes_on_the_pruners_data_and_times_onnx_side_by_side(dig
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the user's model is untouched
     none = compress(pruner, finetune=FinetuneSettings(epochs=0), rounds=1, runtimes=(), progress=False)
     assert none.runtime_ms == {}
+
+
+def test_auto_backend_follows_the_machine_setting(digits_setup, monkeypatch):
+    model, _ = digits_setup
+    monkeypatch.setenv("LM_PLUGIN_BACKEND", "macs")
+    assert LayerMergePruner(model, 0.8, X, cache_dir=None).profiler.signature()["backend"] == "macs"
+    monkeypatch.setenv("LM_PLUGIN_BACKEND", "no-such-backend")
+    with pytest.raises(Exception, match="no-such-backend"):
+        _ = LayerMergePruner(model, 0.8, X, cache_dir=None).profiler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -16,6 +17,8 @@ from .profiler import Profiler
 
 #: Picks ``"cuda"`` when a GPU is usable, else ``"cpu"``.
 AUTO = "auto"
+#: Environment variable that says what ``"auto"`` means on this machine.
+BACKEND_ENV = "LM_PLUGIN_BACKEND"
 #: Short spellings accepted wherever a backend name is.
 ALIASES = {"eager": "cpu", "ort": "onnxruntime", "trt": "tensorrt"}
 
@@ -55,9 +58,14 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str) -> str:
-    """Canonical backend name: aliases expanded, ``"auto"`` -> ``"cuda"`` if a GPU is usable else ``"cpu"``."""
+    """Canonical backend name: aliases expanded; ``"auto"`` -> ``$LM_PLUGIN_BACKEND`` if set (a machine-wide
+    choice, e.g. ``onnxruntime`` where that is the deployment runtime), else ``"cuda"`` if a GPU is usable, else
+    ``"cpu"``."""
     name = backend.lower()
     if name == AUTO:
+        chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if chosen and chosen != AUTO:
+            return resolve_backend(chosen)
         return "cuda" if torch.cuda.is_available() else "cpu"
     return ALIASES.get(name, name)
 
@@ -71,8 +79,9 @@ def backend_class(backend: str) -> type[Profiler]:
     _load_builtin_backends()
     name = resolve_backend(backend)
     if name not in _REGISTRY:
+        where = f" (from ${BACKEND_ENV})" if backend.lower() == AUTO else ""
         raise BackendUnavailableError(
-            f"unknown latency backend {backend!r}; choose one of {[AUTO, *sorted(_REGISTRY)]}"
+            f"unknown latency backend {name!r}{where}; choose one of {[AUTO, *sorted(_REGISTRY)]}"
         )
     return _REGISTRY[name]
 
