@@ -26,8 +26,7 @@ from torch import fx, nn
 from .budget import Budget
 from .errors import ConfigurationError
 from .latency import compare_latency, get_profiler
-from .merge import output_error
-from .merge.deploy import CHECK_META_KEY
+from .merge import check_error, output_error
 from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .pruner import LayerMergePruner
@@ -251,7 +250,7 @@ def compress(
     start = time.perf_counter()
     say("merging")
     merged = pruner.merge(trainable)  # checks itself in float64 and raises if it is wrong
-    error = float(merged.meta[CHECK_META_KEY])
+    error = check_error(merged)
     deviation = output_error(trainable, merged, pruner.example_inputs)
     seconds["merge"] = time.perf_counter() - start
 

@@ -21,7 +21,7 @@ from ..compress import FinetuneSettings, compress, tradeoff
 from ..data import DataError, DataSplits
 from ..export import export_onnx, export_torchscript, onnx_error
 from ..inspect import inspect_model
-from ..merge import merge_error
+from ..merge import check_error
 from ..plan import Plan
 from ..pruner import LayerMergePruner
 from ..report import plot_plan, write_run
@@ -282,8 +282,8 @@ def run_merge(opts: Options) -> int:
             trainable.load_state_dict(state)
         except RuntimeError as exc:
             raise CLIError(f"{opts.trainable!r} is not the trainable form of this plan and model: {exc}") from None
-        merged = pruner.merge(trainable.eval())
-        error = merge_error(trainable, pruner.merge, pruner.example_inputs)
+        merged = pruner.merge(trainable.eval())  # checks itself in float64
+        error = check_error(merged)
         export_torchscript(merged, example[:1], folder / "model.ts")
         export_onnx(merged, example[:1], folder / "model.onnx")
         report = {"context": _context(opts), "plan": plan.to_dict(), "merge_error": error,

@@ -123,6 +123,17 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     return gm
 
 
+def check_error(deployed: fx.GraphModule) -> float:
+    """The self-check's float64 end-to-end relative error of a deploy form made by :func:`merge` with ``check``.
+
+    Raises:
+        MergeError: ``deployed`` was merged with ``check=False`` (or not by :func:`merge`).
+    """
+    if CHECK_META_KEY not in getattr(deployed, "meta", {}):
+        raise MergeError("this network carries no merge check: merge it with check=True (the default)")
+    return float(deployed.meta[CHECK_META_KEY])
+
+
 def _merged_map(gm: fx.GraphModule, chain: Chain, plan: Plan, rec: dict
                 ) -> tuple[LinearConv, tuple[int, int], tuple[int, int, int, int] | None]:
     """Block ``rec``'s map, the padding of its merged conv, and the explicit pad before it (asymmetric only)."""

@@ -55,12 +55,12 @@ def _merge_pruned(hand: LayerMergeHandoff, trainable: nn.Module, ctx: PipelineCo
                   notes: dict[str, Any]) -> StageOutput:
     """Merge a channel-pruned, fine-tuned copy of the hand-off's trainable form; check it; hand it on."""
     from ...compress import EXACTNESS_TOLERANCE
-    from ...merge import merge_error
+    from ...merge import check_error
 
     trainable.eval()
     merged = hand.pruner.merge(trainable)
-    # float64: rounding is ~1e-15 there, so anything larger is a real mismatch (a bug), not noise
-    error = merge_error(trainable, hand.pruner.merge, ctx.example_inputs)
+    # the merge's own float64 check: rounding is ~1e-15 there, so anything larger is a real mismatch (a bug)
+    error = check_error(merged)
     if not error <= EXACTNESS_TOLERANCE:
         raise PipelineError(f"merging the channel-pruned trainable form is not exact (float64 relative error "
                             f"{error:.1e}); please report this model")
