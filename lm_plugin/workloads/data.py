@@ -74,7 +74,7 @@ def _stage_debian_copy(root: Path) -> bool:
         dst = raw / name
         if dst.is_file():
             continue
-        tmp = dst.with_suffix(".part")
+        tmp = dst.with_suffix(f".{os.getpid()}.part")  # per process: two processes may stage at once
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         tmp.replace(dst)  # atomic: a concurrent reader never sees a half-written file
