@@ -1,11 +1,19 @@
 """Do the cheap importance estimators rank candidate blocks like the paper's fine-tune estimator?
 
-A small residual CNN is trained on real data (scikit-learn digits by default, or the reference Fashion-MNIST
-subset with --dataset fashion); every candidate block is scored by ``finetune`` (the paper's estimator, the
-reference), ``distill`` (few-step distillation) and ``zero_shot``. Reported: Spearman rank correlation with the
-reference over the entries that compress something, and each estimator's cost relative to the reference.
+Models: ``digits`` (a small residual CNN trained here on scikit-learn digits) or the reference workload's
+``resnet_fm`` / ``mbv2_fm`` (trained with the workload recipe; Fashion-MNIST, importance scored on the 1,000-image
+validation split of the training set, as ``benchmarks/pareto.py`` does). The reference, ``finetune``, and
+``distill`` score a seeded random subset of the entries that compress something (``--entries``; all of them on
+digits); the cheap estimators (``local``, ``zero_shot``) score every entry. Reported: Spearman rank correlation
+with the reference over the subset, and seconds per entry of each estimator (run one after the other, so the
+ratios are indicative; ``benchmarks/importance_speed.py`` measures cost side by side).
 
-    python benchmarks/importance_agreement.py [--dataset digits|fashion] [--steps 100]
+    python benchmarks/importance_agreement.py --model digits
+    python benchmarks/importance_agreement.py --model resnet_fm --entries 16 --cache-dir benchmarks/cache
+    python benchmarks/importance_agreement.py --model mbv2_fm --entries 10 --subset-only --cache-dir benchmarks/cache
+
+Writes ``benchmarks/results/importance_agreement_<model>.json`` and prints a table. ``--cache-dir`` keeps every
+table (entry by entry, resumable): a rerun with other estimators reuses the reference.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -24,13 +33,15 @@ from lm_plugin import LayerMergePruner
 from lm_plugin.tables.importance import (
     DistillImportance,
     FinetuneImportance,
+    LocalImportance,
     ZeroShotImportance,
     build_importance_table,
 )
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits, fashion_mnist
+from lm_plugin.workloads.data import data_splits, digits
+from lm_plugin.workloads.models import trained
 
-OUT = Path(__file__).parent / "results" / "importance_agreement.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -51,53 +62,77 @@ def small_resnet(width: int = 24) -> nn.Module:
                          Block(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
+def workload(name: str):
+    """(model, train batches, importance batches, example input) of one benchmark model."""
+    if name == "digits":
+        torch.manual_seed(0)
+        train, test = digits(64, train=True), digits(256, train=False)
+        model = small_resnet()
+        fit(model, train, epochs=8, max_lr=0.1, seed=0, progress=False)
+        return model.eval(), train, test, torch.randn(1, 1, 8, 8)
+    splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
+    return trained(name, progress=False), splits.train, splits.val, torch.randn(1, *splits.input_shape)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", choices=["digits", "fashion"], default="digits")
-    ap.add_argument("--steps", type=int, default=100, help="fine-tune steps per entry (reference estimator)")
-    ap.add_argument("--distill-steps", type=int, default=20)
+    ap.add_argument("--model", choices=["digits", "resnet_fm", "mbv2_fm"], default="digits")
+    ap.add_argument("--entries", type=int, default=0, help="entries scored by finetune/distill (0 = all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the entry subset")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="reference: fine-tune steps per entry")
+    ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--estimators", nargs="+", default=["finetune", "distill", "local", "zero_shot"])
+    ap.add_argument("--subset-only", action="store_true", help="score every estimator on the subset only")
+    ap.add_argument("--cache-dir", default=None, help="keep the tables here (resumable, reusable)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    if args.dataset == "digits":
-        train, test, size = digits(64, train=True), digits(256, train=False), 8
-    else:
-        train = fashion_mnist(train=True, batch_size=128, subset=10000)
-        test = fashion_mnist(train=False, batch_size=512, subset=2000)
-        size = 28
-    model = small_resnet()
-    fit(model, train, epochs=8 if args.dataset == "digits" else 2, max_lr=0.1, seed=0)
-    model.eval()
-    accuracy = evaluate(model, test)
-    pruner = LayerMergePruner(model, example_inputs=torch.randn(1, 1, size, size), cache_dir=None)
-    estimators = {
-        "finetune": FinetuneImportance(train_data=train, eval_data=test, steps=args.steps),
-        "distill": DistillImportance(train_data=train, eval_data=test, steps=args.distill_steps),
-        "zero_shot": ZeroShotImportance(eval_data=test),
+    torch.set_num_threads(args.threads)
+    model, train, evaluation, example = workload(args.model)
+    accuracy = evaluate(model, evaluation)
+    pruner = LayerMergePruner(model, example_inputs=example, backend="macs", cache_dir=None, progress=False)
+    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    subset = scored if not args.entries or args.entries >= len(scored) else \
+        sorted(random.Random(args.seed).sample(scored, args.entries), key=lambda c: c.key)
+    factories = {
+        "finetune": lambda: FinetuneImportance(train_data=train, eval_data=evaluation, steps=args.finetune_steps),
+        "distill": lambda: DistillImportance(train_data=train, eval_data=evaluation, steps=args.distill_steps),
+        "local": lambda: LocalImportance(train_data=train, eval_data=evaluation),
+        "zero_shot": lambda: ZeroShotImportance(eval_data=evaluation),
     }
-    tables, seconds = {}, {}
-    for name, est in estimators.items():
-        t0 = time.perf_counter()
-        tables[name] = build_importance_table(pruner.graph_module, pruner.chain, pruner.candidates, est)
-        seconds[name] = time.perf_counter() - t0
-    ref = tables["finetune"]
-    keys = [c.key for c in pruner.candidates if not (c.end - c.st == 1 and ref.subsets[c.key] == (c.end,))]
+    expensive = {"finetune", "distill"}
+    tables, per_entry = {}, {}
+    for name in args.estimators:
+        candidates = subset if name in expensive or args.subset_only else scored
+        start = time.perf_counter()
+        tables[name] = build_importance_table(pruner.graph_module, pruner.chain, candidates, factories[name](),
+                                              cache_dir=args.cache_dir, progress=True)
+        seconds = time.perf_counter() - start
+        per_entry[name] = seconds / max(tables[name].evaluated, 1) if tables[name].evaluated else None
+        print(f"{name}: {len(candidates)} entries, {seconds:.1f} s ({tables[name].evaluated} computed)", flush=True)
+    keys = [c.key for c in subset]
+    reference = "finetune" if "finetune" in tables else args.estimators[0]
     rows = []
-    for name in estimators:
-        rho = spearmanr([ref.values[k] for k in keys], [tables[name].values[k] for k in keys]).statistic
-        rows.append({"estimator": name, "spearman_vs_finetune": float(rho), "seconds": seconds[name],
-                     "cost_vs_finetune": seconds[name] / seconds["finetune"]})
-    result = {"dataset": args.dataset, "model_accuracy": accuracy, "entries": len(keys),
-              "finetune_steps": args.steps, "distill_steps": args.distill_steps,
+    for name, table in tables.items():
+        rho = spearmanr([tables[reference].values[k] for k in keys], [table.values[k] for k in keys]).statistic
+        rows.append({"estimator": name, "spearman_vs_" + reference: float(rho), "seconds_per_entry": per_entry[name],
+                     "entries": len(subset) if name in expensive or args.subset_only else len(scored)})
+    result = {"model": args.model, "model_accuracy": accuracy, "scored_entries": len(scored),
+              "subset": len(keys), "seed": args.seed, "finetune_steps": args.finetune_steps,
+              "distill_steps": args.distill_steps, "reference": reference,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "rows": rows, "values": {n: {str(k): t.values[k] for k in keys} for n, t in tables.items()}}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"{args.dataset}: model accuracy {accuracy:.2f} %, {len(keys)} scored entries")
-    print(f"{'estimator':<10} {'spearman':>9} {'seconds':>9} {'cost':>7}")
+              "torch": torch.__version__, "rows": rows,
+              "values": {n: {str(k): t.values[k] for k in t.values} for n, t in tables.items()}}
+    out = RESULTS / f"importance_agreement_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{args.model}: accuracy {accuracy:.2f} % on the importance batches, {len(scored)} scored entries, "
+          f"reference subset {len(keys)}")
+    print(f"{'estimator':<10} {'spearman':>9} {'s / entry':>10}")
     for r in rows:
-        print(f"{r['estimator']:<10} {r['spearman_vs_finetune']:>9.3f} {r['seconds']:>9.1f} "
-              f"{r['cost_vs_finetune']:>7.3f}")
-    print(f"wrote {OUT}")
+        cost = r["seconds_per_entry"]
+        print(f"{r['estimator']:<10} {r['spearman_vs_' + reference]:>9.3f} "
+              f"{'cached' if cost is None else f'{cost:.2f}':>10}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Cost of one distill importance entry with and without the teacher's logits from memory (reference workload).
+"""Cost of an importance entry, per estimator, measured side by side (reference workload).
 
-The same candidates of ``resnet_fm`` (random init: the cost does not depend on the weights) are scored by
-``DistillImportance`` as shipped (``MemoTeacher``: the original network's logits for a batch are computed once per
-table) and by the same estimator with the teacher run at every step, entry by entry in turn so that both see the
-same machine. The first entry, which fills the memory, is excluded from both.
+A seeded subset of the candidate blocks of ``resnet_fm`` / ``mbv2_fm`` (trained with the workload recipe;
+Fashion-MNIST, batch 128, scored on the 1,000-image validation split) is scored entry by entry by every estimator
+in turn, the order rotating from entry to entry so that all see the same machine. Entries are taken in table
+order (as a table build meets them), and each estimator's first entry, which fills its memories (the teacher's
+logits for ``distill``, the cached prefix values for ``local``), is excluded. ``--full-table`` also times whole
+tables of the named estimators (every entry, caches included): the cost a user pays.
 
-    python benchmarks/importance_speed.py [--entries 12] [--steps 10] [--threads 1]
+    python benchmarks/importance_speed.py --model mbv2_fm [--entries 12] [--full-table local zero_shot]
 
-Writes ``benchmarks/results/importance_speed.json`` and prints a table.
+Writes ``benchmarks/results/importance_speed_<model>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -15,76 +17,94 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import platform
+import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lm_plugin import LayerMergePruner
-from lm_plugin.rewrite import to_trainable
-from lm_plugin.tables.importance import DistillImportance, representative, single_block_plan
-from lm_plugin.train import fit
+from lm_plugin.tables.importance import (
+    DistillImportance,
+    FinetuneImportance,
+    LocalImportance,
+    ZeroShotImportance,
+    build_importance_table,
+    single_block_plan,
+)
 from lm_plugin.workloads.data import data_splits
-from lm_plugin.workloads.models import create_model
+from lm_plugin.workloads.models import trained
 
-OUT = Path(__file__).parent / "results" / "importance_speed.json"
-
-
-class TeacherEveryStep(DistillImportance):
-    """The estimator before MemoTeacher: the original network runs at every distillation step."""
-
-    def adapt(self, model, original):
-        with self.same_batches():
-            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=original, distill_alpha=1.0,
-                temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
+RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="resnet_fm")
     ap.add_argument("--entries", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--estimators", nargs="+", default=["distill", "local", "zero_shot"])
+    ap.add_argument("--full-table", nargs="*", default=[], help="estimators whose whole table is timed too")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
-    model = create_model("resnet_fm").eval()
-    pruner = LayerMergePruner(model, 0.7, example_inputs=torch.randn(64, 1, 28, 28), backend="macs", cache_dir=None,
-                              progress=False)
+    model = trained(args.model, progress=False)
+    pruner = LayerMergePruner(model, example_inputs=torch.randn(1, *splits.input_shape), backend="macs",
+                              cache_dir=None, progress=False)
     gm, chain = pruner.graph_module, pruner.chain
-    candidates = [c for c in pruner.candidates if c.end - c.st > 1][: args.entries + 1]
+    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    sample = sorted(random.Random(args.seed).sample(scored, min(args.entries + 1, len(scored))),
+                    key=lambda c: c.key)
+    factories = {
+        "distill": lambda: DistillImportance(train_data=splits.train, eval_data=splits.val, steps=args.distill_steps),
+        "finetune": lambda: FinetuneImportance(train_data=splits.train, eval_data=splits.val),
+        "local": lambda: LocalImportance(train_data=splits.train, eval_data=splits.val),
+        "zero_shot": lambda: ZeroShotImportance(eval_data=splits.val),
+    }
+    estimators = {name: factories[name]() for name in args.estimators}
     original = copy.deepcopy(gm).eval()
-    estimators = {"memo": DistillImportance(train_data=splits.train, eval_data=splits.val, steps=args.steps),
-                  "every step": TeacherEveryStep(train_data=splits.train, eval_data=splits.val, steps=args.steps)}
     seconds: dict[str, list[float]] = {name: [] for name in estimators}
-    scores: dict[str, list[float]] = {name: [] for name in estimators}
-    for i, c in enumerate(candidates):
-        plan = single_block_plan(chain, c.st, c.end, representative(c))
-        for name in (estimators if i % 2 == 0 else reversed(list(estimators))):
-            est = estimators[name]
+    order = list(estimators)
+    for i, c in enumerate(sample):
+        plan = single_block_plan(chain, c.st, c.end, c.kept)
+        line = []
+        for name in order[i % len(order):] + order[:i % len(order)]:
             start = time.perf_counter()
-            student = to_trainable(gm, chain, plan)
-            est.adapt(student, original)
-            scores[name].append(est.score(student))
-            if i > 0:  # the first entry fills the memory
+            estimators[name].score_entry(gm, original, chain, plan, None)
+            if i > 0:  # the first entry fills the memories
                 seconds[name].append(time.perf_counter() - start)
-        print(f"entry {i} {c.key}: memo {seconds['memo'][-1] if i else float('nan'):.2f}s "
-              f"every step {seconds['every step'][-1] if i else float('nan'):.2f}s", flush=True)
-    assert scores["memo"] == scores["every step"], "the memory must not change any score"
-    med = {name: statistics.median(v) for name, v in seconds.items()}
-    result = {"model": "resnet_fm", "steps": args.steps, "threads": args.threads, "entries": len(seconds["memo"]),
-              "seconds": seconds, "median_s": med, "ratio": med["memo"] / med["every step"],
-              "scores_equal": True, "torch": torch.__version__}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"\n{'teacher':<12} {'median s / entry':>17}")
-    for name, v in med.items():
-        print(f"{name:<12} {v:>17.3f}")
-    print(f"memo / every step: {result['ratio']:.2f} (scores identical)\nwrote {OUT}")
+                line.append(f"{name} {seconds[name][-1]:.2f}s")
+        print(f"entry {i} {c.key}: " + ", ".join(line), flush=True)
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    spread = {name: [min(v), max(v)] for name, v in seconds.items()}
+    tables = {}
+    for name in args.full_table:
+        start = time.perf_counter()
+        build_importance_table(gm, chain, pruner.candidates, factories[name](), progress=True)
+        tables[name] = {"seconds": time.perf_counter() - start, "entries": len(scored)}
+    reference = "distill" if "distill" in median else order[0]
+    result = {"model": args.model, "entries": len(sample) - 1, "scored_entries": len(scored), "seed": args.seed,
+              "distill_steps": args.distill_steps, "threads": args.threads, "seconds": seconds,
+              "median_s": median, "min_max_s": spread,
+              "cost_vs_" + reference: {n: median[n] / median[reference] for n in median},
+              "full_tables": tables, "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__}
+    out = RESULTS / f"importance_speed_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n{args.model}: {len(sample) - 1} entries side by side, {len(scored)} in the table")
+    print(f"{'estimator':<10} {'median s':>9} {'min-max s':>13} {'vs ' + reference:>11} {'table est.':>11}")
+    for name, v in median.items():
+        print(f"{name:<10} {v:>9.3f} {spread[name][0]:>6.2f}-{spread[name][1]:<6.2f} "
+              f"{v / median[reference]:>11.3f} {v * len(scored) / 60:>9.1f} m")
+    for name, t in tables.items():
+        print(f"full table {name}: {t['seconds']:.1f} s for {t['entries']} entries "
+              f"({t['seconds'] / t['entries']:.3f} s / entry)")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -294,13 +294,17 @@ def evaluate(
     Returns:
         The metric value.
     """
+    metric_fn = metric_function(metric)
+    outputs, targets = predict_logits(model, loader, device)
+    return float(metric_fn(outputs, targets))
+
+
+def metric_function(metric: str | MetricFn) -> MetricFn:
+    """The function ``metric(outputs, targets) -> float`` that ``metric`` names (see :func:`evaluate`)."""
     if isinstance(metric, str):
         if metric != "accuracy":
             raise ConfigurationError(f"unknown metric {metric!r}; use 'accuracy' or a callable")
-        metric_fn: MetricFn = _accuracy
-    elif callable(metric):
-        metric_fn = metric
-    else:
-        raise ArgumentTypeError(f"metric must be 'accuracy' or a callable, got {type(metric).__name__}")
-    outputs, targets = predict_logits(model, loader, device)
-    return float(metric_fn(outputs, targets))
+        return _accuracy
+    if callable(metric):
+        return metric
+    raise ArgumentTypeError(f"metric must be 'accuracy' or a callable, got {type(metric).__name__}")

@@ -73,7 +73,7 @@ HELP = {
     "backend": "latency backend: auto, cpu, cuda, onnxruntime, tensorrt",
     "batch_size": "batch size of the latency measurements",
     "threads": "CPU threads for latency measurements (default: torch's)",
-    "importance": "importance estimator: distill, finetune or zero_shot",
+    "importance": "importance estimator: distill, finetune, local or zero_shot",
     "importance_steps": "training steps per candidate of the distill/finetune estimators",
     "val_size": "training images on which importance is scored (the test split stays unseen)",
     "mode": "layermerge (default), act_only (2023 depth compression) or layer_only",

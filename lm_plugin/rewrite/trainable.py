@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,14 +73,35 @@ def crop_to(x: torch.Tensor, ref: torch.Tensor, top: int, left: int, sh: int, sw
     return x[..., top:top + h, left:left + w]
 
 
-def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteOptions | None = None
-                 ) -> fx.GraphModule:
-    """Apply ``plan`` to a deep copy of ``gm`` (the traced original); ``gm`` itself is not modified."""
+def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteOptions | None = None, *,
+                 share_weights: bool = False) -> fx.GraphModule:
+    """Apply ``plan`` to a copy of ``gm`` (the traced original); ``gm`` itself is not modified.
+
+    Args:
+        share_weights: ``False`` (default): a deep copy, independent of ``gm``. ``True``: a new graph whose
+            modules are ``gm``'s own except those the rewrite changes (copied first) — far cheaper for a large
+            network, but training the result in place would train ``gm``; for reading, or for replacing the
+            modules one trains (what the ``local`` importance estimator does).
+    """
     options = options or RewriteOptions()
     plan.validate(chain)
-    out = copy.deepcopy(gm)
+    original = {n.name: n for n in gm.graph.nodes}
+    if share_weights:
+        out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        out.meta = copy.deepcopy(gm.meta)
+    else:
+        out = copy.deepcopy(gm)
     graph = out.graph
     nodes = {n.name: n for n in graph.nodes}
+
+    def own(name: str) -> torch.nn.Module:
+        """The module at ``name``, copied first if it is shared with ``gm`` (it is about to change)."""
+        module = out.get_submodule(name)
+        if share_weights and module is gm.get_submodule(name):
+            module = copy.deepcopy(module)
+            parent, _, leaf = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, leaf, module)
+        return module
     alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
     inserted_kind = options.inserted_kind(chain)
     records = []
@@ -113,22 +135,25 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
             alias[unit_out.name] = source  # type: ignore[assignment]
             unit_out.replace_all_uses_with(source)  # type: ignore[arg-type]
             dead.append(unit_out)  # the unit's nodes (BN, parallel branches) die with it
+        # A block of one kept conv with no skip folded into it computes what the original computes: it is left as
+        # it is (its layer shared with ``gm`` under ``share_weights``), so that what a plan leaves alone stays so.
+        folded = chain.residuals_within(st, end)
+        untouched = end == st + 1 and kept == [end] and not folded
         # 3. Move the block's padding to its input: every node of the block that reads the input reads it padded.
         #    A conv's own explicit (asymmetric) zero pad goes into the block's pad.
-        for j in kept:
+        for j in [] if untouched else kept:
             if chain.conv(j).pad_node is not None:
                 pad = nodes[chain.conv(j).pad_node]  # type: ignore[index]
                 pad.replace_all_uses_with(pad.args[0])  # type: ignore[arg-type]
                 graph.erase_node(pad)
         block_in = resolve(chain.conv(st + 1).input_node)
-        folded = chain.residuals_within(st, end)
         members = {nodes[chain.conv(j).node] for j in kept}
         members |= {nodes[b.reader] for j in kept for b in chain.conv(j).branches}
         members |= {nodes[r.add_node] for r in folded}
         members |= {nodes[r.projection_node] for r in folded if r.projection_node}
-        for j in kept:
-            out.get_submodule(chain.conv(j).name).padding = (0, 0)
-        if geo.padding != (0, 0) or geo.pad_extra != (0, 0):
+        for j in [] if untouched else kept:
+            own(chain.conv(j).name).padding = (0, 0)
+        if not untouched and (geo.padding != (0, 0) or geo.pad_extra != (0, 0)):
             with graph.inserting_after(block_in):
                 padded = graph.call_function(F.pad, (block_in, geo.pad_lrtb))
             for user in list(block_in.users):
@@ -136,8 +161,8 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
                     user.replace_input_with(block_in, padded)
         # 3b. Parallel branches read the (wider) input of their unit's main conv, cropped to their own kernel at
         #     its offset inside the main kernel; identity and BN branches read the 1x1 tap at the centre.
-        for j in kept:
-            _crop_branches(out, chain.conv(j), nodes)
+        for j in [] if untouched else kept:
+            _crop_branches(out, chain.conv(j), nodes, own)
         # 4. Folded residuals: the skip reads a tensor with a wider border than the branch output; crop it so that
         #    it lines up with the branch (the merged kernel holds the skip at the same offset).
         for r in folded:
@@ -152,7 +177,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
                 add.args = tuple(new_args)
             else:
                 proj = nodes[r.projection_node]  # type: ignore[index]
-                out.get_submodule(r.projection).padding = (0, 0)  # type: ignore[arg-type]
+                own(r.projection).padding = (0, 0)  # type: ignore[arg-type]
                 with graph.inserting_before(add):
                     crop = graph.call_function(crop_to, (proj.args[0], branch, dh, dw, *r.stride, *r.kernel_size))
                 proj.args = (crop,)
@@ -178,7 +203,15 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
                 act_node = graph.call_module(inserted, (position_value,))
             position_value.replace_all_uses_with(act_node, delete_user_cb=lambda u, a=act_node: u is not a)
             alias[position_value.name] = act_node
-        records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name})
+        # What the rest of the network reads at position ``end``, here and in the original (local fitting).
+        position = resolve(end_pos.node or end_pos.pre_node)  # type: ignore[arg-type]
+        if res_end is not None and res_end not in folded:
+            reference = original[res_end.add_node].args[1 - res_end.skip_index].name  # type: ignore[union-attr]
+        else:
+            reference = end_pos.pre_node
+        records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,
+                        "reference": reference, "position": position.name,
+                        "position_reference": end_pos.node or end_pos.pre_node})
 
     for node in dead:
         erase_unused(graph, node)
@@ -195,7 +228,8 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
     return out
 
 
-def _crop_branches(gm: fx.GraphModule, conv: ChainConv, nodes: dict[str, fx.Node]) -> None:
+def _crop_branches(gm: fx.GraphModule, conv: ChainConv, nodes: dict[str, fx.Node],
+                   own: Callable[[str], torch.nn.Module]) -> None:
     """Wire the parallel branches of a kept unit for relocated padding (see ``to_trainable`` step 3b)."""
     if not conv.branches:
         return
@@ -205,7 +239,7 @@ def _crop_branches(gm: fx.GraphModule, conv: ChainConv, nodes: dict[str, fx.Node
     anchor = main
     for b in conv.branches:
         if b.conv is not None:
-            gm.get_submodule(b.conv).padding = (0, 0)
+            own(b.conv).padding = (0, 0)
             (kh, kw), (oh, ow) = b.kernel_size, (ph - b.padding[0], pw - b.padding[1])
         else:
             (kh, kw), (oh, ow) = (1, 1), (ph, pw)

@@ -10,6 +10,9 @@ Estimators (one interface, :class:`ImportanceEstimator`):
 
 * ``finetune``  — the paper's: fine-tune the whole network for ``steps`` on the training data, then evaluate;
 * ``zero_shot`` — no training: the metric right after compression, on a calibration set (cheapest);
+* ``local``     — fit only the compressed block to the original's activation at its end, re-estimate the BatchNorm
+  statistics after it, then score. ``local`` and ``zero_shot`` compute the part of the network an entry leaves
+  alone once per table (:mod:`lm_plugin.tables.prefix`) and run only the block and what follows it;
 * ``distill``   — a few steps of distillation toward the original network's logits (our cheap proxy of
   ``finetune``: the student starts next to the teacher, so a short KD run recovers most of what a longer
   task-loss fine-tune recovers, at a fraction of the steps).
@@ -37,15 +40,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..candidates import Candidate
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..plan import Plan
 from ..rewrite import RewriteOptions, to_trainable
+from ..rewrite.trainable import META_KEY
 from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
-from ..train import evaluate, fit
+from ..trace.subgraph import extract, frontier, trained_modules, unchanged_nodes
+from ..train import evaluate, fit, metric_function, split_batch
+from .prefix import PrefixCache
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -113,6 +120,16 @@ class ImportanceEstimator:
         finally:
             generator.set_state(state)
 
+    def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
+                    rewrite: RewriteOptions | None) -> float:
+        """The metric of the network with ``plan`` applied (one block compressed), after :meth:`adapt`.
+
+        ``gm`` is the traced network, ``original`` a private eval-mode copy of it (the teacher; never trained).
+        """
+        model = to_trainable(gm, chain, plan, rewrite)
+        self.adapt(model, original)
+        return self.score(model)
+
     def score(self, model: nn.Module) -> float:
         if self.eval_data is None:
             raise ConfigurationError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
@@ -128,13 +145,216 @@ class ImportanceEstimator:
 
 
 @dataclass
-class ZeroShotImportance(ImportanceEstimator):
-    """Metric change right after compression, no training."""
+class LocalImportance(ImportanceEstimator):
+    """Fit only the compressed block to what the original computes at its end, then score end to end.
 
+    An entry changes one block; everything before it, and every skip that bypasses it, computes what it computed
+    in the original. Those values are computed once per table on the evaluation (and fitting) batches
+    (:class:`~lm_plugin.tables.prefix.PrefixCache`), so an entry runs only the block and what follows it. The
+    block's own layers (its kept convs, their BN, folded skips and parallel branches) are then trained with
+    Adam for ``steps`` steps to reproduce the original's value at the block's end — the activation the rest of
+    the network reads — on ``fit_batches`` cached training batches (normalised mean squared error), and the
+    network is scored with the rest of it unchanged. Nothing but the block's layers is copied or trained.
+
+    Args (beyond :class:`ImportanceEstimator`'s):
+        steps: Adam steps of the local fit (0 = score right after compression, as ``zero_shot``).
+        max_lr: Adam's learning rate (cosine-decayed to 0 over the steps).
+        fit_batches: training batches the block is fitted on (the first ones ``train_data`` yields).
+        fit_batch_size: images per fitting step (slices of those batches).
+        recalibrate: re-estimate the BatchNorm statistics from the block on, on the same batches, before
+            scoring (without, the network after the block sees inputs it was not normalised for).
+        cache_bytes: most bytes of cached node values (evaluation and fitting batches together); more is
+            recomputed when needed, never an error.
+    """
+
+    steps: int = 40
+    max_lr: float = 1e-3
+    fit_batches: int = 4
+    fit_batch_size: int = 32
+    cache_bytes: int = 2 << 30
+    recalibrate: bool = True
+    name = "local"
+    _context: _LocalContext | None = field(default=None, init=False, repr=False, compare=False)
+
+    def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
+                    rewrite: RewriteOptions | None) -> float:
+        context = self._prepare(original)
+        model, inputs = _compressed(original, chain, plan, rewrite)
+        if self.steps > 0:
+            self._fit_block(model, original, inputs, context)
+        rest = extract(model, inputs)
+        if self.recalibrate and context.fit is not None:
+            rest = self._recalibrate(model, original, inputs, rest, context.fit)
+        return _score_rest(self, rest, context)
+
+    def _fit_block(self, model: fx.GraphModule, original: fx.GraphModule, inputs: list[str],
+                   context: _LocalContext) -> None:
+        assert context.fit is not None
+        (record,) = [r for r in model.meta[META_KEY]["blocks"]  # the one block the plan compresses
+                     if r["end"] > r["st"] + 1 or r["kept"] != [r["end"]]]
+        position, reference = record["position"], record["position_reference"]
+        names = trained_modules(model, extract(model, inputs, [position]).meta["nodes"])
+        _own(model, original, names)  # train copies, never a layer shared with the original
+        params = [p for name in names for p in model.get_submodule(name).parameters()]
+        if not params:
+            return
+        block = extract(model, inputs, [position])
+        # Steps take ``fit_batch_size`` images at a time: a conv's kernel sees every pixel of an image as a
+        # sample, so a few images per step fit it as well as a full batch, at a fraction of the cost.
+        size = self.fit_batch_size
+        xs = [chunk for values in context.fit.values(block.meta["inputs"])
+              for chunk in zip(*(v.split(size) for v in values))]
+        ys = [y for (full,) in context.fit.values([reference]) for y in full.split(size)]
+        scales = [float(y.pow(2).mean()) + 1e-12 for y in ys]
+        optimizer = torch.optim.Adam(params, lr=self.max_lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
+        for step in range(self.steps):
+            b = step % len(xs)
+            (out,) = block(*xs[b])
+            loss = F.mse_loss(out, ys[b]) / scales[b]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        for p in params:
+            p.requires_grad_(False)
+
+    def _recalibrate(self, model: fx.GraphModule, original: fx.GraphModule, inputs: list[str],
+                     rest: fx.GraphModule, batches: PrefixCache) -> fx.GraphModule:
+        """Re-estimate the running statistics of every BatchNorm from the block on, on the fitting batches.
+
+        What fine-tuning does first (BN in train mode): the layers after the block see a shifted distribution,
+        and normalising it again is most of what a short fine-tune recovers (EagleEye's "adaptive BN").
+        """
+        norms = [n for n in trained_modules(model, rest.meta["nodes"])
+                 if isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm)
+                 and model.get_submodule(n).track_running_stats]
+        if not norms:
+            return rest
+        _own(model, original, norms)
+        rest = extract(model, inputs)
+        layers = [model.get_submodule(n) for n in norms]
+        for bn in layers:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over the batches
+            bn.train()
+        with torch.no_grad():
+            for values in batches.values(rest.meta["inputs"]):
+                rest(*values)
+        for bn in layers:
+            bn.eval()
+        return rest
+
+    def _prepare(self, original: fx.GraphModule) -> _LocalContext:
+        needs = self.fit_batches if self.steps > 0 or self.recalibrate else 0
+        if needs and self.train_data is None:
+            raise ConfigurationError(f"the {self.name} importance estimator needs train_data (a DataLoader) to fit "
+                                     "blocks and recalibrate BatchNorm on; or use steps=0, recalibrate=False "
+                                     "(zero_shot)")
+        self._context = _prepare_context(self, self._context, original, needs)
+        return self._context
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "fit": "block to the original's position value, Adam, cosine",
+                "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
+                "recalibrate": self.recalibrate}
+
+
+@dataclass
+class _LocalContext:
+    """Per table: the original's node values on the evaluation batches (and on the first training batches)."""
+
+    original: fx.GraphModule
+    eval: PrefixCache
+    targets: torch.Tensor
+    fit: PrefixCache | None
+
+
+def _prepare_context(estimator: LocalImportance, context: _LocalContext | None, original: fx.GraphModule,
+                     fit_batches: int) -> _LocalContext:
+    """``context`` if it belongs to this table (``original``), else a new one with ``fit_batches`` training
+    batches (the ones every entry trains on, :meth:`ImportanceEstimator.same_batches`)."""
+    if context is not None and context.original is original:
+        return context
+    if estimator.eval_data is None:
+        raise ConfigurationError(f"the {estimator.name} importance estimator needs eval_data (a DataLoader)")
+    fit: list[Any] = []
+    if fit_batches:
+        assert estimator.train_data is not None
+        with estimator.same_batches():
+            while len(fit) < fit_batches:  # as many as a fit of that many steps would draw
+                before = len(fit)
+                fit += [b for b, _ in zip(estimator.train_data, range(fit_batches - len(fit)))]
+                if len(fit) == before:
+                    raise ConfigurationError("the training loader yielded no batches")
+    evaluation = [split_batch(b) for b in estimator.eval_data]
+    if not evaluation:
+        raise ConfigurationError("the evaluation loader yielded no batches")
+    device = _device(original, estimator.device)
+    original.to(device)
+    cap = estimator.cache_bytes // (2 if fit else 1)
+
+    def move(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(x.to(device) for x in xs)
+
+    return _LocalContext(
+        original, PrefixCache(original, [move(_inputs(b)) for b in evaluation], cap),
+        torch.cat([torch.as_tensor(t).cpu() for _, t in evaluation]),
+        PrefixCache(original, [move(_inputs(b)) for b in fit], cap) if fit else None)
+
+
+def _compressed(original: fx.GraphModule, chain: Chain, plan: Plan, rewrite: RewriteOptions | None
+                ) -> tuple[fx.GraphModule, list[str]]:
+    """The trainable form of ``plan`` sharing every layer it does not change with ``original``, and the nodes
+    where its changed part starts (what it reads of the unchanged part)."""
+    model = to_trainable(original, chain, plan, rewrite, share_weights=True).eval()
+    return model, frontier(model, unchanged_nodes(original, model))
+
+
+def _score_rest(estimator: ImportanceEstimator, rest: fx.GraphModule, context: _LocalContext) -> float:
+    """The metric of the network whose changed part is ``rest``, on the evaluation batches."""
+    rest.eval()
+    with torch.no_grad():
+        outputs = [rest(*values).float().cpu() for values in context.eval.values(rest.meta["inputs"])]
+    return float(metric_function(estimator.metric)(torch.cat(outputs), context.targets))
+
+
+def _inputs(batch: Any) -> tuple[torch.Tensor, ...]:
+    """A batch's network inputs as a tuple (one tensor per network input)."""
+    inputs = split_batch(batch)[0] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else batch
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _device(module: nn.Module, device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _own(model: fx.GraphModule, original: nn.Module, names: Iterable[str]) -> None:
+    """Give ``model`` its own copy of each layer in ``names`` that it shares with ``original`` (about to change)."""
+    for name in names:
+        layer = model.get_submodule(name)
+        try:
+            shared = original.get_submodule(name) is layer
+        except AttributeError:
+            shared = False
+        if shared:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, copy.deepcopy(layer))
+
+
+@dataclass
+class ZeroShotImportance(LocalImportance):
+    """Metric change right after compression, no training (only the block and what follows it are run)."""
+
+    steps: int = 0
+    recalibrate: bool = False
     name = "zero_shot"
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "steps": 0, "max_lr": 0.0, "train": None}
+        return {**ImportanceEstimator.settings(self), "steps": 0, "max_lr": 0.0, "train": None}
 
 
 @dataclass
@@ -213,6 +433,7 @@ DEFAULT_ESTIMATOR = "distill"
 
 ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
     "zero_shot": ZeroShotImportance,
+    "local": LocalImportance,
     "finetune": FinetuneImportance,
     "distill": DistillImportance,
 }
@@ -295,9 +516,8 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
 
         def score(key: list) -> float:
             c = scored[tuple(key)]
-            model = to_trainable(gm, chain, single_block_plan(chain, c.st, c.end, subsets[c.key]), rewrite)
-            estimator.adapt(model, original)
-            return estimator.score(model) - base
+            plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
+            return estimator.score_entry(gm, original, chain, plan, rewrite) - base
 
         evaluated = 0
         with tqdm(total=len(candidates), initial=len(candidates) - len(scored), desc=f"importance ({estimator.name})",

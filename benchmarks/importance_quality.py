@@ -1,0 +1,113 @@
+"""Are the plans of a cheaper importance estimator as good? Accuracy after fine-tuning, over seeds.
+
+For the reference workload's ``resnet_fm`` / ``mbv2_fm`` (trained with the workload recipe), one importance table
+per estimator (``distill`` 10 steps, ``local``; scored on the 1,000-image validation split) and one latency table
+shared by all (CPU eager, batch 64, cached in ``--cache-dir``) give a DP plan per budget. Every distinct plan is
+fine-tuned with the workload's recipe (1 epoch, OneCycle max lr 0.02) once per seed and evaluated on the 10,000
+test images after merging. Estimators whose plans coincide share the runs. Rows are saved as they finish, so an
+interrupted run resumes.
+
+    python benchmarks/importance_quality.py --model resnet_fm --budgets 0.5 0.6 0.7 --seeds 0 1 2
+
+Writes ``benchmarks/results/importance_quality_<model>.json`` and prints mean ± standard deviation per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lm_plugin import InfeasibleBudgetError, LayerMergePruner, Plan
+from lm_plugin.train import evaluate, fit
+from lm_plugin.workloads.data import data_splits
+from lm_plugin.workloads.models import trained
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def plan_id(plan: Plan) -> str:
+    return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="resnet_fm")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--estimators", nargs="+", default=["distill", "local"])
+    ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--cache-dir", default="benchmarks/cache", help="latency and importance tables (shared)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tables-only", action="store_true", help="build the tables and stop (e.g. one per core)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
+    base = trained(args.model, progress=False)
+    example = torch.randn(64, *splits.input_shape)
+    out = RESULTS / f"importance_quality_{args.model}.json"
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    runs: dict[str, float] = saved.get("runs", {})  # "<plan id>/<seed>" -> test accuracy
+    settings = {"distill": {"steps": args.distill_steps}, "local": {}}
+    pruners = {name: LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
+                                      train_data=splits.train, eval_data=splits.val,
+                                      importance_settings=settings.get(name, {}), cache_dir=args.cache_dir,
+                                      progress=True)
+               for name in args.estimators}
+    table_seconds = {}
+    for name, pruner in pruners.items():
+        start = time.perf_counter()
+        table = pruner.importance_table()
+        table_seconds[name] = {"seconds": time.perf_counter() - start, "computed": table.evaluated}
+    if args.tables_only:
+        return
+    rows = []
+    for budget in args.budgets:
+        for name, pruner in pruners.items():
+            try:
+                found = pruner.search(budget)
+            except InfeasibleBudgetError as exc:
+                rows.append({"budget": budget, "estimator": name, "infeasible": str(exc)})
+                continue
+            pid = plan_id(found.plan)
+            accuracies = []
+            for seed in args.seeds:
+                key = f"{pid}/{seed}"
+                if key not in runs:
+                    trainable = pruner.apply(found.plan)
+                    fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
+                    runs[key] = evaluate(pruner.merge(trainable.eval()), splits.test)
+                    saved.update({"runs": runs})
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(saved, indent=1))
+                accuracies.append(runs[key])
+                print(f"{args.model} {budget} {name} plan {pid} seed {seed}: {runs[key]:.2f} %", flush=True)
+            rows.append({"budget": budget, "estimator": name, "plan": pid, "plan_dict": found.plan.to_dict(),
+                         "predicted_speedup": found.original_ms / found.predicted_ms, "accuracies": accuracies,
+                         "mean": statistics.mean(accuracies),
+                         "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                         "objective": found.objective})
+    saved.update({"model": args.model, "original_accuracy": base.test_accuracy, "seeds": args.seeds,
+                  "distill_steps": args.distill_steps, "rows": rows, "runs": runs, "tables": table_seconds,
+                  "machine": platform.processor() or platform.machine(), "threads": args.threads,
+                  "torch": torch.__version__})
+    out.write_text(json.dumps(saved, indent=1))
+    print(f"\n{args.model}: original {base.test_accuracy:.2f} %, fine-tuned over seeds {args.seeds}")
+    print(f"{'budget':>6} {'estimator':<9} {'plan':<12} {'pred.':>6} {'acc mean':>9} {'std':>5}")
+    for r in rows:
+        if "infeasible" in r:
+            print(f"{r['budget']:>6} {r['estimator']:<9} infeasible")
+            continue
+        print(f"{r['budget']:>6} {r['estimator']:<9} {r['plan']:<12} {r['predicted_speedup']:>5.2f}x "
+              f"{r['mean']:>9.2f} {r['std']:>5.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

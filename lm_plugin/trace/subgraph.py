@@ -1,0 +1,175 @@
+"""Parts of a traced network: which nodes a rewrite left untouched, and a piece of the graph as its own module.
+
+An importance entry changes one block of the network. Everything the block does not reach computes what it
+computed in the original, so its values can be taken from the original once per table (:func:`unchanged_nodes`
+finds them), and only the rest — the block and what follows — needs running (:func:`extract`).
+
+Extracted graphs are *functional*: in-place operations (``ReLU(inplace=True)``, ``x += y``, ``relu_``) run
+out of place, so that a captured value is the value the node produced (a later in-place activation would
+otherwise overwrite it) and an input fed to the piece is never modified (it may be a cached tensor).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+
+
+def _structure(arg: Any) -> Any:
+    """Arguments with nodes replaced by their names, comparable with ``==``."""
+    return fx.node.map_arg(arg, lambda n: ("node", n.name))
+
+
+def unchanged_nodes(original: fx.GraphModule, derived: fx.GraphModule) -> set[str]:
+    """Names of the nodes of ``derived`` that compute what the same-named node of ``original`` computes.
+
+    A node is unchanged when it has a counterpart of the same name, operation and target, reading unchanged
+    nodes in the same argument structure, and — for a module call or an attribute — the very same object (a
+    module that was copied, e.g. to change its padding, counts as changed). ``derived`` must share the modules it
+    did not change with ``original`` (:func:`~lm_plugin.rewrite.to_trainable` with ``share_weights=True``).
+    """
+    reference = {n.name: n for n in original.graph.nodes}
+    same: set[str] = set()
+    for node in derived.graph.nodes:
+        twin = reference.get(node.name)
+        if twin is None or node.op == "output" or twin.op != node.op or twin.target != node.target:
+            continue
+        if node.op == "call_module" and derived.get_submodule(node.target) is not original.get_submodule(
+                twin.target):
+            continue
+        if node.op == "get_attr" and _attr(derived, node.target) is not _attr(original, twin.target):
+            continue
+        if any(n.name not in same for n in node.all_input_nodes):
+            continue
+        try:
+            equal = _structure(node.args) == _structure(twin.args) and \
+                _structure(node.kwargs) == _structure(twin.kwargs)
+        except RuntimeError:  # a tensor constant among the arguments: no cheap comparison, assume changed
+            equal = False
+        if equal:
+            same.add(node.name)
+    return same
+
+
+def frontier(derived: fx.GraphModule, unchanged: set[str]) -> list[str]:
+    """The unchanged nodes that a changed node (or the output) reads: the inputs of the changed part."""
+    names = []
+    for node in derived.graph.nodes:
+        if node.name in unchanged and any(u.name not in unchanged for u in node.users):
+            names.append(node.name)
+    return names
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | None = None) -> fx.GraphModule:
+    """The part of ``gm`` that computes ``outputs`` (node names; ``None`` = the graph's own output) from the
+    nodes named in ``inputs``.
+
+    The result's arguments are the inputs it needs, in the order of ``inputs`` (their names are in
+    ``result.meta["inputs"]``; an input the outputs do not need is left out; the names of the nodes it
+    computes are in ``result.meta["nodes"]``, the modules it calls in ``result.meta["modules"]``). It shares
+    ``gm``'s modules (copies only those it makes out of place) and returns a tuple with one tensor per name in
+    ``outputs``, or what ``gm`` returns. A network input the outputs need but ``inputs`` lacks raises ``ValueError``.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in [*inputs, *(outputs or ())] if name not in nodes]
+    if missing:
+        raise ValueError(f"no node named {missing} in the graph")
+    stop = set(inputs)
+    targets = [nodes[o] for o in outputs] if outputs is not None else \
+        [n for n in gm.graph.nodes if n.op == "output"]
+    needed: set[str] = set()
+    todo = list(targets)
+    while todo:
+        node = todo.pop()
+        if node.name in needed:
+            continue
+        needed.add(node.name)
+        if node.name not in stop:
+            todo.extend(node.all_input_nodes)
+    graph = fx.Graph()
+    used = [name for name in inputs if name in needed]
+    env: dict[str, fx.Node] = {name: graph.placeholder(f"in_{i}") for i, name in enumerate(used)}
+    for node in gm.graph.nodes:
+        if node.name in env or node.name not in needed:
+            continue
+        if node.op == "placeholder":
+            raise ValueError(f"the outputs need the network input {node.name!r}; pass it in inputs")
+        if node.op == "output" and outputs is not None:
+            continue
+        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+    if outputs is not None:
+        graph.output(tuple(env[o] for o in outputs))
+    piece = fx.GraphModule(gm, graph)
+    piece.meta["inputs"] = used
+    piece.meta["nodes"] = [n for n in nodes if n in needed and n not in stop and nodes[n].op != "output"]
+    piece.meta["modules"] = list(dict.fromkeys(nodes[n].target for n in piece.meta["nodes"]
+                                               if nodes[n].op == "call_module"))
+    _functionalize(piece)
+    return piece
+
+
+def _functionalize(gm: fx.GraphModule) -> None:
+    """Make every in-place operation of ``gm`` that we recognise run out of place (see the module docstring)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if getattr(module, "inplace", False) is True:
+                fresh = copy.copy(module)  # a shallow copy: the same weights, its own flag
+                fresh.inplace = False
+                _set_submodule(gm, node.target, fresh)
+        elif node.op == "call_function":
+            if node.target in _OUT_OF_PLACE:
+                node.target = _OUT_OF_PLACE[node.target]
+            elif getattr(node.target, "__name__", "").endswith("_") and not node.target.__name__.startswith("_"):
+                plain = _plain_function(node.target)
+                if plain is not None:
+                    node.target = plain
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and \
+                hasattr(torch.Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    gm.recompile()
+
+
+def _plain_function(fn: Any) -> Any:
+    """``torch.relu_`` -> ``torch.relu``, ``F.relu_`` -> ``F.relu`` (None if there is no such twin)."""
+    name = fn.__name__[:-1]
+    for namespace in (torch, torch.nn.functional):
+        if getattr(namespace, fn.__name__, None) is fn and hasattr(namespace, name):
+            return getattr(namespace, name)
+    return None
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def trained_modules(gm: fx.GraphModule, nodes: Iterable[str]) -> list[str]:
+    """Targets of the module calls among ``nodes`` that have parameters (what fitting that part trains)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    out: list[str] = []
+    for name in nodes:
+        node = by_name[name]
+        if node.op == "call_module" and node.target not in out and \
+                any(True for _ in gm.get_submodule(node.target).parameters()):
+            out.append(node.target)
+    return out

@@ -1,0 +1,171 @@
+"""The ``local`` importance estimator and the parts it is built from: the untouched-node analysis, extracted
+pieces of a graph, the prefix cache and the weight-sharing trainable form — on torchvision models and real data."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torchvision
+from nets import randomize_bn
+from test_importance import digits_net
+
+from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.rewrite import to_trainable
+from lm_plugin.tables.importance import (
+    ImportanceEstimator,
+    LocalImportance,
+    ZeroShotImportance,
+    build_importance_table,
+    single_block_plan,
+)
+from lm_plugin.tables.prefix import PrefixCache
+from lm_plugin.trace.subgraph import extract, frontier, unchanged_nodes
+from lm_plugin.train import evaluate, fit
+from lm_plugin.workloads.data import digits
+
+
+def _pruner(model, shape):
+    return LayerMergePruner(model, example_inputs=torch.randn(*shape), backend="macs", cache_dir=None,
+                            progress=False)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    return model, _pruner(model, (1, 3, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5)).eval()
+    return model, _pruner(model, (1, 3, 32, 32))
+
+
+def _blocks(pruner, n, seed=0):
+    compressing = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    return random.Random(seed).sample(compressing, n)
+
+
+@pytest.mark.parametrize("fixture", ["resnet18", "mobilenet"])
+def test_the_changed_part_fed_with_the_originals_values_is_the_whole_compressed_network(fixture, request):
+    _, pruner = request.getfixturevalue(fixture)
+    gm = copy.deepcopy(pruner.graph_module).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    cache = PrefixCache(gm, [(x,)])
+    for c in _blocks(pruner, 6):
+        plan = single_block_plan(pruner.chain, c.st, c.end, c.kept)
+        compressed = to_trainable(gm, pruner.chain, plan, share_weights=True).eval()
+        same = unchanged_nodes(gm, compressed)
+        inputs = frontier(compressed, same)
+        rest = extract(compressed, inputs)
+        (values,) = cache.values(rest.meta["inputs"])
+        expected = to_trainable(gm, pruner.chain, plan)(x)  # the independent, deep-copied form
+        assert torch.allclose(rest(*values), expected, rtol=0, atol=1e-12), c.key
+        assert len(same) > 0 and any(n not in same for n in rest.meta["nodes"])
+
+
+def test_sharing_weights_leaves_the_original_untouched(resnet18):
+    _, pruner = resnet18
+    gm = pruner.graph_module
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    paddings = {n: m.padding for n, m in gm.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    x = torch.randn(1, 3, 32, 32)
+    reference = gm(x)
+    for c in _blocks(pruner, 4, seed=1):
+        plan = single_block_plan(pruner.chain, c.st, c.end, c.kept)
+        shared = to_trainable(gm, pruner.chain, plan, share_weights=True).eval()
+        assert torch.equal(shared(x), to_trainable(gm, pruner.chain, plan).eval()(x))
+    assert {n: m.padding for n, m in gm.named_modules() if isinstance(m, torch.nn.Conv2d)} == paddings
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    assert torch.equal(gm(x), reference)
+
+
+def test_extracted_pieces_capture_values_before_in_place_activations(resnet18):
+    _, pruner = resnet18
+    gm = pruner.graph_module
+    # torchvision's ReLU(inplace=True) overwrites its input: the BN output must still be captured unrectified
+    bn = next(p.pre_node for p in pruner.chain.positions[1:] if p.activation == "relu" and p.pre_node != p.node)
+    x = torch.randn(1, 3, 32, 32)
+    (value,) = extract(gm, [n.name for n in gm.graph.nodes if n.op == "placeholder"], [bn])(x)
+    assert value.min() < 0
+    assert torch.equal(extract(gm, ["x"])(x), gm(x))  # the whole graph, out of place, computes the same
+
+
+def test_prefix_cache_evicts_within_its_cap_and_recomputes_the_same_values(resnet18):
+    _, pruner = resnet18
+    gm = pruner.graph_module
+    batches = [(torch.randn(4, 3, 32, 32),) for _ in range(2)]
+    names = [p.node for p in pruner.chain.positions[1:6]]
+    one = 2 * 4 * 64 * 8 * 8 * 4  # bytes of one early position's values over both batches (64 x 8 x 8 floats)
+    cache = PrefixCache(gm, batches, capacity_bytes=one)
+    first = cache.values(names[:1])
+    cache.values(names[1:3])
+    assert cache.nbytes <= 2 * one * 2 and names[0] not in cache._values  # the first is gone
+    again = cache.values(names[:1])
+    assert cache.computed == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+
+
+class FullNetworkZeroShot(ZeroShotImportance):
+    """zero_shot the way it was computed before the prefix cache: the whole compressed network."""
+
+    def score_entry(self, gm, original, chain, plan, rewrite):
+        return ImportanceEstimator.score_entry(self, gm, original, chain, plan, rewrite)
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    torch.manual_seed(0)
+    model = digits_net()
+    train, test = digits(64, train=True), digits(256, train=False)
+    fit(model, train, epochs=4, max_lr=0.1, progress=False, seed=0)
+    return model.eval(), train, test
+
+
+def test_zero_shot_on_the_changed_part_scores_what_the_whole_network_scores(digits_model):
+    model, _, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    args = (pruner.graph_module, pruner.chain, pruner.candidates)
+    fast = build_importance_table(*args, ZeroShotImportance(eval_data=test), progress=False)
+    full = build_importance_table(*args, FullNetworkZeroShot(eval_data=test), progress=False)
+    assert fast.values == full.values and min(fast.values.values()) < -1.0
+
+
+def test_local_fitting_recovers_accuracy_and_leaves_the_model_alone(digits_model, tmp_path):
+    model, train, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    before = copy.deepcopy(pruner.graph_module.state_dict())
+    args = (pruner.graph_module, pruner.chain, pruner.candidates)
+    plain = build_importance_table(*args, LocalImportance(train_data=train, eval_data=test, steps=0,
+                                                          recalibrate=False), progress=False)
+    assert plain.values == build_importance_table(*args, ZeroShotImportance(eval_data=test), progress=False).values
+    local = build_importance_table(*args, LocalImportance(train_data=train, eval_data=test), cache_dir=tmp_path,
+                                   progress=False)
+    keys = [k for k, v in plain.values.items() if v < -5.0]
+    assert keys and sum(local.values[k] for k in keys) > sum(plain.values[k] for k in keys) + 5.0 * len(keys) / 4
+    assert all(torch.equal(before[k], v) for k, v in pruner.graph_module.state_dict().items())
+    assert evaluate(pruner.graph_module, test) == pytest.approx(local.base_metric)
+    # deterministic: a second build from scratch scores every entry the same
+    again = build_importance_table(*args, LocalImportance(train_data=train, eval_data=test), progress=False)
+    assert again.values == local.values
+
+
+def test_local_needs_training_batches_unless_it_only_scores(digits_model):
+    model, _, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    with pytest.raises(Exception, match="train_data"):
+        build_importance_table(pruner.graph_module, pruner.chain, pruner.candidates,
+                               LocalImportance(eval_data=test), progress=False)
+
+
+def test_the_pruner_accepts_local_by_name(digits_model, tmp_path):
+    model, train, test = digits_model
+    pruner = LayerMergePruner(model, 0.8, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
+                              importance="local", train_data=train, eval_data=test, cache_dir=tmp_path,
+                              progress=False)
+    plan = pruner.search().plan
+    assert isinstance(plan, Plan) and pruner.importance_table().estimator["estimator"] == "local"
