@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import ConfigurationError, UnknownNameError
+
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                  operator.itruediv: operator.truediv}
 
@@ -84,12 +86,13 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
     ``result.meta["inputs"]``; an input the outputs do not need is left out; the names of the nodes it
     computes are in ``result.meta["nodes"]``, the modules it calls in ``result.meta["modules"]``). It shares
     ``gm``'s modules (copies only those it makes out of place) and returns a tuple with one tensor per name in
-    ``outputs``, or what ``gm`` returns. A network input the outputs need but ``inputs`` lacks raises ``ValueError``.
+    ``outputs``, or what ``gm`` returns. A network input the outputs need but ``inputs`` lacks raises
+    :class:`~lm_plugin.errors.ConfigurationError`; an unknown node name :class:`~lm_plugin.errors.UnknownNameError`.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [name for name in [*inputs, *(outputs or ())] if name not in nodes]
     if missing:
-        raise ValueError(f"no node named {missing} in the graph")
+        raise UnknownNameError(f"no node named {missing} in the graph")
     stop = set(inputs)
     targets = [nodes[o] for o in outputs] if outputs is not None else \
         [n for n in gm.graph.nodes if n.op == "output"]
@@ -109,7 +112,7 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
         if node.name in env or node.name not in needed:
             continue
         if node.op == "placeholder":
-            raise ValueError(f"the outputs need the network input {node.name!r}; pass it in inputs")
+            raise ConfigurationError(f"the outputs need the network input {node.name!r}; pass it in inputs")
         if node.op == "output" and outputs is not None:
             continue
         env[node.name] = graph.node_copy(node, lambda n: env[n.name])
