@@ -6,7 +6,8 @@ have, still expressed with the original layers (so fine-tuning updates familiar 
 * activations the plan removes are deleted (their call sites, not their modules);
 * dropped convs and their BN become identities;
 * each block's zero padding is moved to its input (one ``F.pad``) and its convs run unpadded, so that the block
-  computes bit for bit what its merged conv computes, borders included;
+  computes bit for bit what its merged conv computes, borders included (a block that is one conv the plan leaves
+  alone stays as it is);
 * a skip folded into a block reads the (larger) padded tensor, so it is cropped to line up with the branch
   (``crop_to``); the merged kernel then holds the skip at that offset;
 * optionally, an activation is inserted where a multi-layer block ends at an originally linear position
@@ -85,7 +86,6 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
     """
     options = options or RewriteOptions()
     plan.validate(chain)
-    original = {n.name: n for n in gm.graph.nodes}
     if share_weights:
         out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
         out.meta = copy.deepcopy(gm.meta)
@@ -203,15 +203,11 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
                 act_node = graph.call_module(inserted, (position_value,))
             position_value.replace_all_uses_with(act_node, delete_user_cb=lambda u, a=act_node: u is not a)
             alias[position_value.name] = act_node
-        # What the rest of the network reads at position ``end``, here and in the original (local fitting).
+        # What the rest of the network reads at position ``end``: here, and the same value in the original
+        # (what the ``local`` importance estimator fits the block to).
         position = resolve(end_pos.node or end_pos.pre_node)  # type: ignore[arg-type]
-        if res_end is not None and res_end not in folded:
-            reference = original[res_end.add_node].args[1 - res_end.skip_index].name  # type: ignore[union-attr]
-        else:
-            reference = end_pos.pre_node
         records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,
-                        "reference": reference, "position": position.name,
-                        "position_reference": end_pos.node or end_pos.pre_node})
+                        "position": position.name, "position_reference": end_pos.node or end_pos.pre_node})
 
     for node in dead:
         erase_unused(graph, node)
