@@ -4,9 +4,10 @@ An importance entry changes one block of the network. Everything the block does 
 computed in the original, so its values can be taken from the original once per table (:func:`unchanged_nodes`
 finds them), and only the rest — the block and what follows — needs running (:func:`extract`).
 
-Extracted graphs are *functional*: in-place operations (``ReLU(inplace=True)``, ``x += y``, ``relu_``) run
-out of place, so that a captured value is the value the node produced (a later in-place activation would
-otherwise overwrite it) and an input fed to the piece is never modified (it may be a cached tensor).
+In extracted graphs, in-place operations (``ReLU(inplace=True)``, ``x += y``, ``relu_``) that could write into an
+input or an output run out of place, so that a captured value is the value the node produced (a later in-place
+activation would otherwise overwrite it) and an input fed to the piece is never modified (it may be a cached
+tensor).
 """
 
 from __future__ import annotations
@@ -128,8 +129,27 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
 
 
 def _functionalize(gm: fx.GraphModule) -> None:
-    """Make every in-place operation of ``gm`` that we recognise run out of place (see the module docstring)."""
-    for node in gm.graph.nodes:
+    """Make the in-place operations of ``gm`` that could overwrite one of its inputs or outputs run out of place
+    (see the module docstring).
+
+    Only those: an in-place activation after a conv or a BN writes into a tensor nobody else holds, and keeping
+    it in place spares allocating a fresh activation (costly on CPU for large ones). A value may alias an input or
+    an output when it is one, or comes from one through a function or method call (a view, say) or an in-place
+    module; module calls otherwise return fresh tensors.
+    """
+    graph = gm.graph
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    protected = {n for n in graph.nodes if n.op == "placeholder"} | set(out.all_input_nodes)
+    aliases = set(protected)
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") or (
+                node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False) is True):
+            if any(n in aliases for n in node.all_input_nodes):
+                aliases.add(node)
+    for node in graph.nodes:
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first not in aliases:
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if getattr(module, "inplace", False) is True:
