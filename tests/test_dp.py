@@ -127,3 +127,13 @@ def test_dp_scales_to_a_mobilenet_sized_table():
     assert len(entries) > 380
     sol = solve(entries, L, 10.0, 0.01)  # 1000 bins
     assert sol.latency_ms <= 10.0
+
+
+def test_a_budget_too_fine_for_the_resolution_is_told_what_works_at_it():
+    # exactly 0.08 ms fits 0.09 ms, but each latency rounds up to a 0.05 ms bin: 0.10 ms at this resolution
+    entries = [Entry(0, 1, (1,), 0.04, -1.0, (0, 1)), Entry(1, 2, (2,), 0.04, -1.0, (1, 2)),
+               Entry(0, 2, (2,), 0.1, -3.0, (0, 2))]
+    with pytest.raises(InfeasibleBudgetError, match="resolution") as info:
+        solve(entries, 2, 0.09, 0.05)
+    assert info.value.min_latency_ms == pytest.approx(0.10)
+    assert solve(entries, 2, info.value.min_latency_ms, 0.05).objective == pytest.approx(-2.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -119,10 +119,13 @@ def solve(entries: Sequence[Entry], length: int, budget_ms: float, step_ms: floa
             prow[better] = i
     best = value[length, n_bins]
     if not math.isfinite(best):
-        # Feasible in ms but not after rounding each latency up: the resolution is too coarse.
+        # Feasible in ms but not after rounding each latency up: the resolution is too coarse. Report what is
+        # achievable at this resolution, so that a caller raising the budget to it succeeds.
+        rounded = min_latency([replace(e, latency_ms=float(c) * step_ms) for e, c in zip(entries, cost)], length)
         raise InfeasibleBudgetError(
             f"no plan fits {budget_ms:.4g} ms at a latency resolution of {step_ms:.3g} ms (smallest achievable "
-            f"{lowest:.4g} ms); use a finer resolution", lowest)
+            f"{lowest:.4g} ms exactly, {rounded:.4g} ms at this resolution); use a finer resolution or a budget "
+            f"of at least {rounded:.4g} ms", rounded)
     # Among budgets reaching the optimum, the smallest one: prefer lower latency on ties.
     t = int(np.argmax(value[length] >= best - 1e-12 * max(1.0, abs(best))))
     chosen: list[Entry] = []
