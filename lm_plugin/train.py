@@ -62,7 +62,8 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
-def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` if given, else the device of ``model``'s first parameter (the CPU for a parameterless one)."""
     if device is not None:
         return torch.device(device)
     param = next(model.parameters(), None)
@@ -185,7 +186,7 @@ def fit(
     if seed is not None:
         torch.manual_seed(seed)
 
-    dev = _resolve_device(model, device)
+    dev = resolve_device(model, device)
     model.to(dev)
     task_loss = loss_fn if loss_fn is not None else F.cross_entropy
     teacher_was_training = teacher.training if teacher is not None else False
@@ -254,7 +255,7 @@ def predict_logits(
     Returns:
         ``(outputs, targets)`` concatenated over all batches, on the CPU.
     """
-    dev = _resolve_device(model, device)
+    dev = resolve_device(model, device)
     was_training = model.training
     model.to(dev).eval()
     outs: list[torch.Tensor] = []

@@ -32,7 +32,7 @@ from ..blocks import block_geometry, end_activation, skip_offset
 from ..errors import ConfigurationError
 from ..plan import Plan
 from ..trace.chain import Chain, ChainConv
-from ..trace.fxedit import erase_unused
+from ..trace.fxedit import erase_unused, set_submodule
 
 META_KEY = "lm_plugin"
 
@@ -99,8 +99,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         module = out.get_submodule(name)
         if share_weights and module is gm.get_submodule(name):
             module = copy.deepcopy(module)
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, leaf, module)
+            set_submodule(out, name, module)
         return module
     alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
     inserted_kind = options.inserted_kind(chain)

@@ -50,8 +50,9 @@ from ..rewrite import RewriteOptions, to_trainable
 from ..rewrite.trainable import META_KEY
 from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
+from ..trace.fxedit import set_submodule
 from ..trace.subgraph import extract, frontier, trained_modules, unchanged_nodes
-from ..train import evaluate, fit, metric_function, split_batch
+from ..train import evaluate, fit, metric_function, resolve_device, split_batch
 from .prefix import PrefixCache
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -290,7 +291,7 @@ def _prepare_context(estimator: LocalImportance, context: _LocalContext | None, 
     evaluation = [split_batch(b) for b in estimator.eval_data]
     if not evaluation:
         raise ConfigurationError("the evaluation loader yielded no batches")
-    device = _device(original, estimator.device)
+    device = resolve_device(original, estimator.device)
     original.to(device)
     cap = estimator.cache_bytes // (2 if fit else 1)
 
@@ -325,13 +326,6 @@ def _inputs(batch: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _device(module: nn.Module, device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    first = next(module.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _own(model: fx.GraphModule, original: nn.Module, names: Iterable[str]) -> None:
     """Give ``model`` its own copy of each layer in ``names`` that it shares with ``original`` (about to change)."""
     for name in names:
@@ -341,8 +335,7 @@ def _own(model: fx.GraphModule, original: nn.Module, names: Iterable[str]) -> No
         except AttributeError:
             shared = False
         if shared:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, copy.deepcopy(layer))
+            set_submodule(model, name, copy.deepcopy(layer))
 
 
 @dataclass

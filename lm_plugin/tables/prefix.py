@@ -38,9 +38,6 @@ class PrefixCache:
         self._values: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self.computed = 0  # node values computed (cache misses), for tests and benchmarks
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._values.values() for t in ts)

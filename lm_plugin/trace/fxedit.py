@@ -18,6 +18,12 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``root`` (replacing what is there, children included)."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
 def erase_unused(graph: fx.Graph, node: fx.Node) -> None:
     """Erase ``node`` if nothing reads it, then, recursively, the inputs only it read. Nodes with side effects
     (``torch._assert``), placeholders and the output stay."""

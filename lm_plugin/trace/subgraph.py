@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..errors import ConfigurationError, UnknownNameError
+from .fxedit import set_submodule
 
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                  operator.itruediv: operator.truediv}
@@ -49,7 +49,8 @@ def unchanged_nodes(original: fx.GraphModule, derived: fx.GraphModule) -> set[st
         if node.op == "call_module" and derived.get_submodule(node.target) is not original.get_submodule(
                 twin.target):
             continue
-        if node.op == "get_attr" and _attr(derived, node.target) is not _attr(original, twin.target):
+        if node.op == "get_attr" and operator.attrgetter(node.target)(derived) is not \
+                operator.attrgetter(twin.target)(original):
             continue
         if any(n.name not in same for n in node.all_input_nodes):
             continue
@@ -72,20 +73,13 @@ def frontier(derived: fx.GraphModule, unchanged: set[str]) -> list[str]:
     return names
 
 
-def _attr(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | None = None) -> fx.GraphModule:
     """The part of ``gm`` that computes ``outputs`` (node names; ``None`` = the graph's own output) from the
     nodes named in ``inputs``.
 
     The result's arguments are the inputs it needs, in the order of ``inputs`` (their names are in
     ``result.meta["inputs"]``; an input the outputs do not need is left out; the names of the nodes it
-    computes are in ``result.meta["nodes"]``, the modules it calls in ``result.meta["modules"]``). It shares
+    computes are in ``result.meta["nodes"]``). It shares
     ``gm``'s modules (copies only those it makes out of place) and returns a tuple with one tensor per name in
     ``outputs``, or what ``gm`` returns. A network input the outputs need but ``inputs`` lacks raises
     :class:`~lm_plugin.errors.ConfigurationError`; an unknown node name :class:`~lm_plugin.errors.UnknownNameError`.
@@ -122,8 +116,6 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
     piece = fx.GraphModule(gm, graph)
     piece.meta["inputs"] = used
     piece.meta["nodes"] = [n for n in nodes if n in needed and n not in stop and nodes[n].op != "output"]
-    piece.meta["modules"] = list(dict.fromkeys(nodes[n].target for n in piece.meta["nodes"]
-                                               if nodes[n].op == "call_module"))
     _functionalize(piece)
     return piece
 
@@ -155,7 +147,7 @@ def _functionalize(gm: fx.GraphModule) -> None:
             if getattr(module, "inplace", False) is True:
                 fresh = copy.copy(module)  # a shallow copy: the same weights, its own flag
                 fresh.inplace = False
-                _set_submodule(gm, node.target, fresh)
+                set_submodule(gm, node.target, fresh)
         elif node.op == "call_function":
             if node.target in _OUT_OF_PLACE:
                 node.target = _OUT_OF_PLACE[node.target]
@@ -178,12 +170,6 @@ def _plain_function(fn: Any) -> Any:
         if getattr(namespace, fn.__name__, None) is fn and hasattr(namespace, name):
             return getattr(namespace, name)
     return None
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
 
 
 def trained_modules(gm: fx.GraphModule, nodes: Iterable[str]) -> list[str]:
