@@ -197,7 +197,10 @@ class LayerMergePruner:
         """
         def score(j: int) -> float:
             c = self.chain.conv(j)
-            return float(self.graph_module.get_submodule(c.name).weight.detach().abs().sum()) if c.prunable else 0.0
+            if not c.prunable:
+                return 0.0
+            # the L1 norm without abs()'s temporary copy (a large model's weights, allocated once more)
+            return float(torch.linalg.vector_norm(self.graph_module.get_submodule(c.name).weight.detach(), 1))
         return {j: score(j) for j in range(1, self.chain.length + 1)}
 
     # ------------------------------------------------------------------------------------------- latency

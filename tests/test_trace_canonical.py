@@ -238,3 +238,30 @@ def test_wrong_merge_raises(monkeypatch):
         pruner.merge(trainable)
     unchecked = deploy.merge(trainable, pruner.chain, check=False)  # the escape hatch still returns
     assert isinstance(unchecked, nn.Module)
+
+
+def test_tracer_name_index_gives_fx_graph():
+    """The tracer's parameter/buffer name index (fx scans every parameter per access) records the same graph as
+    fx's own tracer, including a tensor reached under two names and a constant that belongs to no module."""
+    import copy
+
+    import timm
+    import torch.fx as fx
+
+    from lm_plugin.trace.graph import OpaqueFallbackTracer
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = FusedBNAct(4)
+            self.b = self.a  # the same module (and tensors) under a second name
+            self.conv = FunctionalConv(4, 4)
+            self.register_buffer("scale", torch.ones(1, 4, 1, 1))
+
+        def forward(self, x):
+            return self.conv(self.b(self.a(x))) * self.scale + torch.zeros(1)
+
+    for model in (Shared().eval(), timm.create_model("mobileone_s0", pretrained=False, num_classes=10).eval()):
+        # fresh copies: tracing stores constants on the root it traces
+        ours, plain = OpaqueFallbackTracer().trace(copy.deepcopy(model)), fx.Tracer().trace(copy.deepcopy(model))
+        assert ours.python_code("self").src == plain.python_code("self").src

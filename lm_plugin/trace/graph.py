@@ -10,6 +10,7 @@ import copy
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -35,6 +36,40 @@ class OpaqueFallbackTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.opaque: list[str] = []
+        self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        # fx finds a parameter's name by scanning all of the root's parameters on every access: quadratic in
+        # model size (seconds on models whose norm layers trace into F.batch_norm on their own attributes).
+        # Same result through a name index built once; anything the index misses takes fx's own path.
+        if not isinstance(attr_val, torch.Tensor) or self.param_shapes_constant:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        params, buffers = self._index()
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=None)
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        # The same scan happens for every tensor passed to a traced function (a norm's running statistics).
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            params, buffers = self._index()
+            name = (params if isinstance(a, nn.Parameter) else buffers).get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _index(self) -> tuple[dict[int, str], dict[int, str]]:
+        """id -> first name (fx's scan order) of the root's parameters and buffers, built once per trace."""
+        if self._tensor_names is None:
+            params = {id(p): n for n, p in reversed(list(self.root.named_parameters()))}
+            buffers = {id(b): n for n, b in reversed(list(self.root.named_buffers()))}
+            self._tensor_names = params, buffers
+        return self._tensor_names
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -111,9 +146,18 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> N
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        ShapeProp(gm, fake_mode=mode).propagate(*(mode.from_tensor(t) for t in inputs))
+        _FakeShapeProp(gm, mode).propagate(*(mode.from_tensor(t) for t in inputs))
     except Exception:
         ShapeProp(gm).propagate(*inputs)
+
+
+class _FakeShapeProp(ShapeProp):
+    """ShapeProp under a fake mode that runs the real module (its tensors are faked as they are used) instead of
+    deep-copying it into fake tensors first: that copy was most of the cost of tracing a large model."""
+
+    def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
+        super().__init__(gm)  # no fake_mode: no copy
+        self.fake_mode = mode
 
 
 def normalize_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
