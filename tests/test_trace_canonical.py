@@ -265,3 +265,51 @@ def test_tracer_name_index_gives_fx_graph():
         # fresh copies: tracing stores constants on the root it traces
         ours, plain = OpaqueFallbackTracer().trace(copy.deepcopy(model)), fx.Tracer().trace(copy.deepcopy(model))
         assert ours.python_code("self").src == plain.python_code("self").src
+
+
+@pytest.mark.parametrize("zoo, name", [("torchvision", "densenet121"), ("timm", "regnetx_002"), ("local", "fused")])
+def test_fake_shape_pass_matches_real_forward(zoo, name):
+    """Shape propagation under fake tensors (batch norm answered from its input's metadata) records what a real
+    forward pass records, on module BN (torchvision), functional BN of fused norm-act modules (timm) and a
+    channels-last input."""
+    import copy
+
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from lm_plugin.trace.graph import OpaqueFallbackTracer, _propagate_shapes
+
+    if zoo == "torchvision":
+        import torchvision
+
+        model, x = torchvision.models.get_model(name, num_classes=10), torch.randn(2, 3, 64, 64)
+    elif zoo == "timm":
+        import timm
+
+        model, x = timm.create_model(name, pretrained=False, num_classes=10), torch.randn(2, 3, 64, 64)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), FusedBNAct(4), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14**2, 2))
+        x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    gms = [fx.GraphModule(m, OpaqueFallbackTracer().trace(m)) for m in (copy.deepcopy(model.eval()), model.eval())]
+    with torch.no_grad():
+        _propagate_shapes(gms[0], (x,))
+        ShapeProp(gms[1]).propagate(x)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    assert any(n.meta.get("type") is FakeTensor for n in gms[0].graph.nodes)  # the fake pass ran, no fallback
+    for fake, real in zip(gms[0].graph.nodes, gms[1].graph.nodes, strict=True):
+        kinds = [torch.Tensor if issubclass(n.meta["type"], torch.Tensor) else n.meta["type"] for n in (fake, real)]
+        assert kinds[0] == kinds[1], fake.name
+        tm_fake, tm_real = fake.meta.get("tensor_meta"), real.meta.get("tensor_meta")
+        if hasattr(tm_real, "shape"):
+            assert (tm_fake.shape, tm_fake.dtype, tm_fake.stride, tm_fake.memory_format) == (
+                tm_real.shape, tm_real.dtype, tm_real.stride, tm_real.memory_format), fake.name
+
+
+def test_fake_shape_pass_keeps_wrong_input_error():
+    """The batch-norm shortcut applies only where batch norm accepts the input: a channel mismatch still fails."""
+    from lm_plugin.errors import UntraceableModelError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5), nn.ReLU())
+    with pytest.raises(UntraceableModelError):
+        LayerMergePruner(model, example_inputs=torch.randn(1, 3, 8, 8))
