@@ -161,10 +161,12 @@ class _FakeShapeProp(ShapeProp):
 
     # Fake tensors run batch norm through its decomposition, ~10 ms a call: on BN-heavy models (DenseNet-201,
     # EfficientNet-B7) most of the construction time. Batch norm's output has its input's metadata, so a
-    # plain one (not a subclass with its own forward) is answered with an empty tensor like its input.
+    # plain one (not a subclass with its own forward, no hooks) is answered with an empty tensor like its input.
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
-        if type(mod).forward is nn.modules.batchnorm._BatchNorm.forward and _bn_input_fits(args, mod.num_features):
+        plain = type(mod).forward is nn.modules.batchnorm._BatchNorm.forward and not (
+            mod._forward_hooks or mod._forward_pre_hooks)  # hooks may change what the call returns
+        if plain and _bn_input_fits(args, mod.num_features):
             return torch.empty_like(args[0])
         return super().call_module(target, args, kwargs)
 
