@@ -413,7 +413,10 @@ def write_docs(data: dict[str, Any], path: Path) -> None:
         f"network equals its trainable form (float64 relative error ≤ {EXACT:g}); **WRONG** — some error above "
         "that (a silent miscompile); **merge_refused** — `pruner.merge` raised `MergeError` (a failure the "
         "library detected); **refused** — the pruner refused the model at construction (`LayerMergeError`, "
-        "with the reason); **error** — any other exception; **timeout**, **oom** — the per-model limits.",
+        "with the reason); **error** — any other exception; **timeout**, **oom** — the per-model limits. The "
+        "check holds the model, the pruner's copy, the trainable form and float64 copies of the trainable and "
+        "merged networks at once, about 7× the float32 weights (plus the merge's own check), so **oom** is "
+        "this survey's limit, not what `merge` needs on its own.",
         "",
         "Columns: *convs* — conv call sites in the traced graph (conv modules when tracing failed); *chain* — "
         "convs on the chain; *removable acts* — activations a plan may remove; *prunable* — convs a plan may "
