@@ -67,3 +67,24 @@ def test_to_conv2d_keeps_float64_precision():
     lin = LinearConv(lin.weight + 1e-12, lin.bias, lin.stride, lin.groups)
     conv = lin.to_conv2d((0, 0), dtype=torch.float64, device=torch.device("cpu"))
     assert conv.weight.dtype == torch.float64 and torch.equal(conv.weight, lin.weight)
+
+
+def test_grouped_next_to_dense_composes_without_expanding(monkeypatch):
+    """A grouped conv before or after a dense one composes group by group into a dense kernel: no block-diagonal
+    expansion of the grouped kernel (for RegNet-Y-128GF's 7392-channel grouped 3x3 that expansion alone was 3.9 GB
+    in float64, more than the merged result), and the same map as running both."""
+    torch.manual_seed(0)
+
+    def expand(self):
+        raise AssertionError("a grouped kernel next to a dense one was expanded")
+
+    monkeypatch.setattr(LinearConv, "dense", expand)
+    x = torch.randn(2, 12, 13, 11, dtype=torch.float64)
+    for g1, g2 in [(1, 3), (3, 1), (1, 12), (12, 1)]:
+        a = nn.Conv2d(12, 24, 3, 2, groups=g1).double()
+        b = nn.Conv2d(24, 12, (1, 3), 1, groups=g2).double()
+        merged = LinearConv.from_conv(a).then(LinearConv.from_conv(b))
+        assert merged.groups == 1
+        with torch.no_grad():
+            ref = b(a(x))
+        assert (run(merged, x) - ref).abs().max() <= 1e-12 * ref.abs().max()

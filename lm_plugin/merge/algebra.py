@@ -7,7 +7,8 @@ its input, so inside a group a conv reads only real values and the composition o
 
 where ``W2 ⊛ W1`` is a full convolution of the kernels with in/out roles swapped (computed here as one
 channel matmul per tap of ``W2``). Grouped convs with equal groups compose group-wise and stay grouped (depthwise stays
-depthwise); otherwise both sides are expanded to dense block-diagonal kernels first.
+depthwise); a grouped conv next to a dense one composes group by group into a dense kernel; two different groupings
+are expanded to dense block-diagonal kernels first.
 """
 
 from __future__ import annotations
@@ -90,28 +91,38 @@ class LinearConv:
         """``nxt ∘ self``: apply ``self`` first, then ``nxt``."""
         if nxt.in_channels != self.out_channels:
             raise ConfigurationError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
-        first, second = (self, nxt) if self.groups == nxt.groups else (self.dense(), nxt.dense())
-        g = first.groups
-        w1, w2 = first.weight, second.weight
-        c2, c1g, k2h, k2w = w2.shape
-        c1, cin_g, k1h, k1w = w1.shape
-        (s1h, s1w), c2g = first.stride, c2 // g
+        g1, g2 = self.groups, nxt.groups
+        if g1 != g2 and 1 not in (g1, g2):  # two different groupings: rare, expand both
+            return self.dense().then(nxt.dense())
+        # Batched over g groups of the intermediate channels. Equal groups: the result stays grouped. A grouped
+        # conv next to a dense one: the result is dense, built group by group, never expanding the grouped
+        # kernel to a dense one (a 7392-channel grouped 3x3 expands to 3.9 GB in float64, more than the result).
+        g = max(g1, g2)
+        w1, w2 = self.weight, nxt.weight
+        c2, c1 = w2.shape[0], w1.shape[0]
+        c1g, cin1 = c1 // g, w1.shape[1]  # intermediate channels per group; input channels each row of W1 reads
+        (k1h, k1w), (k2h, k2w), (s1h, s1w) = self.kernel_size, nxt.kernel_size, self.stride
         kh, kw = k1h + (k2h - 1) * s1h, k1w + (k2w - 1) * s1w
+        w1g = w1.reshape(g, c1g, cin1 * k1h * k1w)  # W1's rows in g chunks of the intermediate channels
+        if g2 == g:  # W2 grouped like the intermediate channels (or both dense): rows per group c2 / g
+            w2g = w2.reshape(g, c2 // g, c1g, k2h, k2w)
+        else:  # dense W2 after a grouped W1: every output row reads every group's columns
+            w2g = w2.reshape(c2, g, c1g, k2h, k2w).transpose(0, 1)
         # One batched matmul per tap of the second kernel: tap (vh, vw) shifts the first kernel by (vh, vw)*s1.
         # (BLAS matmuls; conv_transpose2d has no fast float64 path on CPU.)
-        w = w1.new_zeros(g, c2g, cin_g, kh, kw)
-        w1g = w1.reshape(g, c1 // g, cin_g * k1h * k1w)
-        w2g = w2.reshape(g, c2g, c1g, k2h, k2w)
+        w = w1.new_zeros(g, w2g.shape[1], cin1, kh, kw)
         for vh in range(k2h):
             for vw in range(k2w):
-                prod = torch.bmm(w2g[:, :, :, vh, vw], w1g).reshape(g, c2g, cin_g, k1h, k1w)
+                prod = torch.bmm(w2g[:, :, :, vh, vw], w1g).reshape(g, -1, cin1, k1h, k1w)
                 w[:, :, :, vh * s1h:vh * s1h + k1h, vw * s1w:vw * s1w + k1w] += prod
-        w = w.reshape(c2, cin_g, kh, kw)
         # Every output of a valid conv reads real intermediate values, so b1 enters through every tap.
-        tap_sum = w2.sum(dim=(2, 3)).reshape(g, c2g, c1g)
-        b = (tap_sum @ first.bias.reshape(g, c1g, 1)).reshape(c2) + second.bias
-        stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
-        return LinearConv(w, b, stride, g)
+        b1 = torch.bmm(w2g.sum(dim=(3, 4)), self.bias.reshape(g, c1g, 1))  # [g, rows, 1]
+        if g2 == g:  # stays grouped if W1 was (equal groups); dense if W1 was dense (its rows read every input)
+            w, b, groups = w.reshape(c2, cin1, kh, kw), b1.reshape(c2), g1
+        else:  # columns of group i come from W1's group i: lay the groups side by side along the input
+            w, b, groups = w.transpose(0, 1).reshape(c2, g * cin1, kh, kw), b1.sum(dim=0).reshape(c2), 1
+        stride = (self.stride[0] * nxt.stride[0], self.stride[1] * nxt.stride[1])
+        return LinearConv(w, b + nxt.bias, stride, groups)
 
     def plus(self, other: LinearConv, offset: Pair) -> LinearConv:
         """``self + other`` where ``other``'s (smaller) kernel sits at ``offset`` inside ``self``'s kernel."""
