@@ -249,3 +249,31 @@ def test_linear_boundary_activation_rule(rule, expect_act):
         assert isinstance(getattr(trainable, inserted[0]), nn.ReLU6)  # MobileNetV2's own activation
     with torch.no_grad():
         assert rel_err(trainable(x), pruner.merge(trainable)(x)) <= 1e-10
+
+
+def test_merges_that_would_not_fit_are_refused_before_allocating(monkeypatch):
+    """A block whose merged kernel is over ``max_bytes``, or a plan whose merge needs more memory than the machine
+    has available, raises MergeError naming the blocks to keep an activation in; nothing is lost (the trainable
+    form is untouched and merges once memory allows)."""
+    import lm_plugin.merge.deploy as deploy
+    from lm_plugin.errors import MergeError
+    from lm_plugin.merge import merge
+
+    model = randomize_bn(PlainStack()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    pruner = LayerMergePruner(model, example_inputs=x)
+    trainable = pruner.apply(Plan.merge_all(pruner.chain))
+    before = copy.deepcopy(trainable.state_dict())
+    with pytest.raises(MergeError, match=r"would merge into a 9x9 conv .*keep an activation inside it"):
+        merge(trainable, pruner.chain, max_bytes=1024)
+    monkeypatch.setattr(deploy, "_available_bytes", lambda: 4096)
+    with pytest.raises(MergeError, match=r"needs about .* GiB .* is available.*\(4,7\]"):
+        pruner.merge(trainable)
+    assert all(torch.equal(before[k], v) for k, v in trainable.state_dict().items())
+    monkeypatch.setattr(deploy, "_available_bytes", lambda: None)  # unknown (not Linux): no preflight
+    merged = pruner.merge(trainable)
+    with torch.no_grad():
+        assert rel_err(trainable.eval()(x), merged(x)) <= 1e-5
+    monkeypatch.undo()  # the real reader: MemAvailable on Linux
+    free = deploy._available_bytes()
+    assert free is None or free > 0

@@ -53,10 +53,12 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
         tolerance: largest float64 relative error the check accepts.
 
     Raises:
-        MergeError: not a trainable form of this chain, a block would merge into an absurdly large kernel, or
-            (``check=True``) the merged network does not compute what the trainable form computes.
+        MergeError: not a trainable form of this chain, a block would merge into an absurdly large kernel, the
+            merge would need more memory than is available (Linux), or (``check=True``) the merged network does
+            not compute what the trainable form computes.
     """
     info, plan = _trainable_plan(trainable, chain)
+    sizes: dict[tuple[int, int], int] = {}  # float64 bytes of each block's merged kernel
     for st, end in plan.blocks():
         # The chain's channel counts are those of the original network: an upper bound for a pruned one.
         geo = block_geometry(chain, st, end, plan.kept_convs)
@@ -67,8 +69,10 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
                 f"{size / 1024**3:.1f} GiB; keep an activation inside it (a position in {st + 1}..{end - 1}) "
                 "or raise max_bytes"
             )
+        sizes[st, end] = size
     ref = next(iter(trainable.parameters()))
     dtype = ref.dtype
+    _check_memory(trainable, chain, info["blocks"], sizes, dtype, check)
     # The merge arithmetic is float64 whatever the model's dtype. The check runs the trainable and the deploy
     # form in float64 module by module (check.Float64Run), so it never holds a float64 copy of the network.
     if check:
@@ -121,6 +125,49 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
 
         gm.meta[CHECK_META_KEY] = check_network(gm, xs, expected, exact, tolerance)
     return gm
+
+
+def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: list[dict], sizes: dict[tuple[int, int], int],
+                  dtype: torch.dtype, check: bool) -> None:
+    """Refuse, before allocating anything, a merge that would not fit in the memory available now.
+
+    The merge holds a copy of the trainable form, every merged kernel in the model's dtype (each block's first
+    conv is freed when its merged conv replaces it, the others at the end) and, per block, its float64 map and
+    (``check``) the float64 conv it is checked with. Being killed by the kernel's OOM killer would lose the
+    user's session; a MergeError loses nothing.
+    """
+    free = _available_bytes()
+    if free is None:  # not Linux: nothing to compare with
+        return
+    element = torch.empty((), dtype=dtype).element_size()
+    model = sum(t.numel() * t.element_size() for t in (*trainable.parameters(), *trainable.buffers()))
+    freed = sum(trainable.get_submodule(chain.conv(rec["kept"][0]).name).weight.numel() * element for rec in blocks)
+    built = [sizes[rec["st"], rec["end"]] for rec in blocks]  # blocks left as they are build nothing
+    merged = sum(built) * element // 8
+    largest = max(built, default=0)
+    need = model + merged - freed + largest * (2 if check else 1)
+    if need > free:
+        worst = sorted(((rec["st"], rec["end"]), sizes[rec["st"], rec["end"]]) for rec in blocks)
+        worst = sorted(worst, key=lambda kv: -kv[1])[:3]
+        raise MergeError(
+            f"merging this plan needs about {need / 1024**3:.1f} GiB (a copy of the trainable form "
+            f"{model / 1024**3:.1f} GiB, merged kernels {merged / 1024**3:.1f} GiB, float64 work "
+            f"{largest * (2 if check else 1) / 1024**3:.1f} GiB) but {free / 1024**3:.1f} GiB is available. Free "
+            "memory, or keep an activation inside the largest blocks: "
+            + ", ".join(f"({st},{end}] {b * element // 8 / 1024**3:.2f} GiB" for (st, end), b in worst)
+        )
+
+
+def _available_bytes() -> int | None:
+    """Memory the kernel can hand out now without swapping (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_error(deployed: fx.GraphModule) -> float:
