@@ -144,17 +144,16 @@ def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: list[dict], s
     freed = sum(trainable.get_submodule(chain.conv(rec["kept"][0]).name).weight.numel() * element for rec in blocks)
     built = [sizes[rec["st"], rec["end"]] for rec in blocks]  # blocks left as they are build nothing
     merged = sum(built) * element // 8
-    largest = max(built, default=0)
-    need = model + merged - freed + largest * (2 if check else 1)
+    work = max(built, default=0) * (2 if check else 1)
+    need = model + merged - freed + work
     if need > free:
-        worst = sorted(((rec["st"], rec["end"]), sizes[rec["st"], rec["end"]]) for rec in blocks)
-        worst = sorted(worst, key=lambda kv: -kv[1])[:3]
+        worst = sorted(((rec["st"], rec["end"]) for rec in blocks), key=lambda b: -sizes[b])[:3]
         raise MergeError(
             f"merging this plan needs about {need / 1024**3:.1f} GiB (a copy of the trainable form "
             f"{model / 1024**3:.1f} GiB, merged kernels {merged / 1024**3:.1f} GiB, float64 work "
-            f"{largest * (2 if check else 1) / 1024**3:.1f} GiB) but {free / 1024**3:.1f} GiB is available. Free "
-            "memory, or keep an activation inside the largest blocks: "
-            + ", ".join(f"({st},{end}] {b * element // 8 / 1024**3:.2f} GiB" for (st, end), b in worst)
+            f"{work / 1024**3:.1f} GiB) but {free / 1024**3:.1f} GiB is available. Free memory, or keep an "
+            "activation inside the largest blocks: "
+            + ", ".join(f"({st},{end}] {sizes[st, end] * element // 8 / 1024**3:.2f} GiB" for st, end in worst)
         )
 
 

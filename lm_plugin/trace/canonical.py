@@ -68,11 +68,17 @@ def canonicalize(gm: fx.GraphModule) -> list[str]:
 # ------------------------------------------------------------------------------------------------ helpers
 def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any] | None:
     """The call's arguments by name (positional and keyword), or None if the call does not fit ``names``."""
-    if len(node.args) > len(names):
+    return bind_args(node.args, node.kwargs, names, defaults)
+
+
+def bind_args(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...], defaults: dict[str, Any]
+              ) -> dict[str, Any] | None:
+    """Positional and keyword arguments by name, or None if they do not fit ``names``."""
+    if len(args) > len(names):
         return None
     bound = dict(defaults)
-    bound.update(zip(names, node.args))
-    for key, value in node.kwargs.items():
+    bound.update(zip(names, args))
+    for key, value in kwargs.items():
         if key not in names:
             return None
         bound[key] = value

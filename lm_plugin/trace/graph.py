@@ -19,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import activations
 from ..errors import ArgumentTypeError, UntraceableModelError
-from .canonical import zero_pad_amounts
+from .canonical import BN_ARGS, BN_DEFAULTS, bind_args, zero_pad_amounts
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
@@ -166,26 +166,21 @@ class _FakeShapeProp(ShapeProp):
         mod = self.fetch_attr(target)
         plain = type(mod).forward is nn.modules.batchnorm._BatchNorm.forward and not (
             mod._forward_hooks or mod._forward_pre_hooks)  # hooks may change what the call returns
-        if plain and _bn_input_fits(args, mod.num_features):
+        if plain and args and _bn_input_fits(args[0], mod.num_features):
             return torch.empty_like(args[0])
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if target in _BATCH_NORM_FUNCTIONS and args:
-            # per-channel operands (statistics, affine): where they sit differs between the two signatures
-            operands = [*args[1:5], *kwargs.values()]
-            channels = next((t.numel() for t in operands if isinstance(t, torch.Tensor) and t.dim() == 1), None)
-            if channels is not None and _bn_input_fits(args, channels):
-                return torch.empty_like(args[0])
+        if target is nn.functional.batch_norm:  # fused norm-act modules trace into it
+            bound = bind_args(args, kwargs, BN_ARGS, BN_DEFAULTS)
+            mean = bound["running_mean"] if bound else None
+            if isinstance(mean, torch.Tensor) and _bn_input_fits(bound["input"], mean.numel()):
+                return torch.empty_like(bound["input"])
         return super().call_function(target, args, kwargs)
 
 
-_BATCH_NORM_FUNCTIONS = (nn.functional.batch_norm, torch.batch_norm)
-
-
-def _bn_input_fits(args: Any, channels: int) -> bool:
+def _bn_input_fits(x: Any, channels: int) -> bool:
     """The shortcut applies only where batch norm would accept the input; otherwise the real call raises."""
-    x = args[0] if args else None
     return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == channels
 
 
