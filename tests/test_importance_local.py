@@ -17,7 +17,9 @@ from lm_plugin.rewrite import to_trainable
 from lm_plugin.tables.importance import (
     ImportanceEstimator,
     LocalImportance,
+    TailDistillImportance,
     ZeroShotImportance,
+    _prepare_context,
     build_importance_table,
     single_block_plan,
 )
@@ -162,10 +164,62 @@ def test_local_needs_training_batches_unless_it_only_scores(digits_model):
                                LocalImportance(eval_data=test), progress=False)
 
 
-def test_the_pruner_accepts_local_by_name(digits_model, tmp_path):
+@pytest.mark.parametrize("name", ["local", "tail_distill"])
+def test_the_pruner_accepts_the_estimators_by_name(digits_model, tmp_path, name):
     model, train, test = digits_model
     pruner = LayerMergePruner(model, 0.8, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
-                              importance="local", train_data=train, eval_data=test, cache_dir=tmp_path,
+                              importance=name, train_data=train, eval_data=test, cache_dir=tmp_path,
                               progress=False)
     plan = pruner.search().plan
-    assert isinstance(plan, Plan) and pruner.importance_table().estimator["estimator"] == "local"
+    assert isinstance(plan, Plan) and pruner.importance_table().estimator["estimator"] == name
+
+
+def test_tail_distillation_recovers_accuracy_deterministically_and_leaves_the_model_alone(digits_model):
+    model, train, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    before = copy.deepcopy(pruner.graph_module.state_dict())
+    args = (pruner.graph_module, pruner.chain, pruner.candidates)
+    plain = build_importance_table(*args, ZeroShotImportance(eval_data=test), progress=False)
+    untrained = build_importance_table(*args, TailDistillImportance(train_data=train, eval_data=test, steps=0),
+                                       progress=False)
+    assert untrained.values == plain.values  # no steps: the metric right after compression
+    tail = build_importance_table(*args, TailDistillImportance(train_data=train, eval_data=test), progress=False)
+    keys = [k for k, v in plain.values.items() if v < -5.0]
+    assert keys and sum(tail.values[k] for k in keys) > sum(plain.values[k] for k in keys) + 5.0 * len(keys) / 4
+    assert all(torch.equal(before[k], v) for k, v in pruner.graph_module.state_dict().items())
+    assert tail.base_metric == pytest.approx(evaluate(pruner.graph_module, test))
+    again = build_importance_table(*args, TailDistillImportance(train_data=train, eval_data=test), progress=False)
+    assert again.values == tail.values  # every entry trains on the same batches from the same seed
+
+
+class ScaledOutput(torch.nn.Module):
+    """A CNN whose logits are scaled by a parameter read with ``get_attr`` (no module owns it)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+def test_tail_distillation_never_trains_a_parameter_of_the_original(digits_model):
+    model, train, test = digits_model
+    wrapped = ScaledOutput(copy.deepcopy(model)).eval()
+    pruner = _pruner(wrapped, (1, 1, 8, 8))
+    before = copy.deepcopy(pruner.graph_module.state_dict())
+    table = build_importance_table(pruner.graph_module, pruner.chain, pruner.candidates,
+                                   TailDistillImportance(train_data=train, eval_data=test, steps=4), progress=False)
+    assert min(table.values.values()) < 0.0
+    assert all(torch.equal(before[k], v) for k, v in pruner.graph_module.state_dict().items())
+    assert all(p.requires_grad for p in wrapped.parameters())  # the user's model: not even its flags change
+
+
+def test_the_fitting_batches_hold_enough_images_for_the_steps(digits_model):
+    model, _, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    small = digits(8, train=True)  # 8 images a batch: 10 steps of 32 images need 40 of them
+    estimator = TailDistillImportance(train_data=small, eval_data=test)
+    context = _prepare_context(estimator, None, copy.deepcopy(pruner.graph_module).eval(), 1, 320)
+    assert sum(len(x) for (x,) in context.fit.batches) == 320

@@ -52,7 +52,7 @@ from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
 from ..trace.fxedit import set_submodule
 from ..trace.subgraph import extract, frontier, trained_modules, unchanged_nodes
-from ..train import evaluate, fit, metric_function, resolve_device, split_batch
+from ..train import distillation_loss, evaluate, fit, metric_function, resolve_device, split_batch
 from .prefix import PrefixCache
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -202,10 +202,8 @@ class LocalImportance(ImportanceEstimator):
         block = extract(model, inputs, [position])
         # Steps take ``fit_batch_size`` images at a time: a conv's kernel sees every pixel of an image as a
         # sample, so a few images per step fit it as well as a full batch, at a fraction of the cost.
-        size = self.fit_batch_size
-        xs = [chunk for values in context.fit.values(block.meta["inputs"])
-              for chunk in zip(*(v.split(size) for v in values))]
-        ys = [y for (full,) in context.fit.values([reference]) for y in full.split(size)]
+        xs = _slices(context.fit, block.meta["inputs"], self.fit_batch_size)
+        ys = [y for (y,) in _slices(context.fit, [reference], self.fit_batch_size)]
         scales = [float(y.pow(2).mean()) + 1e-12 for y in ys]
         optimizer = torch.optim.Adam(params, lr=self.max_lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
@@ -272,20 +270,28 @@ class _LocalContext:
 
 
 def _prepare_context(estimator: LocalImportance, context: _LocalContext | None, original: fx.GraphModule,
-                     fit_batches: int) -> _LocalContext:
-    """``context`` if it belongs to this table (``original``), else a new one with ``fit_batches`` training
-    batches (the ones every entry trains on, :meth:`ImportanceEstimator.same_batches`)."""
+                     fit_batches: int, fit_images: int = 0) -> _LocalContext:
+    """``context`` if it belongs to this table (``original``), else a new one with at least ``fit_batches``
+    training batches holding at least ``fit_images`` images (the ones every entry trains on,
+    :meth:`ImportanceEstimator.same_batches`)."""
     if context is not None and context.original is original:
         return context
     if estimator.eval_data is None:
         raise ConfigurationError(f"the {estimator.name} importance estimator needs eval_data (a DataLoader)")
     fit: list[Any] = []
-    if fit_batches:
+    if fit_batches or fit_images:
         assert estimator.train_data is not None
+
+        def short() -> bool:
+            return len(fit) < fit_batches or sum(len(_inputs(b)[0]) for b in fit) < fit_images
+
         with estimator.same_batches():
-            while len(fit) < fit_batches:  # as many as a fit of that many steps would draw
+            while short():  # the loader's batches from its first, over epochs if one is too short
                 before = len(fit)
-                fit += [b for b, _ in zip(estimator.train_data, range(fit_batches - len(fit)))]
+                for batch in estimator.train_data:
+                    fit.append(batch)
+                    if not short():
+                        break
                 if len(fit) == before:
                     raise ConfigurationError("the training loader yielded no batches")
     evaluation = [split_batch(b) for b in estimator.eval_data]
@@ -310,6 +316,24 @@ def _compressed(original: fx.GraphModule, chain: Chain, plan: Plan, rewrite: Rew
     where its changed part starts (what it reads of the unchanged part)."""
     model = to_trainable(original, chain, plan, rewrite, share_weights=True).eval()
     return model, frontier(model, unchanged_nodes(original, model))
+
+
+def _slices(cache: PrefixCache, names: Sequence[str], size: int) -> list[tuple[torch.Tensor, ...]]:
+    """The values of ``names`` on the cached batches, in slices of ``size`` images (steps of a fit)."""
+    out: list[tuple[torch.Tensor, ...]] = []
+    for batch, values in zip(cache.batches, cache.values(names)):
+        n = len(batch[0])
+        out += zip(*(_batch_slices(v, n, size) for v in values))
+    return out
+
+
+def _batch_slices(value: torch.Tensor, n: int, size: int) -> list[torch.Tensor]:
+    """``value`` of a batch of ``n`` images in slices of ``size``; a value without that batch dimension (a
+    parameter or constant the network reads) is the same for every slice."""
+    count = -(-n // size)
+    if value.dim() == 0 or value.shape[0] != n:
+        return [value] * count
+    return list(value.split(size))
 
 
 def _score_rest(estimator: ImportanceEstimator, rest: fx.GraphModule, context: _LocalContext) -> float:
@@ -348,6 +372,102 @@ class ZeroShotImportance(LocalImportance):
 
     def settings(self) -> dict[str, Any]:
         return {**ImportanceEstimator.settings(self), "steps": 0, "max_lr": 0.0, "train": None}
+
+
+@dataclass
+class TailDistillImportance(LocalImportance):
+    """Distil the block and everything after it toward the original's logits; the part before it stays frozen.
+
+    ``distill`` trains the whole network for an entry although the part before the block computes what it
+    computed in the original. Here that part is frozen: its values on the fitting and evaluation batches are
+    computed once per table (:class:`~lm_plugin.tables.prefix.PrefixCache`), and only the compressed block and
+    the layers after it — copies, never the original's — train in train mode (BatchNorm included) for ``steps``
+    SGD steps of :func:`~lm_plugin.train.fit`'s recipe on ``fit_batch_size`` images each, with the distillation
+    loss to the original's logits (computed once per table). Then the network is scored as :class:`LocalImportance`
+    scores it. What it recovers is what a short fine-tune of the layers from the block on recovers — where most of
+    a short whole-network fine-tune's recovery is made — without the repeated forward and backward pass through
+    the unchanged part.
+
+    Args (beyond :class:`LocalImportance`'s):
+        steps: SGD steps per entry (OneCycle schedule peaking at ``max_lr``).
+        max_lr: peak learning rate.
+        fit_batches: fewest training batches drawn (more are drawn until there are ``steps × fit_batch_size``
+            images); every entry trains on the same ones.
+        fit_batch_size: images per step (slices of those batches).
+        temperature: distillation temperature.
+        recalibrate: re-estimate the BatchNorm statistics from the block on after training (training in train mode
+            already moves them toward the compressed network's).
+    """
+
+    steps: int = 10
+    max_lr: float = 0.02
+    fit_batches: int = 1
+    fit_batch_size: int = 32
+    temperature: float = 4.0
+    recalibrate: bool = False
+    name = "tail_distill"
+    _teacher: tuple[PrefixCache, list[torch.Tensor]] | None = field(default=None, init=False, repr=False,
+                                                                    compare=False)
+
+    def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
+                    rewrite: RewriteOptions | None) -> float:
+        context = self._prepare(original)
+        model, inputs = _compressed(original, chain, plan, rewrite)
+        names = trained_modules(model, extract(model, inputs).meta["nodes"])
+        _own(model, original, names)  # train copies, never a layer shared with the original
+        rest = extract(model, inputs)
+        if self.steps > 0:
+            assert context.fit is not None
+            self._distil(rest, original, context.fit)
+        if self.recalibrate and context.fit is not None:
+            rest = self._recalibrate(model, original, inputs, rest, context.fit)
+        return _score_rest(self, rest, context)
+
+    def _distil(self, rest: fx.GraphModule, original: fx.GraphModule, fit_cache: PrefixCache) -> None:
+        chunks = _slices(fit_cache, rest.meta["inputs"], self.fit_batch_size)
+        batches = list(zip(chunks, self._teacher_logits(original, fit_cache)))
+        # Parameters the tail reads but does not own (get_attr constants of the original) stay fixed, so
+        # the original is never trained; the owned copies are frozen again afterwards.
+        shared = {id(p) for p in original.parameters()}
+        params = [p for p in rest.parameters() if id(p) not in shared]
+        if not params:
+            return
+        for p in rest.parameters():
+            p.requires_grad_(id(p) not in shared)
+        temperature = self.temperature
+        fit(rest, batches, steps=self.steps, max_lr=self.max_lr, device=self.device, progress=False,
+            seed=self.seed, loss_fn=lambda out, teacher: distillation_loss(out, teacher, temperature))
+        for p in rest.parameters():
+            p.requires_grad_(False)
+
+    def _teacher_logits(self, original: fx.GraphModule, fit_cache: PrefixCache) -> list[torch.Tensor]:
+        """The original's outputs on the fitting batches, in ``fit_batch_size`` slices (once per table)."""
+        memo = self._teacher
+        if memo is None or memo[0] is not fit_cache:
+            with torch.no_grad():
+                logits = [original(*batch) for batch in fit_cache.batches]
+            if not all(isinstance(t, torch.Tensor) for t in logits):
+                raise ConfigurationError("the tail_distill importance estimator needs a network that returns one "
+                                         "tensor of logits; use local or distill")
+            size = self.fit_batch_size
+            memo = (fit_cache, [t.detach() for out in logits for t in _batch_slices(out, len(out), size)])
+            self._teacher = memo
+        return memo[1]
+
+    def _prepare(self, original: fx.GraphModule) -> _LocalContext:
+        if self.train_data is None and (self.steps > 0 or self.recalibrate):
+            raise ConfigurationError("the tail_distill importance estimator needs train_data (a DataLoader); or "
+                                     "use steps=0 (zero_shot)")
+        images = self.steps * self.fit_batch_size if self.steps > 0 else 0
+        self._context = _prepare_context(self, self._context, original,
+                                         self.fit_batches if self.steps > 0 or self.recalibrate else 0, images)
+        return self._context
+
+    def settings(self) -> dict[str, Any]:
+        return {**ImportanceEstimator.settings(self),
+                "fit": "block and what follows, KD to the original's logits, SGD OneCycle",
+                "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
+                "temperature": self.temperature, "recalibrate": self.recalibrate}
 
 
 @dataclass
@@ -429,6 +549,7 @@ ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
     "local": LocalImportance,
     "finetune": FinetuneImportance,
     "distill": DistillImportance,
+    "tail_distill": TailDistillImportance,
 }
 
 
