@@ -33,7 +33,9 @@ from lm_plugin import LayerMergePruner
 from lm_plugin.tables.importance import (
     DistillImportance,
     FinetuneImportance,
+    ImportanceTable,
     LocalImportance,
+    TailDistillImportance,
     ZeroShotImportance,
     build_importance_table,
 )
@@ -81,9 +83,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the entry subset")
     ap.add_argument("--finetune-steps", type=int, default=200, help="reference: fine-tune steps per entry")
     ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--tail-steps", type=int, default=10, help="tail_distill steps per entry")
     ap.add_argument("--estimators", nargs="+", default=["finetune", "distill", "local", "zero_shot"])
     ap.add_argument("--subset-only", action="store_true", help="score every estimator on the subset only")
     ap.add_argument("--cache-dir", default=None, help="keep the tables here (resumable, reusable)")
+    ap.add_argument("--reuse", nargs="*", default=[],
+                    help="estimators whose values are read from the saved results instead of recomputed; needs "
+                         "zero_shot among --estimators, whose values must equal the saved ones (the same weights)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,6 +103,7 @@ def main() -> None:
         "finetune": lambda: FinetuneImportance(train_data=train, eval_data=evaluation, steps=args.finetune_steps),
         "distill": lambda: DistillImportance(train_data=train, eval_data=evaluation, steps=args.distill_steps),
         "local": lambda: LocalImportance(train_data=train, eval_data=evaluation),
+        "tail_distill": lambda: TailDistillImportance(train_data=train, eval_data=evaluation, steps=args.tail_steps),
         "zero_shot": lambda: ZeroShotImportance(eval_data=evaluation),
     }
     expensive = {"finetune", "distill"}
@@ -109,28 +116,45 @@ def main() -> None:
         seconds = time.perf_counter() - start
         per_entry[name] = seconds / max(tables[name].evaluated, 1) if tables[name].evaluated else None
         print(f"{name}: {len(candidates)} entries, {seconds:.1f} s ({tables[name].evaluated} computed)", flush=True)
+    out = RESULTS / f"importance_agreement_{args.model}.json"
+    if args.reuse:
+        saved = json.loads(out.read_text())["values"]
+        check = tables.get("zero_shot")
+        if check is None or not saved.get("zero_shot"):
+            raise SystemExit("--reuse needs zero_shot recomputed and saved, to check the weights are the same")
+        drift = max(abs(check.values[c.key] - saved["zero_shot"][str(c.key)]) for c in scored
+                    if str(c.key) in saved["zero_shot"])
+        if drift > 1e-6:
+            raise SystemExit(f"the saved results are for other weights (zero_shot differs by {drift}); recompute")
+        for name in args.reuse:
+            values = {c.key: saved[name][str(c.key)] for c in scored if str(c.key) in saved[name]}
+            tables[name] = ImportanceTable(values, {}, float("nan"), {"estimator": name, "reused": str(out)})
+            per_entry[name] = None
     keys = [c.key for c in subset]
     reference = "finetune" if "finetune" in tables else args.estimators[0]
     rows = []
     for name, table in tables.items():
+        if any(k not in table.values for k in keys):
+            print(f"{name}: not every reference entry is in its table; left out")
+            continue
         rho = spearmanr([tables[reference].values[k] for k in keys], [table.values[k] for k in keys]).statistic
         rows.append({"estimator": name, "spearman_vs_" + reference: float(rho), "seconds_per_entry": per_entry[name],
-                     "entries": len(subset) if name in expensive or args.subset_only else len(scored)})
+                     "entries": len(subset) if name in expensive or args.subset_only else len(scored),
+                     "reused": name in args.reuse})
     result = {"model": args.model, "model_accuracy": accuracy, "scored_entries": len(scored),
               "subset": len(keys), "seed": args.seed, "finetune_steps": args.finetune_steps,
               "distill_steps": args.distill_steps, "reference": reference,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows,
+              "torch": torch.__version__, "rows": rows, "reused": args.reuse,
               "values": {n: {str(k): t.values[k] for k in t.values} for n, t in tables.items()}}
-    out = RESULTS / f"importance_agreement_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"{args.model}: accuracy {accuracy:.2f} % on the importance batches, {len(scored)} scored entries, "
           f"reference subset {len(keys)}")
-    print(f"{'estimator':<10} {'spearman':>9} {'s / entry':>10}")
+    print(f"{'estimator':<12} {'spearman':>9} {'s / entry':>10}")
     for r in rows:
         cost = r["seconds_per_entry"]
-        print(f"{r['estimator']:<10} {r['spearman_vs_' + reference]:>9.3f} "
+        print(f"{r['estimator']:<12} {r['spearman_vs_' + reference]:>9.3f} "
               f"{'cached' if cost is None else f'{cost:.2f}':>10}")
     print(f"wrote {out}")
 

@@ -1,11 +1,12 @@
 """Are the plans of a cheaper importance estimator as good? Accuracy after fine-tuning, over seeds.
 
 For the reference workload's ``resnet_fm`` / ``mbv2_fm`` (trained with the workload recipe), one importance table
-per estimator (``distill`` 10 steps, ``local``; scored on the 1,000-image validation split) and one latency table
-shared by all (CPU eager, batch 64, cached in ``--cache-dir``) give a DP plan per budget. Every distinct plan is
-fine-tuned with the workload's recipe (1 epoch, OneCycle max lr 0.02) once per seed and evaluated on the 10,000
-test images after merging. Estimators whose plans coincide share the runs. Rows are saved as they finish, so an
-interrupted run resumes.
+per estimator (``distill`` 10 steps, ``local``, ``tail_distill``; scored on the 1,000-image validation split) and
+one latency table shared by all (CPU eager, batch 64, cached in ``--cache-dir``) give a DP plan per budget. Every
+distinct plan is fine-tuned with the workload's recipe (1 epoch, OneCycle max lr 0.02) once per seed and evaluated
+on the 10,000 test images after merging. Estimators whose plans coincide share the runs. Rows are saved as they
+finish, so an interrupted run resumes; they are signed by the trained model's weights (runs of another training are
+moved aside).
 
     python benchmarks/importance_quality.py --model resnet_fm --budgets 0.5 0.6 0.7 --seeds 0 1 2
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lm_plugin import InfeasibleBudgetError, LayerMergePruner, Plan
+from lm_plugin.tables.importance import _weights_id
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
@@ -41,7 +43,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="resnet_fm")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--estimators", nargs="+", default=["distill", "local"])
+    ap.add_argument("--estimators", nargs="+", default=["distill", "local", "tail_distill"])
     ap.add_argument("--distill-steps", type=int, default=10)
     ap.add_argument("--cache-dir", default="benchmarks/cache", help="latency and importance tables (shared)")
     ap.add_argument("--threads", type=int, default=1)
@@ -53,8 +55,15 @@ def main() -> None:
     example = torch.randn(64, *splits.input_shape)
     out = RESULTS / f"importance_quality_{args.model}.json"
     saved = json.loads(out.read_text()) if out.is_file() else {}
+    weights = _weights_id(base)
+    if saved and saved.get("weights") != weights:  # runs of another training of the model: keep them apart
+        stale = out.with_name(f"{out.stem}.{saved.get('weights', 'unsigned')}.json")
+        out.rename(stale)
+        print(f"{out} holds runs of other weights; moved to {stale}")
+        saved = {}
+    saved["weights"] = weights
     runs: dict[str, float] = saved.get("runs", {})  # "<plan id>/<seed>" -> test accuracy
-    settings = {"distill": {"steps": args.distill_steps}, "local": {}}
+    settings = {"distill": {"steps": args.distill_steps}, "local": {}, "tail_distill": {}}
     pruners = {name: LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
                                       train_data=splits.train, eval_data=splits.val,
                                       importance_settings=settings.get(name, {}), cache_dir=args.cache_dir,
@@ -99,12 +108,12 @@ def main() -> None:
                   "torch": torch.__version__})
     out.write_text(json.dumps(saved, indent=1))
     print(f"\n{args.model}: original {base.test_accuracy:.2f} %, fine-tuned over seeds {args.seeds}")
-    print(f"{'budget':>6} {'estimator':<9} {'plan':<12} {'pred.':>6} {'acc mean':>9} {'std':>5}")
+    print(f"{'budget':>6} {'estimator':<12} {'plan':<12} {'pred.':>6} {'acc mean':>9} {'std':>5}")
     for r in rows:
         if "infeasible" in r:
-            print(f"{r['budget']:>6} {r['estimator']:<9} infeasible")
+            print(f"{r['budget']:>6} {r['estimator']:<12} infeasible")
             continue
-        print(f"{r['budget']:>6} {r['estimator']:<9} {r['plan']:<12} {r['predicted_speedup']:>5.2f}x "
+        print(f"{r['budget']:>6} {r['estimator']:<12} {r['plan']:<12} {r['predicted_speedup']:>5.2f}x "
               f"{r['mean']:>9.2f} {r['std']:>5.2f}")
     print(f"wrote {out}")
 

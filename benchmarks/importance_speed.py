@@ -30,6 +30,7 @@ from lm_plugin.tables.importance import (
     DistillImportance,
     FinetuneImportance,
     LocalImportance,
+    TailDistillImportance,
     ZeroShotImportance,
     build_importance_table,
     single_block_plan,
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--tail-steps", type=int, default=10, help="tail_distill steps per entry")
     ap.add_argument("--estimators", nargs="+", default=["distill", "local", "zero_shot"])
     ap.add_argument("--full-table", nargs="*", default=[], help="estimators whose whole table is timed too")
     ap.add_argument("--threads", type=int, default=1)
@@ -63,6 +65,8 @@ def main() -> None:
         "distill": lambda: DistillImportance(train_data=splits.train, eval_data=splits.val, steps=args.distill_steps),
         "finetune": lambda: FinetuneImportance(train_data=splits.train, eval_data=splits.val),
         "local": lambda: LocalImportance(train_data=splits.train, eval_data=splits.val),
+        "tail_distill": lambda: TailDistillImportance(train_data=splits.train, eval_data=splits.val,
+                                                      steps=args.tail_steps),
         "zero_shot": lambda: ZeroShotImportance(eval_data=splits.val),
     }
     estimators = {name: factories[name]() for name in args.estimators}
@@ -97,7 +101,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.model}: {len(sample) - 1} entries side by side, {len(scored)} in the table")
-    print(f"{'estimator':<10} {'median s':>9} {'min-max s':>13} {'vs ' + reference:>11} {'table est.':>11}")
+    print(f"{'estimator':<12} {'median s':>9} {'min-max s':>13} {'vs ' + reference:>11} {'table est.':>11}")
     for name, v in median.items():
         print(f"{name:<10} {v:>9.3f} {spread[name][0]:>6.2f}-{spread[name][1]:<6.2f} "
               f"{v / median[reference]:>11.3f} {v * len(scored) / 60:>9.1f} m")

@@ -80,7 +80,8 @@ def main() -> None:
     for r in rows:
         cells = "  ".join(f"{v['now_gb']:5.2f}/{v['peak_gb']:5.2f} GB {v['seconds']:4.0f}s"
                           for v in r["steps"].values())
-        print(f"{r['model']:<16} {r['plan_seed']:>4} {r['params_m']:7.0f}M {r['float32_gb']:8.2f}  {cells}   check {r['check_error']:.0e}")
+        print(f"{r['model']:<16} {r['plan_seed']:>4} {r['params_m']:7.0f}M {r['float32_gb']:8.2f}  {cells}   "
+              f"check {r['check_error']:.0e}")
     print("cells: resident / peak GB after the step, and the step's seconds")
 
 

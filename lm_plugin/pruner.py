@@ -108,7 +108,8 @@ class LayerMergePruner:
             disables caching.
         progress: show progress bars on long work.
         importance: importance estimator: ``"distill"`` (default; a few distillation steps per block),
-            ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or a ready
+            ``"tail_distill"`` (distillation of the block and what follows only), ``"local"`` (fit the block
+            alone), ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or a ready
             :class:`~lm_plugin.tables.importance.ImportanceEstimator` (which carries its own data and settings).
         train_data: ``(inputs, targets)`` batches for the training estimators (a ``DataLoader``); with an
             estimator name only. :func:`lm_plugin.compress` fine-tunes on it too unless told otherwise.

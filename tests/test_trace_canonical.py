@@ -288,7 +288,8 @@ def test_fake_shape_pass_matches_real_forward(zoo, name):
 
         model, x = timm.create_model(name, pretrained=False, num_classes=10), torch.randn(2, 3, 64, 64)
     else:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), FusedBNAct(4), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14**2, 2))
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), FusedBNAct(4), nn.BatchNorm2d(4), nn.Flatten(),
+                              nn.Linear(4 * 14**2, 2))
         x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     gms = [fx.GraphModule(m, OpaqueFallbackTracer().trace(m)) for m in (copy.deepcopy(model.eval()), model.eval())]
     with torch.no_grad():
