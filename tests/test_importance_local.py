@@ -223,3 +223,19 @@ def test_the_fitting_batches_hold_enough_images_for_the_steps(digits_model):
     estimator = TailDistillImportance(train_data=small, eval_data=test)
     context = _prepare_context(estimator, None, copy.deepcopy(pruner.graph_module).eval(), 1, 320)
     assert sum(len(x) for (x,) in context.fit.batches) == 320
+
+
+def test_training_the_tail_never_moves_the_originals_batchnorm_statistics(digits_model):
+    model, train, test = digits_model
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(copy.deepcopy(model[:-3]), torch.nn.BatchNorm2d(16, affine=False),
+                                *copy.deepcopy(model[-3:])).eval()  # statistics without parameters
+    fit(plain, train, steps=20, max_lr=0.05, progress=False, seed=0)
+    pruner = _pruner(plain.eval(), (1, 1, 8, 8))
+    original = copy.deepcopy(pruner.graph_module).eval()
+    before = copy.deepcopy(original.state_dict())
+    estimator = TailDistillImportance(train_data=train, eval_data=test, steps=4)
+    plans = [single_block_plan(pruner.chain, c.st, c.end, c.kept) for c in _blocks(pruner, 4)]
+    first = [estimator.score_entry(pruner.graph_module, original, pruner.chain, p, None) for p in plans]
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+    assert [estimator.score_entry(pruner.graph_module, original, pruner.chain, p, None) for p in plans] == first

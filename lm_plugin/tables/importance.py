@@ -225,7 +225,7 @@ class LocalImportance(ImportanceEstimator):
         What fine-tuning does first (BN in train mode): the layers after the block see a shifted distribution,
         and normalising it again is most of what a short fine-tune recovers (EagleEye's "adaptive BN").
         """
-        norms = [n for n in trained_modules(model, rest.meta["nodes"])
+        norms = [n for n in trained_modules(model, rest.meta["nodes"], buffers=True)
                  if isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm)
                  and model.get_submodule(n).track_running_stats]
         if not norms:
@@ -413,8 +413,8 @@ class TailDistillImportance(LocalImportance):
                     rewrite: RewriteOptions | None) -> float:
         context = self._prepare(original)
         model, inputs = _compressed(original, chain, plan, rewrite)
-        names = trained_modules(model, extract(model, inputs).meta["nodes"])
-        _own(model, original, names)  # train copies, never a layer shared with the original
+        # train copies, never a layer shared with the original (nor its BatchNorm statistics, which train mode moves)
+        _own(model, original, trained_modules(model, extract(model, inputs).meta["nodes"], buffers=True))
         rest = extract(model, inputs)
         if self.steps > 0:
             assert context.fit is not None
@@ -426,19 +426,21 @@ class TailDistillImportance(LocalImportance):
     def _distil(self, rest: fx.GraphModule, original: fx.GraphModule, fit_cache: PrefixCache) -> None:
         chunks = _slices(fit_cache, rest.meta["inputs"], self.fit_batch_size)
         batches = list(zip(chunks, self._teacher_logits(original, fit_cache)))
-        # Parameters the tail reads but does not own (get_attr constants of the original) stay fixed, so
-        # the original is never trained; the owned copies are frozen again afterwards.
+        # Parameters the tail reads but does not own (get_attr constants of the original) stay fixed for the fit,
+        # so the original is never trained; owned copies train where the network's own flags let them.
         shared = {id(p) for p in original.parameters()}
-        params = [p for p in rest.parameters() if id(p) not in shared]
-        if not params:
+        frozen = [(p, p.requires_grad) for p in rest.parameters() if id(p) in shared]
+        if not any(p.requires_grad for p in rest.parameters() if id(p) not in shared):
             return
-        for p in rest.parameters():
-            p.requires_grad_(id(p) not in shared)
         temperature = self.temperature
-        fit(rest, batches, steps=self.steps, max_lr=self.max_lr, device=self.device, progress=False,
-            seed=self.seed, loss_fn=lambda out, teacher: distillation_loss(out, teacher, temperature))
-        for p in rest.parameters():
-            p.requires_grad_(False)
+        try:
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            fit(rest, batches, steps=self.steps, max_lr=self.max_lr, device=self.device, progress=False,
+                seed=self.seed, loss_fn=lambda out, teacher: distillation_loss(out, teacher, temperature))
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
 
     def _teacher_logits(self, original: fx.GraphModule, fit_cache: PrefixCache) -> list[torch.Tensor]:
         """The original's outputs on the fitting batches, in ``fit_batch_size`` slices (once per table)."""

@@ -172,13 +172,16 @@ def _plain_function(fn: Any) -> Any:
     return None
 
 
-def trained_modules(gm: fx.GraphModule, nodes: Iterable[str]) -> list[str]:
-    """Targets of the module calls among ``nodes`` that have parameters (what fitting that part trains)."""
+def trained_modules(gm: fx.GraphModule, nodes: Iterable[str], *, buffers: bool = False) -> list[str]:
+    """Targets of the module calls among ``nodes`` that have parameters (what fitting that part trains) — or
+    buffers too, with ``buffers`` (what running that part in train mode changes: BatchNorm statistics)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     out: list[str] = []
     for name in nodes:
         node = by_name[name]
-        if node.op == "call_module" and node.target not in out and \
-                any(True for _ in gm.get_submodule(node.target).parameters()):
+        if node.op != "call_module" or node.target in out:
+            continue
+        module = gm.get_submodule(node.target)
+        if any(True for _ in module.parameters()) or (buffers and any(True for _ in module.buffers())):
             out.append(node.target)
     return out
