@@ -16,6 +16,7 @@ Writes ``benchmarks/results/importance_quality_<model>.json`` and prints mean ±
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import platform
@@ -38,6 +39,31 @@ def plan_id(plan: Plan) -> str:
     return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _save(out: Path, saved: dict, runs: dict[str, float]) -> None:
+    """Write ``saved`` with ``runs`` merged into the runs already in the file: processes running other budgets
+    or seeds at the same time (one per core) add to one file instead of overwriting each other's runs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(out.read_text()) if out.is_file() else {}
+        if current.get("weights") == saved["weights"]:
+            runs.update({k: v for k, v in current.get("runs", {}).items() if k not in runs})
+        saved["runs"] = runs
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
+        tmp.replace(out)
+
+
+def parse_settings(specs: list[str]) -> dict[str, dict[str, int | float]]:
+    """``["tail_distill:eval_images=250,steps=5"]`` -> ``{"tail_distill": {"eval_images": 250, "steps": 5}}``."""
+    out: dict[str, dict[str, int | float]] = {}
+    for spec in specs:
+        name, _, pairs = spec.partition(":")
+        out.setdefault(name, {}).update({k: int(v) if v.lstrip("-").isdigit() else float(v)
+                                         for k, v in (pair.split("=") for pair in pairs.split(",") if pair)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="resnet_fm")
@@ -48,6 +74,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="benchmarks/cache", help="latency and importance tables (shared)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tables-only", action="store_true", help="build the tables and stop (e.g. one per core)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="estimator settings, e.g. tail_distill:eval_images=250,steps=5 (a variant: its own table)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
@@ -64,6 +92,8 @@ def main() -> None:
     saved["weights"] = weights
     runs: dict[str, float] = saved.get("runs", {})  # "<plan id>/<seed>" -> test accuracy
     settings = {"distill": {"steps": args.distill_steps}, "local": {}, "tail_distill": {}}
+    for name, values in parse_settings(args.set).items():
+        settings.setdefault(name, {}).update(values)
     pruners = {name: LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
                                       train_data=splits.train, eval_data=splits.val,
                                       importance_settings=settings.get(name, {}), cache_dir=args.cache_dir,
@@ -93,12 +123,11 @@ def main() -> None:
                     trainable = pruner.apply(found.plan)
                     fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
                     runs[key] = evaluate(pruner.merge(trainable.eval()), splits.test)
-                    saved.update({"runs": runs})
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(saved, indent=1))
+                    _save(out, saved, runs)
                 accuracies.append(runs[key])
                 print(f"{args.model} {budget} {name} plan {pid} seed {seed}: {runs[key]:.2f} %", flush=True)
-            rows.append({"budget": budget, "estimator": name, "plan": pid, "plan_dict": found.plan.to_dict(),
+            rows.append({"budget": budget, "estimator": name, "settings": settings.get(name, {}), "plan": pid,
+                         "plan_dict": found.plan.to_dict(),
                          "predicted_speedup": found.original_ms / found.predicted_ms, "accuracies": accuracies,
                          "mean": statistics.mean(accuracies),
                          "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -107,7 +136,7 @@ def main() -> None:
                   "distill_steps": args.distill_steps, "rows": rows, "runs": runs, "tables": table_seconds,
                   "machine": platform.processor() or platform.machine(), "threads": args.threads,
                   "torch": torch.__version__})
-    out.write_text(json.dumps(saved, indent=1))
+    _save(out, saved, runs)
     print(f"\n{args.model}: original {base.test_accuracy:.2f} %, fine-tuned over seeds {args.seeds}")
     print(f"{'budget':>6} {'estimator':<12} {'plan':<12} {'pred.':>6} {'acc mean':>9} {'std':>5}")
     for r in rows:

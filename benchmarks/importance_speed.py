@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from importance_quality import parse_settings
 
 from lm_plugin import LayerMergePruner
 from lm_plugin.tables.importance import (
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--estimators", nargs="+", default=["distill", "local", "zero_shot"])
     ap.add_argument("--full-table", nargs="*", default=[], help="estimators whose whole table is timed too")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="+", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="estimator settings, e.g. tail_distill:eval_images=250,steps=5")
     args = ap.parse_args()
+    extra = parse_settings(args.set)
     torch.set_num_threads(args.threads)
     splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
     model = trained(args.model, progress=False)
@@ -72,12 +76,14 @@ def main() -> None:
         sample = sorted(random.Random(args.seed).sample(scored, min(args.entries + 1, len(scored))),
                         key=lambda c: c.key)
     factories = {
-        "distill": lambda: DistillImportance(train_data=splits.train, eval_data=splits.val, steps=args.distill_steps),
-        "finetune": lambda: FinetuneImportance(train_data=splits.train, eval_data=splits.val),
-        "local": lambda: LocalImportance(train_data=splits.train, eval_data=splits.val),
+        "distill": lambda: DistillImportance(train_data=splits.train, eval_data=splits.val,
+                                             **{"steps": args.distill_steps, **extra.get("distill", {})}),
+        "finetune": lambda: FinetuneImportance(train_data=splits.train, eval_data=splits.val,
+                                               **extra.get("finetune", {})),
+        "local": lambda: LocalImportance(train_data=splits.train, eval_data=splits.val, **extra.get("local", {})),
         "tail_distill": lambda: TailDistillImportance(train_data=splits.train, eval_data=splits.val,
-                                                      steps=args.tail_steps),
-        "zero_shot": lambda: ZeroShotImportance(eval_data=splits.val),
+                                                      **{"steps": args.tail_steps, **extra.get("tail_distill", {})}),
+        "zero_shot": lambda: ZeroShotImportance(eval_data=splits.val, **extra.get("zero_shot", {})),
     }
     estimators = {name: factories[name]() for name in args.estimators}
     original = copy.deepcopy(gm).eval()
@@ -109,7 +115,7 @@ def main() -> None:
               "cost_vs_" + reference: {n: median[n] / median[reference] for n in median},
               "by_start": args.by_start, "total_s": total,
               "total_vs_" + reference: {n: total[n] / total[reference] for n in total},
-              "full_tables": tables, "machine": platform.processor() or platform.machine(),
+              "settings": extra, "full_tables": tables, "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__}
     out = RESULTS / f"importance_speed_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

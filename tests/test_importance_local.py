@@ -12,7 +12,7 @@ import torchvision
 from nets import randomize_bn
 from test_importance import digits_net
 
-from lm_plugin import LayerMergePruner, Plan
+from lm_plugin import ConfigurationError, LayerMergePruner, Plan
 from lm_plugin.rewrite import to_trainable
 from lm_plugin.tables.importance import (
     ImportanceEstimator,
@@ -21,6 +21,7 @@ from lm_plugin.tables.importance import (
     ZeroShotImportance,
     _prepare_context,
     build_importance_table,
+    make_estimator,
     single_block_plan,
 )
 from lm_plugin.tables.prefix import PrefixCache
@@ -239,3 +240,44 @@ def test_training_the_tail_never_moves_the_originals_batchnorm_statistics(digits
     first = [estimator.score_entry(pruner.graph_module, original, pruner.chain, p, None) for p in plans]
     assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
     assert [estimator.score_entry(pruner.graph_module, original, pruner.chain, p, None) for p in plans] == first
+
+
+class FirstImages:
+    """An evaluation loader cut by hand to its first ``n`` images: what ``eval_images=n`` must score."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        left = self.n
+        for x, y in self.loader:
+            if left <= 0:
+                return
+            yield x[:left], y[:left]
+            left -= len(y[:left])
+
+
+@pytest.mark.parametrize("name", ["zero_shot", "tail_distill"])
+def test_scoring_on_the_first_images_is_scoring_a_loader_of_those_images(digits_model, name):
+    model, train, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    args = (pruner.graph_module, pruner.chain, pruner.candidates)
+    n = 300  # not a multiple of the loader's 256-image batches: the second batch is cut
+    settings = {"steps": 3, "train_data": train} if name == "tail_distill" else {}
+
+    def table(**kwargs):
+        return build_importance_table(*args, make_estimator(name, **settings, **kwargs), progress=False)
+
+    cut, by_hand = table(eval_data=test, eval_images=n), table(eval_data=FirstImages(test, n))
+    assert cut.values == by_hand.values and cut.base_metric == by_hand.base_metric
+    assert cut.estimator["eval_images"] == n and "eval_images" not in by_hand.estimator
+    everything = table(eval_data=test)
+    assert everything.values != cut.values  # the images left out change scores: the option is not a no-op
+
+
+def test_eval_images_must_be_a_positive_count(digits_model):
+    model, _, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    with pytest.raises(ConfigurationError, match="eval_images"):
+        build_importance_table(pruner.graph_module, pruner.chain, pruner.candidates,
+                               ZeroShotImportance(eval_data=test, eval_images=0), progress=False)

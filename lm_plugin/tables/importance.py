@@ -166,6 +166,8 @@ class LocalImportance(ImportanceEstimator):
             scoring (without, the network after the block sees inputs it was not normalised for).
         cache_bytes: most bytes of cached node values (evaluation and fitting batches together); more is
             recomputed when needed, never an error.
+        eval_images: score on the first this many images of ``eval_data`` (``None``: all of them). An entry's
+            scoring pass runs the block and everything after it, so its cost is proportional to this.
     """
 
     steps: int = 40
@@ -174,11 +176,20 @@ class LocalImportance(ImportanceEstimator):
     fit_batch_size: int = 32
     cache_bytes: int = 2 << 30
     recalibrate: bool = True
+    eval_images: int | None = None
     name = "local"
     _context: _LocalContext | None = field(default=None, init=False, repr=False, compare=False)
 
     def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
                     rewrite: RewriteOptions | None) -> float:
+        return _score_rest(self, self.adapted_rest(original, chain, plan, rewrite), self._prepare(original))
+
+    def adapted_rest(self, original: fx.GraphModule, chain: Chain, plan: Plan, rewrite: RewriteOptions | None
+                     ) -> fx.GraphModule:
+        """The changed part of the network with ``plan`` applied, fitted: what an entry scores.
+
+        It reads the cached values of the unchanged part (``rest.meta["inputs"]`` on :attr:`evaluation`).
+        """
         context = self._prepare(original)
         model, inputs = _compressed(original, chain, plan, rewrite)
         if self.steps > 0:
@@ -186,7 +197,14 @@ class LocalImportance(ImportanceEstimator):
         rest = extract(model, inputs)
         if self.recalibrate and context.fit is not None:
             rest = self._recalibrate(model, original, inputs, rest, context.fit)
-        return _score_rest(self, rest, context)
+        return rest
+
+    @property
+    def evaluation(self) -> PrefixCache:
+        """The original's node values on the evaluation images of the current table."""
+        if self._context is None:
+            raise ConfigurationError("no table is being scored yet: call score_entry or adapted_rest first")
+        return self._context.eval
 
     def _fit_block(self, model: fx.GraphModule, original: fx.GraphModule, inputs: list[str],
                    context: _LocalContext) -> None:
@@ -256,7 +274,18 @@ class LocalImportance(ImportanceEstimator):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "fit": "block to the original's position value, Adam, cosine",
                 "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
-                "recalibrate": self.recalibrate}
+                "recalibrate": self.recalibrate, **self._eval_setting()}
+
+    def score(self, model: nn.Module) -> float:
+        if self.eval_images is None or self.eval_data is None:
+            return super().score(model)
+        # the images the entries are scored on, or every entry would differ from the base by the other images
+        return evaluate(model, _first_images([split_batch(b) for b in self.eval_data], self.eval_images),
+                        self.metric, device=self.device)
+
+    def _eval_setting(self) -> dict[str, Any]:
+        # absent when every image is scored, so tables built before the option existed stay valid
+        return {} if self.eval_images is None else {"eval_images": self.eval_images}
 
 
 @dataclass
@@ -294,7 +323,7 @@ def _prepare_context(estimator: LocalImportance, context: _LocalContext | None, 
                         break
                 if len(fit) == before:
                     raise ConfigurationError("the training loader yielded no batches")
-    evaluation = [split_batch(b) for b in estimator.eval_data]
+    evaluation = _first_images([split_batch(b) for b in estimator.eval_data], estimator.eval_images)
     if not evaluation:
         raise ConfigurationError("the evaluation loader yielded no batches")
     device = resolve_device(original, estimator.device)
@@ -308,6 +337,25 @@ def _prepare_context(estimator: LocalImportance, context: _LocalContext | None, 
         original, PrefixCache(original, [move(_inputs(b)) for b in evaluation], cap),
         torch.cat([torch.as_tensor(t).cpu() for _, t in evaluation]),
         PrefixCache(original, [move(_inputs(b)) for b in fit], cap) if fit else None)
+
+
+def _first_images(batches: list[tuple[Any, Any]], limit: int | None) -> list[tuple[Any, Any]]:
+    """The ``(inputs, targets)`` batches cut to their first ``limit`` images (all if ``None``)."""
+    if limit is None:
+        return batches
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigurationError(f"eval_images must be a positive number of images or None, got {limit!r}")
+    out, left = [], limit
+    for inputs, targets in batches:
+        if left <= 0:
+            break
+        n = len(targets)
+        if n > left:
+            inputs = tuple(x[:left] for x in inputs) if isinstance(inputs, (tuple, list)) else inputs[:left]
+            targets = targets[:left]
+        out.append((inputs, targets))
+        left -= min(n, left)
+    return out
 
 
 def _compressed(original: fx.GraphModule, chain: Chain, plan: Plan, rewrite: RewriteOptions | None
@@ -371,7 +419,8 @@ class ZeroShotImportance(LocalImportance):
     name = "zero_shot"
 
     def settings(self) -> dict[str, Any]:
-        return {**ImportanceEstimator.settings(self), "steps": 0, "max_lr": 0.0, "train": None}
+        return {**ImportanceEstimator.settings(self), "steps": 0, "max_lr": 0.0, "train": None,
+                **self._eval_setting()}
 
 
 @dataclass
@@ -409,8 +458,8 @@ class TailDistillImportance(LocalImportance):
     _teacher: tuple[PrefixCache, list[torch.Tensor]] | None = field(default=None, init=False, repr=False,
                                                                     compare=False)
 
-    def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
-                    rewrite: RewriteOptions | None) -> float:
+    def adapted_rest(self, original: fx.GraphModule, chain: Chain, plan: Plan, rewrite: RewriteOptions | None
+                     ) -> fx.GraphModule:
         context = self._prepare(original)
         model, inputs = _compressed(original, chain, plan, rewrite)
         # train copies, never a layer shared with the original (nor its BatchNorm statistics, which train mode moves)
@@ -421,7 +470,7 @@ class TailDistillImportance(LocalImportance):
             self._distil(rest, original, context.fit)
         if self.recalibrate and context.fit is not None:
             rest = self._recalibrate(model, original, inputs, rest, context.fit)
-        return _score_rest(self, rest, context)
+        return rest
 
     def _distil(self, rest: fx.GraphModule, original: fx.GraphModule, fit_cache: PrefixCache) -> None:
         chunks = _slices(fit_cache, rest.meta["inputs"], self.fit_batch_size)
@@ -469,7 +518,7 @@ class TailDistillImportance(LocalImportance):
         return {**ImportanceEstimator.settings(self),
                 "fit": "block and what follows, KD to the original's logits, SGD OneCycle",
                 "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
-                "temperature": self.temperature, "recalibrate": self.recalibrate}
+                "temperature": self.temperature, "recalibrate": self.recalibrate, **self._eval_setting()}
 
 
 @dataclass
