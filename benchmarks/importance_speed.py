@@ -117,7 +117,9 @@ def main() -> None:
               "total_vs_" + reference: {n: total[n] / total[reference] for n in total},
               "settings": extra, "full_tables": tables, "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__}
-    out = RESULTS / f"importance_speed_{args.model}.json"
+    # a run with settings of its own does not overwrite the defaults' results
+    tag = "".join(f"_{n}-" + "-".join(f"{k}{v}" for k, v in kv.items()) for n, kv in sorted(extra.items()))
+    out = RESULTS / f"importance_speed_{args.model}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.model}: {len(seconds[order[0]])} entries side by side, {len(scored)} in the table")
