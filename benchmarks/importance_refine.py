@@ -53,7 +53,8 @@ def main() -> None:
     cheap, exact = screen.importance_table(), reference.importance_table()
     if cheap.evaluated or exact.evaluated:
         print(f"note: {cheap.evaluated + exact.evaluated} entries were not cached and were scored now")
-    scored = [k for k in cheap.values if exact.values[k] != 0.0 or cheap.values[k] != 0.0]
+    # every entry but the uncompressed single convs (which score 0 in both tables)
+    scored = {c.key for c in screen.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))}
     rows = []
     for shift in (False, True):
         for budget in args.budgets:

@@ -27,7 +27,6 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from lm_plugin import InfeasibleBudgetError, LayerMergePruner
-from lm_plugin.rewrite import RewriteOptions
 from lm_plugin.tables.importance import (
     ImportanceCache,
     ImportanceTable,
@@ -46,6 +44,7 @@ from lm_plugin.tables.importance import (
     _cache_path,
     _weights_id,
     single_block_plan,
+    table_signature,
 )
 from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
@@ -171,18 +170,17 @@ def _per_image(logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tenso
 
 def _stored_table(pruner: LayerMergePruner) -> dict[str, float] | None:
     """distill's table if the cache holds all of it (never builds it here: that takes hours)."""
-    signature = {**pruner.estimator.settings(), "chain": pruner.chain.fingerprint(),
-                 "weights": _weights_id(pruner.graph_module), "rewrite": asdict(pruner.rewrite or RewriteOptions())}
+    signature = table_signature(pruner.graph_module, pruner.chain, pruner.estimator, pruner.rewrite)
     path = _cache_path(pruner.cache_dir, signature)
     if path is None or not path.is_file():
         return None
-    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    scored = [c.key for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
     with ImportanceCache(path, signature) as cache:
-        if not all(list(c.key) in cache for c in scored):
+        if not all(list(k) in cache for k in scored):
             print(f"distill's table in {path} is not complete; not compared")
             return None
-    return {str(k): v for k, v in pruner.importance_table().values.items() if str(k) in
-            {str(c.key) for c in scored}}
+    values = pruner.importance_table().values
+    return {str(k): values[k] for k in scored}
 
 
 def _finetune_reference(model: str, weights: str) -> dict[str, float] | None:

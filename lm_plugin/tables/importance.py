@@ -669,8 +669,7 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
         if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
             raise ConfigurationError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     original = copy.deepcopy(gm).eval()
-    signature = {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
-                 "rewrite": asdict(rewrite or RewriteOptions())}
+    signature = table_signature(gm, chain, estimator, rewrite)
     subsets = {c.key: representative(c) for c in candidates}
     # the original layers score 0 (nothing compressed); every other candidate is scored
     scored = {c.key: c for c in candidates if not (c.end - c.st == 1 and subsets[c.key] == (c.end,))}
@@ -699,6 +698,14 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
             found = dict(zip(order, cache.fill([list(k) for k in order], score, on_entry=done)))
     values = {c.key: found.get(c.key, 0.0) for c in candidates}
     return ImportanceTable(values, subsets, base, signature, evaluated=evaluated)
+
+
+def table_signature(gm: fx.GraphModule, chain: Chain, estimator: ImportanceEstimator,
+                    rewrite: RewriteOptions | None = None) -> dict[str, Any]:
+    """What a table's scores depend on (its cache is signed by it): the estimator's settings, the chain, the
+    weights and the rewrite options."""
+    return {**estimator.settings(), "chain": chain.fingerprint(), "weights": _weights_id(gm),
+            "rewrite": asdict(rewrite or RewriteOptions())}
 
 
 def _cache_path(cache_dir: str | os.PathLike[str] | None, signature: dict[str, Any]) -> Path | None:
