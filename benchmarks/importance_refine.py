@@ -1,13 +1,23 @@
 """Screen with a cheap table, re-score with ``distill`` only what the DP picks: how many entries recover its plans?
 
 A design study on two complete cached tables (no entry is scored here): the cheap estimator's table (``--screen``,
-e.g. ``tail_distill:steps=5,fit_batch_size=16,eval_images=250``) and ``distill``'s (10 steps). Per budget, the DP
-solves on the screening values; the entries of its plan take their ``distill`` values; it solves again, until the
-plan has no entry left to re-score. ``--shift`` lifts every entry not yet re-scored by the largest gap
-(``distill`` − screen) seen among the re-scored ones, so that an entry the screen under-rates is still tried
-(an optimistic bound: if it held for every entry, the final plan would be optimal under ``distill``'s values).
-Reports the entries re-scored, the final plan's objective under ``distill``'s values against ``distill``'s own
-optimum, and whether the plans are the same.
+e.g. ``tail_distill:steps=5,fit_batch_size=16,eval_images=250``) and ``distill``'s (10 steps). Per budget and rule,
+the DP solves on *optimistic* values (an entry's ``distill`` value once re-scored, else its screening value plus a
+lift); the entries of its plan that are not re-scored yet take their ``distill`` values; it solves again, until the
+plan has no entry left to re-score. If every lift bounded the entry's under-rating by the screen, the final plan
+would be optimal under ``distill``'s values. Rules (``--rules``):
+
+* ``none``      — no lift;
+* ``shift``     — one lift for all: the largest under-rating (``distill`` − screen) among the re-scored entries;
+* ``envelope``  — a lift that grows with the screening loss: the smallest concave, non-decreasing function of
+  ``|screen|`` above every re-scored entry's under-rating (scale-free: a large loss may be under-rated by more);
+* ``calibrated:M`` — ``envelope`` after first re-scoring a seeded sample of ``M`` entries of the better half
+  (by screening value): the entries the DP picks are those the screen over-rates, so their gaps alone are biased.
+
+Reports, per rule and budget, the entries re-scored, the final plan's objective under ``distill``'s values against
+``distill``'s own optimum, and whether the plans are the same. ``--finetune-seeds`` fine-tunes the final plans of
+``--finetune-rules`` with the workload recipe (the runs of ``importance_quality.py``, shared through its results
+file, so a plan fine-tuned there is not run again).
 
     python benchmarks/importance_refine.py --model mbv2_fm --cache-dir benchmarks/cache
 
@@ -18,17 +28,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from importance_quality import parse_settings, plan_id
+from importance_quality import _save, parse_settings, plan_id
 
-from lm_plugin import LayerMergePruner
-from lm_plugin.tables.importance import ImportanceTable
+from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.solve.screen import calibration_sample, envelope_lift
+from lm_plugin.tables.importance import ImportanceTable, _weights_id
+from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
+Key = tuple
+Lift = Callable[[dict[Key, float], dict[Key, float]], dict[Key, float]]
 
 
 def main() -> None:
@@ -36,6 +52,10 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
     ap.add_argument("--screen", default="tail_distill:steps=5,fit_batch_size=16,eval_images=250")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    ap.add_argument("--rules", nargs="+", default=["none", "shift", "envelope", "calibrated:8", "calibrated:16"])
+    ap.add_argument("--samples", type=int, nargs="+", default=[0, 1, 2], help="seeds of the calibration samples")
+    ap.add_argument("--finetune-rules", nargs="*", default=[])
+    ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--cache-dir", default="benchmarks/cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -55,37 +75,82 @@ def main() -> None:
         print(f"note: {cheap.evaluated + exact.evaluated} entries were not cached and were scored now")
     # every entry but the uncompressed single convs (which score 0 in both tables)
     scored = {c.key for c in screen.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))}
-    rows = []
-    for shift in (False, True):
-        for budget in args.budgets:
-            best = reference.search(budget)
-            rescored: set = set()
-            lift, rounds = 0.0, 0
-            while True:
-                rounds += 1
-                values = {k: exact.values[k] if k in rescored else cheap.values[k] + (lift if k in scored else 0.0)
-                          for k in cheap.values}
-                screen._importance = ImportanceTable(values, cheap.subsets, cheap.base_metric, {})
-                found = screen.search(budget)
-                new = [e.key for e in found.solution.entries if e.key in scored and e.key not in rescored]
-                if not new:
-                    break
-                rescored.update(new)
-                if shift:
-                    lift = max(0.0, max(exact.values[k] - cheap.values[k] for k in rescored))
-            objective = sum(exact.values[e.key] for e in found.solution.entries)
-            rows.append({"shift": shift, "budget": budget, "rounds": rounds, "rescored": len(rescored),
-                         "entries": len(scored), "lift": lift, "objective_under_distill": objective,
-                         "distill_optimum": best.objective, "plan": plan_id(found.plan),
-                         "distill_plan": plan_id(best.plan), "same_plan": plan_id(found.plan) == plan_id(best.plan)})
+    s = {k: cheap.values[k] for k in scored}
+    d = {k: exact.values[k] for k in scored}
+
+    def refine(budget: float, lift: Lift, start: set[Key]) -> tuple[set[Key], int, object]:
+        rescored, rounds = set(start), 0
+        while True:
+            rounds += 1
+            optimistic = lift(s, {k: d[k] for k in rescored})
+            screen._importance = ImportanceTable({**cheap.values, **optimistic}, cheap.subsets, cheap.base_metric, {})
+            found = screen.search(budget)
+            new = [e.key for e in found.solution.entries if e.key in scored and e.key not in rescored]
+            if not new:
+                return rescored, rounds, found
+            rescored.update(new)
+
+    runs = []
+    for rule in args.rules:
+        kind, _, m = rule.partition(":")
+        lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift}[kind]
+        for sample in (args.samples if kind == "calibrated" else [None]):
+            start = set() if sample is None else calibration_sample(s, int(m), sample)
+            for budget in args.budgets:
+                best = reference.search(budget)
+                rescored, rounds, found = refine(budget, lift, start)
+                objective = sum(d.get(e.key, 0.0) for e in found.solution.entries)
+                runs.append({"rule": rule, "sample": sample, "budget": budget, "rounds": rounds,
+                             "rescored": len(rescored), "entries": len(scored), "objective_under_distill": objective,
+                             "distill_optimum": best.objective, "plan": plan_id(found.plan),
+                             "plan_dict": found.plan.to_dict(), "distill_plan": plan_id(best.plan),
+                             "same_plan": plan_id(found.plan) == plan_id(best.plan),
+                             "predicted_speedup": found.predicted_speedup})
+    if args.finetune_rules:
+        _finetune(args, base, reference, splits, [r for r in runs if r["rule"] in args.finetune_rules])
     out = RESULTS / f"importance_refine_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "rows": runs}, indent=1))
     print(f"{args.model}: screen {args.screen}, re-scored with distill (10 steps)")
-    print(f"{'shift':<6} {'budget':>6} {'rounds':>6} {'re-scored':>10} {'objective':>9} {'optimum':>8} same plan")
-    for r in rows:
-        print(f"{r['shift']!s:<6} {r['budget']:>6} {r['rounds']:>6} {r['rescored']:>4} of {r['entries']:<4} "
-              f"{r['objective_under_distill']:>9.2f} {r['distill_optimum']:>8.2f} {r['same_plan']}")
+    print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "
+          "same plan  fine-tuned")
+    for r in runs:
+        tuned = f"{r['mean']:.2f} +- {r['std']:.2f}" if "mean" in r else ""
+        print(f"{r['rule']:<14} {'' if r['sample'] is None else r['sample']:>6} {r['budget']:>6} {r['rounds']:>6} "
+              f"{r['rescored']:>4} of {r['entries']:<4} {r['objective_under_distill']:>9.2f} "
+              f"{r['distill_optimum']:>8.2f} {r['same_plan']!s:<10} {tuned}")
     print(f"wrote {out}")
+
+
+def no_lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
+    return {k: exact.get(k, v) for k, v in screen.items()}
+
+
+def shift_lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
+    lift = max([0.0] + [v - screen[k] for k, v in exact.items()])
+    return {k: exact[k] if k in exact else v + lift for k, v in screen.items()}
+
+
+def _finetune(args: argparse.Namespace, base: torch.nn.Module, reference: LayerMergePruner, splits, rows) -> None:
+    """Fine-tune each row's plan per seed (the workload recipe), sharing importance_quality.py's runs."""
+    out = RESULTS / f"importance_quality_{args.model}.json"
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    if saved.get("weights") != _weights_id(base):
+        raise SystemExit(f"{out} is for other weights; run importance_quality.py first")
+    runs: dict[str, float] = saved.get("runs", {})
+    for row in rows:
+        plan = Plan.from_dict(row["plan_dict"])
+        for seed in args.finetune_seeds:
+            key = f"{row['plan']}/{seed}"
+            if key not in runs:
+                trainable = reference.apply(plan)
+                fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
+                runs[key] = evaluate(reference.merge(trainable.eval()), splits.test)
+                _save(out, saved, runs)
+            print(f"{args.model} {row['budget']} {row['rule']} plan {row['plan']} seed {seed}: {runs[key]:.2f} %",
+                  flush=True)
+        accuracies = [runs[f"{row['plan']}/{seed}"] for seed in args.finetune_seeds]
+        row.update(accuracies=accuracies, mean=statistics.mean(accuracies),
+                   std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0)
 
 
 if __name__ == "__main__":

@@ -227,14 +227,21 @@ def compress(
     seconds["latency_table"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    say("building the importance table")
-    pruner.importance_table()
+    if pruner.screen is None:
+        say("building the importance table")
+        pruner.importance_table()
+    else:  # the search scores only the entries its plan needs
+        say(f"building the screening table ({pruner.screen.name})")
+        pruner.screen_table()
     seconds["importance_table"] = time.perf_counter() - start
 
     start = time.perf_counter()
     found = pruner.search(target)
     plan = found.plan
     seconds["solve"] = time.perf_counter() - start
+    if found.scored_entries is not None:
+        say(f"screened search: {found.scored_entries} of {found.table_entries} entries scored with "
+            f"{pruner.estimator.name}")
     say(plan.summary(pruner.chain))
 
     start = time.perf_counter()
@@ -317,7 +324,7 @@ def tradeoff(pruner: LayerMergePruner, fractions: list[float] | None = None) -> 
         fractions: Budgets as fractions of the original latency (default 0.30, 0.35, ..., 1.00).
     """
     fractions = fractions or [round(0.30 + 0.05 * i, 2) for i in range(15)]
-    base = pruner.importance_table().base_metric
+    base = pruner.scorer.base_metric
     points = []
     for fraction in fractions:
         try:

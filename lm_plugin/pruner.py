@@ -7,7 +7,7 @@ It owns the traced copy of the model and its chain; ``apply(plan)`` gives the tr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +18,31 @@ import torch.nn as nn
 
 from .budget import DEFAULT_BUDGET, Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LayerMergeRuntimeError
 from .latency import Profiler, get_profiler
 from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
 from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
-from .solve import Entry, InfeasibleBudgetError, Solution, solve
+from .solve import (
+    DEFAULT_CALIBRATION,
+    Entry,
+    InfeasibleBudgetError,
+    ScreenedValues,
+    Solution,
+    screened_values,
+    solve,
+)
 from .store.paths import cache_root
 from .tables.importance import (
     DEFAULT_ESTIMATOR,
+    SCREEN_SETTINGS,
     ImportanceEstimator,
+    ImportanceScorer,
     ImportanceTable,
-    build_importance_table,
     make_estimator,
+    representative,
 )
 from .tables.latency import LatencyModel, build_latency_model, deploy_identity
 from .trace import Chain, extract_chain, trace
@@ -67,6 +77,9 @@ class SearchResult:
             in percentage points right after compression, before fine-tuning). A ranking signal, not a forecast
             of the fine-tuned accuracy.
         solution: The DP's raw answer (chosen entries, summed latency, bins).
+        scored_entries: With a screen: the entries the importance estimator scored (or found cached) for this
+            search, of the ``table_entries`` a complete table has; None without a screen (the complete table).
+        table_entries: Entries of a complete importance table (candidates that are scored).
     """
 
     plan: Plan
@@ -76,6 +89,8 @@ class SearchResult:
     original_ms: float
     objective: float
     solution: Solution
+    scored_entries: int | None = None
+    table_entries: int | None = None
 
     @property
     def predicted_speedup(self) -> float:
@@ -116,6 +131,14 @@ class LayerMergePruner:
         eval_data: batches the importance metric is measured on; with an estimator name only.
         importance_settings: further estimator settings (``steps``, ``max_lr``, ``metric``, ``seed`` ...); with
             an estimator name only.
+        screen: a cheap estimator to search with first (a name, as ``importance``, or a ready estimator):
+            :meth:`search` solves on its table and scores with ``importance`` only the entries the plans need
+            (:mod:`lm_plugin.solve.screen`), instead of every entry. ``"tail_distill"`` runs with the screening
+            settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless ``screen_settings`` says
+            otherwise. With a name, the screen uses the importance estimator's data.
+        screen_settings: settings of the screen; with a screen name only.
+        screen_calibration: entries scored with ``importance`` before the first screened solve (a seeded
+            sample of the better half of the screen) to learn how far the screen under-rates entries.
 
     Raises:
         ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
@@ -148,6 +171,9 @@ class LayerMergePruner:
         train_data: Any = None,
         eval_data: Any = None,
         importance_settings: dict[str, Any] | None = None,
+        screen: str | ImportanceEstimator | None = None,
+        screen_settings: dict[str, Any] | None = None,
+        screen_calibration: int = DEFAULT_CALIBRATION,
         resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
@@ -158,6 +184,11 @@ class LayerMergePruner:
         _one_way("backend", backend, Profiler, batch_size=batch_size, profiler_settings=profiler_settings)
         _one_way("importance", importance, ImportanceEstimator, train_data=train_data, eval_data=eval_data,
                  importance_settings=importance_settings)
+        _one_way("screen", screen, ImportanceEstimator, screen_settings=screen_settings)
+        if screen is None and screen_settings is not None:
+            raise ConfigurationError("screen_settings without a screen: pass screen='tail_distill' (say) as well")
+        if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
+            raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
             raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model
@@ -186,10 +217,19 @@ class LayerMergePruner:
                                             **(importance_settings or {}))
         #: The training batches of this pruner (its estimator's): what :func:`lm_plugin.compress` fine-tunes on.
         self.train_data = getattr(self.estimator, "train_data", None)
+        #: The screening estimator (None: every search uses the complete importance table).
+        self.screen: ImportanceEstimator | None = None
+        if screen is not None:
+            options = {**SCREEN_SETTINGS.get(screen, {}), **(screen_settings or {})} if isinstance(screen, str) else {}
+            self.screen = make_estimator(screen, train_data=self.train_data,
+                                         eval_data=getattr(self.estimator, "eval_data", None), **options)
+        self.screen_calibration = screen_calibration
         if not 0 < resolution < 1:
             raise ConfigurationError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
         self.resolution = resolution
         self._importance: ImportanceTable | None = None
+        self._scorer: ImportanceScorer | None = None
+        self._screen_table: ImportanceTable | None = None
 
     def _conv_scores(self) -> dict[int, float]:
         """Σ|W| of each prunable conv: a candidate keeps the subset of largest score (the reference's rule).
@@ -251,26 +291,55 @@ class LayerMergePruner:
     def importance_table(self, *, shard: tuple[int, int] | None = None) -> ImportanceTable:
         """Build (or load from the cache) the importance of every candidate block.
 
+        With a ``screen``, :meth:`search` does not need this (it scores only what its plans need); entries it
+        scored are cached and reused here.
+
         Args:
             shard: ``(index, count)`` to build the table with ``count`` processes that share ``cache_dir``
                 (one per core, say): each starts on its own share and then helps with the rest; see
                 :func:`~lm_plugin.tables.importance.build_importance_table`.
         """
         if self._importance is None:
-            cache = Path(self.cache_dir) if self.cache_dir is not None else None
-            self._importance = build_importance_table(self.graph_module, self.chain, self.candidates,
-                                                      self.estimator, rewrite=self.rewrite, cache_dir=cache,
-                                                      progress=self.progress, shard=shard)
+            self._importance = self.scorer.table(shard=shard)
         return self._importance
 
-    def entries(self) -> list[Entry]:
+    @property
+    def scorer(self) -> ImportanceScorer:
+        """Scores importance entries on demand (cached in ``cache_dir``, shared with :meth:`importance_table`)."""
+        if self._scorer is None:
+            self._scorer = self._make_scorer(self.estimator)
+        return self._scorer
+
+    def screen_table(self) -> ImportanceTable:
+        """The screen's complete (cheap) table.
+
+        Raises:
+            ConfigurationError: the pruner has no screen.
+        """
+        if self.screen is None:
+            raise ConfigurationError("this pruner has no screen; pass screen='tail_distill' (say)")
+        if self._screen_table is None:
+            self._screen_table = self._make_scorer(self.screen).table()
+        return self._screen_table
+
+    def _make_scorer(self, estimator: ImportanceEstimator) -> ImportanceScorer:
+        cache = Path(self.cache_dir) if self.cache_dir is not None else None
+        return ImportanceScorer(self.graph_module, self.chain, self.candidates, estimator, rewrite=self.rewrite,
+                                cache_dir=cache, progress=self.progress)
+
+    def entries(self, values: dict[tuple, float] | None = None) -> list[Entry]:
         """The DP's items: each candidate with its representative subset, latency cost and importance.
 
         A block that folds a projection skip is credited with the skip's latency (the skip disappears).
+
+        Args:
+            values: importance by candidate key (default: the complete importance table).
         """
-        lat, imp = self.latency_model(), self.importance_table()
-        return [Entry(c.st, c.end, imp.subsets[c.key], lat.cost(c.st, c.end, imp.subsets[c.key]), imp.values[c.key],
-                      c.key) for c in self.candidates]
+        lat = self.latency_model()
+        if values is None:
+            values = self.importance_table().values
+        return [Entry(c.st, c.end, representative(c), lat.cost(c.st, c.end, representative(c)), values[c.key], c.key)
+                for c in self.candidates]
 
     def search(self, budget: float | str | Budget | None = None) -> SearchResult:
         """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
@@ -288,9 +357,19 @@ class LayerMergePruner:
         lat = self.latency_model()
         budget_ms = target.to_ms(lat.original_ms)
         fixed = lat.fixed_ms
+
+        def solve_on(values: dict[tuple, float] | None) -> Solution:
+            return solve(self.entries(values), self.chain.length, budget_ms - fixed, self.resolution * lat.original_ms)
+
+        scored = None
         try:
-            solution = solve(self.entries(), self.chain.length, budget_ms - fixed,
-                             self.resolution * lat.original_ms)
+            if self.screen is None:
+                solution = solve_on(None)
+            else:
+                screened = self._screened(solve_on)
+                solution, scored = solve_on(self._complete(screened.values)), len(screened.exact)
+                if any(e.key in self.scorer.scored and e.key not in screened.exact for e in solution.entries):
+                    raise LayerMergeRuntimeError("screened search: the plan has an entry that was not scored exactly")
         except InfeasibleBudgetError as exc:
             lowest = exc.min_latency_ms + fixed
             raise InfeasibleBudgetError(
@@ -302,7 +381,20 @@ class LayerMergePruner:
         kept_convs = {j for e in solution.entries for j in e.kept}
         plan = Plan(self.chain.length, kept_acts, kept_convs, self.chain.fingerprint())
         return SearchResult(plan, target, budget_ms, lat.predict(plan), lat.original_ms, solution.objective,
-                            solution)
+                            solution, scored, len(self.scorer.scored))
+
+    def _screened(self, solve_on: Callable[[dict[tuple, float] | None], Solution]) -> ScreenedValues:
+        """Optimistic values from the screen, exact where the plans need them (:func:`screened_values`)."""
+        cheap = self.screen_table().values
+        screen = {k: cheap[k] for k in self.scorer.scored}
+        seed = getattr(self.estimator, "seed", 0)
+        return screened_values(screen, self.scorer.score,
+                               lambda values: [e.key for e in solve_on(self._complete(values)).entries],
+                               calibration=self.screen_calibration, seed=seed)
+
+    def _complete(self, values: dict[tuple, float]) -> dict[tuple, float]:
+        """``values`` of the scored entries plus the uncompressed single convs, which score 0."""
+        return {c.key: values[c.key] if c.key in self.scorer.scored else 0.0 for c in self.candidates}
 
     def step(self, budget: float | str | Budget | None = None) -> fx.GraphModule:
         """``search()`` then ``apply()``: the trainable form of the best plan (torch-pruning's habit).
@@ -381,7 +473,7 @@ class LayerMergePruner:
 def _one_way(part: str, value: Any, ready: type, **settings: Any) -> None:
     """A part is configured by a name plus settings, or by a ready object that carries its own: not both."""
     given = [name for name, v in settings.items() if v is not None]
-    example = "cpu" if part == "backend" else DEFAULT_ESTIMATOR
+    example = {"backend": "cpu", "screen": "tail_distill"}.get(part, DEFAULT_ESTIMATOR)
     if isinstance(value, ready) and given:
         raise ConfigurationError(
             f"{part}= is a ready {type(value).__name__}, which carries its own settings, so "

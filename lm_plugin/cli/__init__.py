@@ -23,7 +23,7 @@ __all__ = ["main"]
 MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "normalize", "seed", "cache_dir",
          "progress"]
 LATENCY = ["backend", "batch_size", "threads"]
-SELECT = ["budget", "importance", "importance_steps", "val_size", "mode", "max_kernel", "ignored_layers",
+SELECT = ["budget", "importance", "importance_steps", "screen", "val_size", "mode", "max_kernel", "ignored_layers",
           "train_batch_size"]
 FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds"]
 OUTPUT = ["output", "overwrite"]

@@ -171,7 +171,7 @@ def _pruner(opts: Options, model: nn.Module, example: torch.Tensor, splits: Data
         max_kernel=opts.max_kernel, backend=opts.backend, batch_size=opts.batch_size, profiler_settings=profiler,
         cache_dir=opts.cache_dir or "default", progress=opts.progress, importance=opts.importance,
         train_data=splits.train if splits else None, eval_data=splits.val if splits else None,
-        importance_settings=settings)
+        importance_settings=settings, screen=opts.screen)
 
 
 @contextlib.contextmanager
@@ -259,10 +259,16 @@ def run_solve(opts: Options) -> int:
                   "predicted_ms": {"original": pruner.latency_model().original_ms, "compressed": predicted},
                   "estimated_accuracy_change": objective, "plan": plan.to_dict(),
                   "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in frontier]}
+        if found.scored_entries is not None:
+            report["screen"] = {"estimator": pruner.screen.settings(), "scored_entries": found.scored_entries,
+                                "table_entries": found.table_entries}
         (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(plan.summary(pruner.chain))
     print(f"\npredicted {predicted:.3f} ms vs original {report['predicted_ms']['original']:.3f} ms; estimated "
           f"accuracy change before fine-tuning {objective:+.2f} %p\nplan: {Path(opts.output) / 'plan.json'}")
+    if found.scored_entries is not None:
+        print(f"screened search: {found.scored_entries} of {found.table_entries} entries scored with "
+              f"{pruner.estimator.name}")
     return 0
 
 

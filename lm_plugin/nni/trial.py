@@ -212,7 +212,8 @@ def build_tables(pruner: LayerMergePruner) -> TableBuild:
     finally:
         del profiler.measure
     measured = calls - (latency.check_ms is not None)
-    importance = pruner.importance_table()
+    # a screened pruner needs the screen's complete table; its search scores the rest
+    importance = pruner.screen_table() if pruner.screen is not None else pruner.importance_table()
     return TableBuild(latency_measured=measured, importance_evaluated=importance.evaluated)
 
 

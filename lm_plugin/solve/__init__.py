@@ -1,5 +1,8 @@
-"""Stage 4 of the data flow: tables -> the optimal plan under a latency budget."""
+"""Stage 4 of the data flow: tables -> the optimal plan under a latency budget (all entries scored, or screened:
+solve on a cheap table and score exactly only what the plan needs)."""
 
 from .dp import Entry, InfeasibleBudgetError, Solution, min_latency, solve
+from .screen import DEFAULT_CALIBRATION, ScreenedValues, calibration_sample, envelope_lift, screened_values
 
-__all__ = ["Entry", "InfeasibleBudgetError", "Solution", "min_latency", "solve"]
+__all__ = ["DEFAULT_CALIBRATION", "Entry", "InfeasibleBudgetError", "ScreenedValues", "Solution", "calibration_sample",
+           "envelope_lift", "min_latency", "screened_values", "solve"]

@@ -597,6 +597,9 @@ def _tensor_key(x: torch.Tensor) -> tuple:
 
 #: The estimator every entry point uses unless told otherwise.
 DEFAULT_ESTIMATOR = "distill"
+#: Settings a screen runs with by name (``LayerMergePruner(screen="tail_distill")``): few fitting steps on few
+#: images, scored on the first 250 evaluation images (docs/selection.md, "Screened search", for the measurements).
+SCREEN_SETTINGS: dict[str, dict[str, Any]] = {"tail_distill": {"steps": 5, "fit_batch_size": 16, "eval_images": 250}}
 
 ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
     "zero_shot": ZeroShotImportance,
@@ -646,6 +649,101 @@ class ImportanceTable:
     evaluated: int = 0
 
 
+class ImportanceScorer:
+    """Scores the entries of one estimator's importance table on demand: the whole table, or only the entries a
+    search asks for (:func:`~lm_plugin.solve.screen.screened_values`).
+
+    Each finished entry is committed to the cache at once (signed by :func:`table_signature`), so an interrupted
+    build resumes where it stopped, and entries scored one search at a time and a table built whole share them.
+    Several processes sharing ``cache_dir`` claim entries before scoring them
+    (:meth:`~lm_plugin.store.RecordStore.fill`), so none is scored twice; an entry claimed by a process that has
+    exited is taken over. Uncompressed single convs score 0 by definition and are never run.
+    """
+
+    def __init__(self, gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
+                 estimator: ImportanceEstimator, *, rewrite: RewriteOptions | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> None:
+        self.gm, self.chain, self.estimator, self.rewrite, self.progress = gm, chain, estimator, rewrite, progress
+        self.signature = table_signature(gm, chain, estimator, rewrite)
+        self.path = _cache_path(cache_dir, self.signature)
+        self.subsets = {c.key: representative(c) for c in candidates}
+        self.candidates = {c.key: c for c in candidates}
+        #: the entries that are scored (every candidate but the uncompressed single convs)
+        self.scored = {c.key: c for c in candidates if not (c.end - c.st == 1 and self.subsets[c.key] == (c.end,))}
+        self._original: fx.GraphModule | None = None
+        self._base: float | None = None
+        self._values: dict[tuple, float] = {}  # what this scorer has seen (the cache may be in memory only)
+        #: entries this scorer computed (not found in the cache)
+        self.evaluated = 0
+
+    @property
+    def original(self) -> fx.GraphModule:
+        """The unchanged network every entry is compared with (a copy: estimators train their own)."""
+        if self._original is None:
+            self._original = copy.deepcopy(self.gm).eval()
+        return self._original
+
+    def score(self, keys: Iterable[tuple], *, shard: tuple[int, int] | None = None) -> dict[tuple, float]:
+        """The importance of ``keys`` (candidate keys), scoring those not cached yet; progress bar over them.
+
+        ``shard=(index, count)`` makes cooperating workers start apart: worker ``index`` of ``count`` starts at the
+        ``index``-th ``count``-th of the missing entries and goes round.
+        """
+        keys = list(dict.fromkeys(keys))
+        unknown = [k for k in keys if k not in self.candidates]
+        if unknown:
+            raise ConfigurationError(f"{len(unknown)} keys are not candidates of this network, e.g. {unknown[0]!r}")
+        todo = [k for k in keys if k in self.scored and k not in self._values]
+        if todo:
+            with ImportanceCache(self.path, self.signature) as cache:
+                self._base_from(cache)
+                order = todo
+                if shard is not None:  # start apart: offset into what is still missing, the rest after it
+                    missing = [k for k in todo if list(k) not in cache]
+                    start, stored = shard[0] * len(missing) // shard[1], set(todo) - set(missing)
+                    order = missing[start:] + missing[:start] + [k for k in todo if k in stored]
+                with tqdm(total=len(order), desc=f"importance ({self.estimator.name})", unit="entry",
+                          disable=not self.progress) as bar:
+
+                    def done(key: list, value: float, computed: bool) -> None:
+                        self.evaluated += computed
+                        bar.update(1)
+
+                    found = cache.fill([list(k) for k in order], self._score_one, on_entry=done)
+                self._values.update(zip(order, found))
+        return {k: self._values.get(k, 0.0) for k in keys}
+
+    @property
+    def base_metric(self) -> float:
+        """The original network's metric (scored once, then cached)."""
+        if self._base is None:
+            with ImportanceCache(self.path, self.signature) as cache:
+                self._base_from(cache)
+        return self._base
+
+    def _base_from(self, cache: ImportanceCache) -> float:
+        if self._base is None:
+            (self._base,) = cache.fill([["base_metric"]], lambda _: self.estimator.score(self.original))
+        return self._base
+
+    def table(self, *, shard: tuple[int, int] | None = None) -> ImportanceTable:
+        """Every entry: the complete table (``shard``: see :meth:`score`)."""
+        if shard is not None:
+            index, count = shard
+            if self.path is None:
+                raise ConfigurationError(
+                    "shard needs a cache_dir that the workers share; without one they cannot cooperate")
+            if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+                raise ConfigurationError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+        values = self.score(self.candidates, shard=shard)
+        return ImportanceTable(values, self.subsets, self.base_metric, self.signature, evaluated=self.evaluated)
+
+    def _score_one(self, key: list) -> float:
+        c = self.scored[tuple(key)]
+        plan = single_block_plan(self.chain, c.st, c.end, self.subsets[c.key])
+        return self.estimator.score_entry(self.gm, self.original, self.chain, plan, self.rewrite) - self.base_metric
+
+
 def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
                            estimator: ImportanceEstimator, *, rewrite: RewriteOptions | None = None,
                            cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
@@ -661,43 +759,9 @@ def build_importance_table(gm: fx.GraphModule, chain: Chain, candidates: Sequenc
     worker ``index`` of ``count`` starts at the ``index``-th ``count``-th of the missing entries and goes round.
     Every worker returns the complete table.
     """
-    if shard is not None:
-        index, count = shard
-        if cache_dir is None:
-            raise ConfigurationError(
-                "shard needs a cache_dir that the workers share; without one they cannot cooperate")
-        if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
-            raise ConfigurationError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
-    original = copy.deepcopy(gm).eval()
-    signature = table_signature(gm, chain, estimator, rewrite)
-    subsets = {c.key: representative(c) for c in candidates}
-    # the original layers score 0 (nothing compressed); every other candidate is scored
-    scored = {c.key: c for c in candidates if not (c.end - c.st == 1 and subsets[c.key] == (c.end,))}
-    with ImportanceCache(_cache_path(cache_dir, signature), signature) as cache:
-        (base,) = cache.fill([["base_metric"]], lambda _: estimator.score(original))
-        order = list(scored)
-        if shard is not None:  # start apart: offset into what is still missing, the rest after it
-            missing = [k for k in order if list(k) not in cache]
-            start, stored = shard[0] * len(missing) // shard[1], set(order) - set(missing)
-            order = missing[start:] + missing[:start] + [k for k in order if k in stored]
-
-        def score(key: list) -> float:
-            c = scored[tuple(key)]
-            plan = single_block_plan(chain, c.st, c.end, subsets[c.key])
-            return estimator.score_entry(gm, original, chain, plan, rewrite) - base
-
-        evaluated = 0
-        with tqdm(total=len(candidates), initial=len(candidates) - len(scored), desc=f"importance ({estimator.name})",
-                  unit="entry", disable=not progress) as bar:
-
-            def done(key: list, value: float, computed: bool) -> None:
-                nonlocal evaluated
-                evaluated += computed
-                bar.update(1)
-
-            found = dict(zip(order, cache.fill([list(k) for k in order], score, on_entry=done)))
-    values = {c.key: found.get(c.key, 0.0) for c in candidates}
-    return ImportanceTable(values, subsets, base, signature, evaluated=evaluated)
+    scorer = ImportanceScorer(gm, chain, candidates, estimator, rewrite=rewrite, cache_dir=cache_dir,
+                              progress=progress)
+    return scorer.table(shard=shard)
 
 
 def table_signature(gm: fx.GraphModule, chain: Chain, estimator: ImportanceEstimator,

@@ -16,13 +16,15 @@ __all__ = ["layermerge_stage"]
 @register_stage("layermerge")
 def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | str = 0.7, mode: str = "layermerge",
                      importance: str = "distill", importance_settings: dict[str, Any] | None = None,
+                     screen: str | None = None, screen_settings: dict[str, Any] | None = None,
                      ignored_layers: Sequence[str] = (), max_kernel: int | None = 7, epochs: float = 1.0,
                      max_lr: float = 0.02, distill_alpha: float = 0.0, clip_budget: bool = False,
                      seed: int = 0) -> StageOutput:
     """LayerMerge (:func:`lm_plugin.compress.compress`) on whatever model it receives.
 
     Settings: ``budget`` (fraction of the received model's measured latency, or ``"12ms"``), ``mode``,
-    ``importance`` / ``importance_settings``, ``ignored_layers`` (conv names never merged), ``max_kernel``,
+    ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
+    :class:`lm_plugin.LayerMergePruner`), ``ignored_layers`` (conv names never merged), ``max_kernel``,
     fine-tuning (``epochs``, ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """
@@ -33,7 +35,8 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
     pruner = LayerMergePruner(model, budget, ctx.example_inputs, ignored_layers=tuple(ignored_layers), mode=mode,
                               max_kernel=max_kernel, backend=ctx.profiler, cache_dir=ctx.cache_dir,
                               progress=ctx.progress, importance=importance, train_data=ctx.train_data,
-                              eval_data=ctx.val_data, importance_settings=importance_settings)
+                              eval_data=ctx.val_data, importance_settings=importance_settings, screen=screen,
+                              screen_settings=screen_settings)
     notes: dict[str, Any] = {}
     target: Any = None
     if clip_budget:

@@ -1,0 +1,128 @@
+"""What a screened search costs from a cold cache, against a complete ``distill`` table, in one run.
+
+``LayerMergePruner(..., importance="distill", screen="tail_distill")`` on the reference workload (the pruner of
+``importance_quality.py``: CPU eager latency table, batch 64, ``distill`` 10 steps, scored on the 1,000-image
+validation split). The importance caches start empty (a fresh directory that holds only the latency table from
+``--cache-dir``); the run builds the screen's table, then searches each budget in turn (later budgets reuse the
+entries earlier ones scored, as a user's sweep would). Every ``distill`` entry it scores is timed, so the cost of the
+complete table is estimated from the same run: ``entries × mean seconds per distill entry``. The plans are compared
+with those of the complete ``distill`` table in ``--cache-dir`` when it is there.
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/screened_search.py --model mbv2_fm
+
+Writes ``benchmarks/results/screened_search_<model>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from importance_quality import plan_id
+
+from lm_plugin import LayerMergePruner
+from lm_plugin.workloads.data import data_splits
+from lm_plugin.workloads.models import trained
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    ap.add_argument("--cache-dir", default="benchmarks/cache", help="latency table, complete distill table")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
+    base = trained(args.model, progress=False)
+    example = torch.randn(64, *splits.input_shape)
+
+    def pruner(cache: str | Path, **screen) -> LayerMergePruner:
+        return LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance="distill",
+                                train_data=splits.train, eval_data=splits.val, importance_settings={"steps": 10},
+                                cache_dir=cache, progress=False, **screen)
+
+    reference = pruner(args.cache_dir)
+    cold = Path(tempfile.mkdtemp(prefix="screened-"))
+    try:
+        for f in Path(args.cache_dir).glob("latency-*.sqlite"):
+            shutil.copy(f, cold / f.name)
+        screened = pruner(cold, screen="tail_distill")
+        screened.latency_model()
+        start = time.perf_counter()
+        screened.screen_table()
+        screen_s = time.perf_counter() - start
+        entry_s: list[float] = []
+        timed = screened.scorer._score_one
+
+        def timing(key: list) -> float:
+            t = time.perf_counter()
+            value = timed(key)
+            entry_s.append(time.perf_counter() - t)
+            return value
+
+        screened.scorer._score_one = timing  # type: ignore[method-assign]  # this instance only
+        rows = []
+        complete = _complete(reference)
+        for budget in args.budgets:
+            before, start = len(entry_s), time.perf_counter()
+            found = screened.search(budget)
+            row = {"budget": budget, "seconds": time.perf_counter() - start, "scored_entries": found.scored_entries,
+                   "new_entries": len(entry_s) - before, "cumulative_entries": len(entry_s),
+                   "table_entries": found.table_entries, "objective": found.objective,
+                   "predicted_speedup": found.predicted_speedup, "plan": plan_id(found.plan)}
+            if complete:
+                best = reference.search(budget)
+                row.update(distill_plan=plan_id(best.plan), distill_objective=best.objective,
+                           same_plan=found.plan == best.plan)
+            rows.append(row)
+            print(f"budget {budget}: {row['new_entries']} new distill entries, {time.perf_counter() - start:.0f} s",
+                  flush=True)
+    finally:
+        shutil.rmtree(cold, ignore_errors=True)
+    mean_entry = statistics.mean(entry_s)
+    table_s = mean_entry * rows[0]["table_entries"]
+    rescoring = 0.0
+    for row in rows:
+        rescoring += row["seconds"]
+        row["cost_fraction_cumulative"] = (screen_s + rescoring) / table_s
+        row["cost_fraction_alone"] = (screen_s + row["scored_entries"] * mean_entry) / table_s
+    result = {"model": args.model, "screen_s": screen_s, "distill_entry_s_mean": mean_entry,
+              "distill_entry_s_median": statistics.median(entry_s), "distill_entries_timed": len(entry_s),
+              "complete_table_s_estimate": table_s, "rows": rows,
+              "screen": screened.screen.settings(), "machine": platform.processor() or platform.machine(),
+              "threads": 1, "torch": torch.__version__}
+    out = RESULTS / f"screened_search_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n{args.model}: screen table {screen_s:.0f} s; distill {mean_entry:.2f} s per entry (mean of "
+          f"{len(entry_s)}), complete table ~{table_s / 60:.0f} min")
+    print(f"{'budget':>6} {'scored':>6} {'new':>4} {'alone':>6} {'sweep':>6} {'objective':>9} {'distill':>8} same plan")
+    for r in rows:
+        print(f"{r['budget']:>6} {r['scored_entries']:>6} {r['new_entries']:>4} {r['cost_fraction_alone']:>6.3f} "
+              f"{r['cost_fraction_cumulative']:>6.3f} {r['objective']:>9.2f} {r.get('distill_objective', 0):>8.2f} "
+              f"{r.get('same_plan', '')}")
+    print(f"wrote {out}")
+
+
+def _complete(pruner: LayerMergePruner) -> bool:
+    """Whether ``pruner``'s cache holds the complete distill table (never built here: that takes hours)."""
+    scorer = pruner.scorer
+    if scorer.path is None or not scorer.path.is_file():
+        return False
+    from lm_plugin.tables.importance import ImportanceCache
+
+    with ImportanceCache(scorer.path, scorer.signature) as cache:
+        return all(list(k) in cache for k in scorer.scored)
+
+
+if __name__ == "__main__":
+    main()

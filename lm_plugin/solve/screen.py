@@ -1,0 +1,117 @@
+"""Screened search: solve with a cheap importance table, score exactly only the entries the plans need.
+
+A complete importance table scores every candidate block, although a plan uses a handful. A screened search
+starts from a cheap table (the *screen*, e.g. ``tail_distill`` with few steps on few images) and asks the exact
+estimator only for the entries the DP picks. The DP solves on *optimistic* values: an entry's exact value once
+scored, otherwise its screening value plus a lift that bounds how much the screen may under-rate it; the picked
+entries that are not scored yet are scored; it solves again, until every entry of the plan is exact. If every lift
+is a true bound, that plan is optimal under the exact values (no unscored entry can beat what it was credited
+with); the final plan's objective is always computed from exact values only.
+
+The lift is learned from the entries scored so far (:func:`envelope_lift`). Those picked by the DP are the ones the
+screen over-rates (that is why they win), so a bound fitted on them alone is too tight; a seeded sample of the
+better half of the screen (:func:`calibration_sample`) is scored first to see the gaps without that bias.
+
+Every round scores at least one new entry, so a search takes at most as many rounds as there are entries; each
+round is one DP solve and an ``O(n·h)`` lift (``h`` hull points), polynomial in the network's depth.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+#: Entries scored exactly before the first solve, drawn from the better half of the screen.
+DEFAULT_CALIBRATION = 8
+
+
+@dataclass(frozen=True)
+class ScreenedValues:
+    """What a screened search settled on.
+
+    Attributes:
+        values: the values the final solve used (exact for every scored entry, optimistic for the rest).
+        exact: the exactly scored entries and their values (every entry of the final plan is among them).
+        rounds: DP solves.
+    """
+
+    values: dict
+    exact: dict
+    rounds: int
+
+
+def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapping[K, float]],
+                    pick: Callable[[dict[K, float]], Iterable[K]], *, calibration: int = DEFAULT_CALIBRATION,
+                    seed: int = 0) -> ScreenedValues:
+    """Solve on optimistic values, score what the solution picks, repeat until the solution is all exact.
+
+    Args:
+        screen: cheap value of every entry that is scored (entries absent from it are exact already, e.g. the
+            uncompressed layers that score 0).
+        rescore: the exact values of a list of entries (scores those not cached).
+        pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution.
+        calibration: entries of the better half of the screen scored exactly before the first solve.
+        seed: seed of the calibration sample.
+    """
+    exact: dict[K, float] = dict(rescore(calibration_sample(screen, calibration, seed))) if calibration else {}
+    rounds = 0
+    while True:
+        rounds += 1
+        values = envelope_lift(screen, exact)
+        new = [k for k in dict.fromkeys(pick(values)) if k in screen and k not in exact]
+        if not new:
+            return ScreenedValues(values, exact, rounds)
+        exact.update(rescore(new))
+
+
+def envelope_lift(screen: Mapping[K, float], exact: Mapping[K, float]) -> dict[K, float]:
+    """Optimistic values: exact where scored, else ``screen + lift(|screen|)``.
+
+    ``lift(x)`` is the smallest ``L0 + L1·x`` (``L0, L1 ≥ 0``) over the lines that lie above every scored entry's
+    under-rating ``(|screen|, exact − screen)``: the least concave non-decreasing majorant of those points. It is
+    scale-free (a large screening loss may be under-rated by more than a small one), 0 where the screen never
+    under-rated, and at least the largest under-rating seen for losses beyond every scored one. A two-variable LP,
+    so its optimum is a vertex: an upper-hull edge, the horizontal line through the highest point, or the line
+    through the origin and the steepest point.
+    """
+    if not exact:
+        return dict(screen)
+    points = sorted({(abs(screen[k]), v - screen[k]) for k, v in exact.items() if k in screen})
+    if not points:
+        return {k: exact.get(k, v) for k, v in screen.items()}
+    hull: list[tuple[float, float]] = []  # upper hull, left to right: every point lies on or below its edges
+    for p in points:
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) >= 0:
+            hull.pop()
+        hull.append(p)
+    lines = [(max(0.0, max(g for _, g in points)), 0.0)]
+    slope = max([0.0] + [g / a for a, g in points if a > 0])
+    # a point at |screen| = 0 above 0 rules the line through the origin out
+    if all(g <= slope * a + 1e-12 * (1.0 + abs(g)) for a, g in points):
+        lines.append((0.0, slope))
+    for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+        if x1 > x0:
+            m = (y1 - y0) / (x1 - x0)
+            c = y0 - m * x0
+            if c >= 0 and m >= 0:
+                lines.append((c, m))
+
+    def lift(x: float) -> float:
+        return min(c + m * x for c, m in lines)
+
+    return {k: exact[k] if k in exact else v + lift(abs(v)) for k, v in screen.items()}
+
+
+def calibration_sample(screen: Mapping[K, float], m: int, seed: int = 0) -> list[K]:
+    """``m`` entries drawn (seeded) from the better half of ``screen`` by value (ties broken by key order)."""
+    ranked = sorted(screen, key=lambda k: (-screen[k], repr(k)))
+    pool = ranked[: max(m, len(ranked) // 2)]
+    return sorted(random.Random(seed).sample(pool, min(m, len(pool))), key=repr)
+
+
+def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])

@@ -1,0 +1,182 @@
+"""Screened search: the optimistic lift, the loop that scores only what the plans need, and the pruner's face of
+it — on the real DP and on a trained network with real estimators."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from scipy.optimize import linprog
+from test_importance import trained  # noqa: F401 - the fixture
+
+from lm_plugin import ConfigurationError, LayerMergePruner
+from lm_plugin.solve import Entry, calibration_sample, envelope_lift, screened_values, solve
+from lm_plugin.tables.importance import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
+
+
+def _lift_at(screen, exact, x):
+    """The lift an unscored entry of screening value -x gets."""
+    probe = ("probe",)
+    return envelope_lift({**screen, probe: -x}, exact)[probe] + x
+
+
+def _lp(points, x):
+    """min L0 + L1·x  s.t.  L0 + L1·a >= g for every point, L0, L1 >= 0 (scipy's LP solver)."""
+    res = linprog([1.0, x], A_ub=[[-1.0, -a] for a, _ in points], b_ub=[-g for _, g in points],
+                  bounds=[(0, None), (0, None)], method="highs")
+    assert res.status == 0
+    return res.fun
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_lift_is_the_smallest_concave_nondecreasing_bound_of_the_gaps(seed):
+    rng = random.Random(seed)
+    screen = {(i,): -rng.choice([0.0, rng.uniform(0, 2), rng.uniform(0, 40)]) for i in range(60)}
+    scored = rng.sample(sorted(screen), 12)
+    exact = {k: screen[k] + rng.uniform(-3, 1) * (1 + abs(screen[k]) * rng.uniform(0, 0.6)) for k in scored}
+    points = [(abs(screen[k]), exact[k] - screen[k]) for k in scored]
+    values = envelope_lift(screen, exact)
+    assert all(values[k] == exact[k] for k in scored)  # exact where scored
+    grid = [0.0, 0.3, 1.0, 2.5, 7.0, 15.0, 39.0, 80.0]
+    lifts = [_lift_at(screen, exact, x) for x in grid]
+    for x, lift in zip(grid, lifts):
+        assert lift == pytest.approx(_lp(points, x), abs=1e-7)  # the LP optimum
+    assert all(b >= a - 1e-9 for a, b in zip(lifts, lifts[1:]))  # non-decreasing
+    for a, g in points:  # above every gap: an unscored twin of a scored entry is credited at least its value
+        assert _lift_at(screen, exact, a) >= g - 1e-9
+
+
+def test_no_scored_entry_means_no_lift_and_a_screen_that_never_under_rates_gets_none():
+    screen = {(0,): -1.0, (1,): -5.0}
+    assert envelope_lift(screen, {}) == screen
+    over_rated = envelope_lift(screen, {(0,): -2.0})  # the screen said -1, the truth is worse: no reason to lift
+    assert over_rated == {(0,): -2.0, (1,): -5.0}
+
+
+def _problem(seed, n_layers=14):
+    """Random DP entries on a chain of ``n_layers`` (every block with one subset), exact values and a screen."""
+    rng = random.Random(seed)
+    entries, exact = [], {}
+    for st in range(n_layers):
+        for end in range(st + 1, min(n_layers, st + 4) + 1):
+            key = (st, end)
+            kept = (end,) if end - st == 1 else tuple(sorted(rng.sample(range(st + 1, end + 1), rng.randint(1, 2))))
+            exact[key] = 0.0 if end - st == 1 else -rng.uniform(0, 10) * (end - st - 1)
+            entries.append(Entry(st, end, kept, rng.uniform(0.2, 1.0) * len(kept) + 0.1, exact[key], key))
+    scored = {k: v for k, v in exact.items() if k[1] - k[0] > 1}
+    return entries, exact, scored, rng
+
+
+def _pick(entries, n_layers, budget):
+    def pick(values):
+        items = [Entry(e.st, e.end, e.kept, e.latency_ms, values.get(e.key, 0.0), e.key) for e in entries]
+        return [e.key for e in solve(items, n_layers, budget, 0.01).entries]
+    return pick
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_where_the_lift_bounds_the_screens_errors_the_plan_is_the_optimum_and_fewer_entries_are_scored(seed):
+    entries, exact, scored, rng = _problem(seed)
+    screen = {k: v + rng.uniform(0, 3) for k, v in scored.items()}  # over-rates: the truth is never better
+    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    calls = []
+
+    def rescore(keys):
+        calls.append(list(keys))
+        return {k: scored[k] for k in keys}
+
+    found = screened_values(screen, rescore, pick, calibration=3, seed=seed)
+    optimum = pick(exact)
+    chosen = pick(found.values)
+    assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
+    assert sum(exact[k] for k in chosen) == pytest.approx(sum(exact[k] for k in optimum))
+    flat = [k for keys in calls for k in keys]
+    assert len(flat) == len(set(flat)) == len(found.exact) < len(scored)  # each entry once, not all of them
+    assert found.rounds <= len(scored) + 1
+
+
+def test_a_screen_that_under_rates_is_corrected_by_what_the_search_scores():
+    entries, exact, scored, rng = _problem(11)
+    screen = {k: v * rng.uniform(1.0, 1.8) - rng.uniform(0, 1) for k, v in scored.items()}  # pessimistic
+    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    found = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=4)
+    chosen = pick(found.values)
+    assert all(k in found.exact for k in chosen if k in scored)
+    gaps = [found.exact[k] - screen[k] for k in found.exact]
+    assert max(gaps) > 0  # it saw under-rated entries, and lifted the rest accordingly
+    unscored = [k for k in screen if k not in found.exact]
+    assert all(found.values[k] >= screen[k] for k in unscored)
+    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
+
+
+def test_the_calibration_sample_is_seeded_and_from_the_better_half():
+    screen = {(i,): -float(i) for i in range(40)}
+    a, b = calibration_sample(screen, 8, seed=3), calibration_sample(screen, 8, seed=3)
+    assert a == b and len(set(a)) == 8 and all(k[0] < 20 for k in a)
+    assert calibration_sample(screen, 8, seed=4) != a
+    assert len(calibration_sample(screen, 100)) == 40
+
+
+# ------------------------------------------------------------------------------------------ the pruner
+
+
+def _pruners(model, train, test, tmp_path, **screen):
+    def make(**extra):
+        return LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
+                                importance=ZeroShotImportance(eval_data=test), cache_dir=tmp_path, progress=False,
+                                **extra)
+    return make(screen=TailDistillImportance(train_data=train, eval_data=test, steps=1, eval_images=64), **screen), \
+        make()
+
+
+def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(trained, tmp_path):  # noqa: F811
+    model, train, test = trained
+    before = copy.deepcopy(model.state_dict())
+    screened, complete = _pruners(model, train, test, tmp_path, screen_calibration=1)
+    found = screened.search()
+    assert screened.scorer.evaluated == found.scored_entries < found.table_entries
+    table = complete.importance_table()  # shares the cache: only the entries the search did not score are run
+    assert table.evaluated == found.table_entries - found.scored_entries
+    keys = [e.key for e in found.solution.entries]
+    assert found.objective == pytest.approx(sum(table.values[k] for k in keys))  # exact values, not optimistic
+    assert found.objective <= complete.search().objective + 1e-9
+    assert complete.search().scored_entries is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
+
+
+def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(trained, tmp_path):  # noqa: F811
+    model, train, test = trained
+    pruner = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
+                              importance="zero_shot", train_data=train, eval_data=test, screen="tail_distill",
+                              cache_dir=tmp_path, progress=False)
+    settings = pruner.screen.settings()
+    assert all(settings[k] == v for k, v in SCREEN_SETTINGS["tail_distill"].items() if k in settings)
+    assert pruner.screen.steps == 5 and pruner.screen.eval_images == 250
+    assert pruner.screen.train_data is train and pruner.screen.eval_data is test
+    custom = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
+                              importance="zero_shot", train_data=train, eval_data=test, screen="tail_distill",
+                              screen_settings={"steps": 2}, cache_dir=tmp_path, progress=False)
+    assert custom.screen.steps == 2 and custom.screen.eval_images == 250
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"screen_settings": {"steps": 2}}, "screen_settings without a screen"),
+    ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
+    ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
+    ({"screen": "no_such_estimator"}, "unknown importance estimator"),
+])
+def test_bad_screen_configurations_say_what_to_do(trained, kwargs, match):  # noqa: F811
+    model, train, test = trained
+    with pytest.raises(ConfigurationError, match=match):
+        LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs", train_data=train,
+                         eval_data=test, cache_dir=None, progress=False, **kwargs)
+
+
+def test_screen_table_without_a_screen_is_an_error(trained):  # noqa: F811
+    model, _, test = trained
+    pruner = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
+                              importance=ZeroShotImportance(eval_data=test), cache_dir=None, progress=False)
+    with pytest.raises(ConfigurationError, match="no screen"):
+        pruner.screen_table()
