@@ -180,3 +180,29 @@ def test_screen_table_without_a_screen_is_an_error(trained):  # noqa: F811
                               importance=ZeroShotImportance(eval_data=test), cache_dir=None, progress=False)
     with pytest.raises(ConfigurationError, match="no screen"):
         pruner.screen_table()
+
+
+def test_a_screened_search_on_torchvision_resnet18_is_exact_where_it_matters(tmp_path):
+    """A zoo network: the plan's objective is the complete table's, never an optimistic value."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import ToTensor
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    data = DataLoader(torchvision.datasets.FakeData(48, (3, 16, 16), 10, transform=ToTensor(), random_offset=0),
+                      batch_size=16)
+
+    def make(**extra):
+        return LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 3, 16, 16), backend="macs",
+                                importance=ZeroShotImportance(eval_data=data), cache_dir=tmp_path, progress=False,
+                                **extra)
+
+    screened = make(screen=ZeroShotImportance(eval_data=data, eval_images=16), screen_calibration=4)
+    complete = make()
+    found, best = screened.search(), complete.search()
+    table = complete.importance_table().values
+    assert found.objective == pytest.approx(sum(table[e.key] for e in found.solution.entries))
+    assert found.objective <= best.objective + 1e-9
+    assert found.scored_entries < found.table_entries
+    assert found.predicted_ms <= found.budget_ms
