@@ -305,9 +305,10 @@ def inspect_model(
         construction: untraceable, no chain ...) gives a report with ``refused=True`` and the reason.
 
     Raises:
-        ConfigurationError, ArgumentTypeError: bad arguments (the caller's mistake, not a refusal).
-        Any exception that is not a ``LayerMergeError`` (a bug, or the model failing on its inputs in a way
-        the tracer does not catch).
+        ConfigurationError: bad arguments (the caller's mistake, not a refusal).
+        ArgumentTypeError: arguments of the wrong type (also the caller's mistake).
+        Exception: anything that is not a ``LayerMergeError`` is raised as it is (a bug, or the model failing on
+            its inputs in a way the tracer does not catch).
     """
     from .pruner import LayerMergePruner  # late: keeps `import lm_plugin.inspect` light
 

@@ -345,7 +345,10 @@ class LayerMergePruner:
         """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
 
         Builds (or loads) the latency and importance tables, then solves the DP. Nothing is stored on the
-        pruner: solving again at another budget is cheap (the tables are built once).
+        pruner: solving again at another budget is cheap (the tables are built once). With a ``screen``, it builds
+        the screen's table instead and scores with the importance estimator only the entries the plans need
+        (:func:`~lm_plugin.solve.screen.screened_values`); another budget may need a few more, and entries already
+        scored come from the cache. ``scored_entries`` on the result says how many this budget used.
 
         Returns:
             The plan with its predicted latency and objective (:class:`SearchResult`).
