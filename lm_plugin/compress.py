@@ -84,6 +84,8 @@ class CompressionResult:
             (rounding of the merged kernels, ~1e-7).
         seconds: Wall-clock seconds of each stage.
         latency_settings: The profiler's signature (backend, device, threads, batch, torch version).
+        screen: With a screened search: the screen's settings and the entries scored with the importance
+            estimator (``{"estimator": {...}, "scored_entries": n, "table_entries": m}``); empty otherwise.
     """
 
     plan: Plan
@@ -100,6 +102,7 @@ class CompressionResult:
     float32_deviation: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
     latency_settings: dict[str, Any] = field(default_factory=dict)
+    screen: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -134,6 +137,7 @@ class CompressionResult:
             "exact": self.exact,
             "seconds": self.seconds,
             "latency_settings": self.latency_settings,
+            "screen": self.screen,
         }
 
     def rows(self, accuracy_split: str = "test") -> list[tuple[str, str, str]]:
@@ -239,7 +243,10 @@ def compress(
     found = pruner.search(target)
     plan = found.plan
     seconds["solve"] = time.perf_counter() - start
-    if found.scored_entries is not None:
+    screen: dict[str, Any] = {}
+    if found.scored_entries is not None and pruner.screen is not None:
+        screen = {"estimator": dict(pruner.screen.settings()), "scored_entries": found.scored_entries,
+                  "table_entries": found.table_entries}
         say(f"screened search: {found.scored_entries} of {found.table_entries} entries scored with "
             f"{pruner.estimator.name}")
     say(plan.summary(pruner.chain))
@@ -286,7 +293,7 @@ def compress(
         predicted_ms={"original": found.original_ms, "compressed": found.predicted_ms}, measured_ms=measured,
         runtime_ms=runtime_ms,
         accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
-        latency_settings=dict(pruner.profiler.signature()))
+        latency_settings=dict(pruner.profiler.signature()), screen=screen)
 
 
 

@@ -106,6 +106,19 @@ def test_solve_and_profile_from_a_yaml_config_reuse_the_cached_tables(compressed
     assert table["original_ms"] == pytest.approx(report["predicted_ms"]["original"])
 
 
+def test_compress_with_a_screen_reports_what_it_scored(compressed, env):
+    out = env / "screened_run"
+    code = main(["compress", "--model", "lm_plugin:digits_resnet", "--train", "--budget", "0.6", *FAST,
+                 "--importance", "tail_distill", "--importance-steps", "2", "--screen", "zero_shot",
+                 "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["screen"]["estimator"]["estimator"] == "zero_shot"
+    assert 0 < report["screen"]["scored_entries"] < report["screen"]["table_entries"]
+    assert "screened search with `zero_shot`" in (out / "report.md").read_text()
+    assert report["exact"]
+
+
 def test_solve_with_a_screen_scores_part_of_the_table(compressed, env, capsys):
     code = main(["solve", "--model", "lm_plugin:digits_resnet", "--train", "--budget", "0.6", "--data", "digits",
                  "--backend", "macs", "--batch-size", "16", "--no-progress",

@@ -132,7 +132,10 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
               f"batch {lat.get('batch_size')}, {lat.get('dtype')}, torch {lat.get('torch')}; original = the "
               "uncompressed network with BN folded; both measured side by side in interleaved rounds (medians).",
               f"- Importance: `{report['importance'].get('estimator')}` "
-              f"({', '.join(f'{k}={v}' for k, v in report['importance'].items() if k != 'estimator')}).",
+              f"({', '.join(f'{k}={v}' for k, v in report['importance'].items() if k != 'estimator')})"
+              + (f"; screened search with `{report['screen']['estimator'].get('estimator')}`: "
+                 f"{report['screen']['scored_entries']} of {report['screen']['table_entries']} entries scored"
+                 if report.get("screen") else "") + ".",
               f"- Chain: {report['chain']['convs']} convs, {report['chain']['candidates']} candidate blocks, "
               f"mode `{report['chain']['mode']}`, max kernel {report['chain']['max_kernel']}.",
               "- Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + ".", "",
