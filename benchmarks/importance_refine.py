@@ -73,8 +73,7 @@ def main() -> None:
     cheap, exact = screen.importance_table(), reference.importance_table()
     if cheap.evaluated or exact.evaluated:
         print(f"note: {cheap.evaluated + exact.evaluated} entries were not cached and were scored now")
-    # every entry but the uncompressed single convs (which score 0 in both tables)
-    scored = {c.key for c in screen.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))}
+    scored = set(screen.scorer.scored)  # every entry but the uncompressed single convs (0 in both tables)
     s = {k: cheap.values[k] for k in scored}
     d = {k: exact.values[k] for k in scored}
 

@@ -37,14 +37,11 @@ from tqdm import tqdm
 
 from lm_plugin import InfeasibleBudgetError, LayerMergePruner
 from lm_plugin.tables.importance import (
-    ImportanceCache,
     ImportanceTable,
     LocalImportance,
     TailDistillImportance,
-    _cache_path,
     _weights_id,
     single_block_plan,
-    table_signature,
 )
 from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
@@ -170,17 +167,12 @@ def _per_image(logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tenso
 
 def _stored_table(pruner: LayerMergePruner) -> dict[str, float] | None:
     """distill's table if the cache holds all of it (never builds it here: that takes hours)."""
-    signature = table_signature(pruner.graph_module, pruner.chain, pruner.estimator, pruner.rewrite)
-    path = _cache_path(pruner.cache_dir, signature)
-    if path is None or not path.is_file():
+    scorer = pruner.scorer
+    if scorer.missing():
+        print(f"distill's table in {scorer.path} is not complete; not compared")
         return None
-    scored = [c.key for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
-    with ImportanceCache(path, signature) as cache:
-        if not all(list(k) in cache for k in scored):
-            print(f"distill's table in {path} is not complete; not compared")
-            return None
     values = pruner.importance_table().values
-    return {str(k): values[k] for k in scored}
+    return {str(k): values[k] for k in scorer.scored}
 
 
 def _finetune_reference(model: str, weights: str) -> dict[str, float] | None:

@@ -243,10 +243,8 @@ def compress(
     found = pruner.search(target)
     plan = found.plan
     seconds["solve"] = time.perf_counter() - start
-    screen: dict[str, Any] = {}
-    if found.scored_entries is not None and pruner.screen is not None:
-        screen = {"estimator": dict(pruner.screen.settings()), "scored_entries": found.scored_entries,
-                  "table_entries": found.table_entries}
+    screen = pruner.screen_summary(found)
+    if screen:
         say(f"screened search: {found.scored_entries} of {found.table_entries} entries scored with "
             f"{pruner.estimator.name}")
     say(plan.summary(pruner.chain))

@@ -386,6 +386,15 @@ class LayerMergePruner:
         return SearchResult(plan, target, budget_ms, lat.predict(plan), lat.original_ms, solution.objective,
                             solution, scored, len(self.scorer.scored))
 
+    def screen_summary(self, found: SearchResult) -> dict[str, Any]:
+        """What a screened search did, for reports: the screen's settings and the entries scored with the
+        importance estimator (``{"estimator": {...}, "scored_entries": n, "table_entries": m}``); ``{}`` for a
+        search on the complete table."""
+        if found.scored_entries is None or self.screen is None:
+            return {}
+        return {"estimator": dict(self.screen.settings()), "scored_entries": found.scored_entries,
+                "table_entries": found.table_entries}
+
     def _screened(self, solve_on: Callable[[dict[tuple, float] | None], Solution]) -> ScreenedValues:
         """Optimistic values from the screen, exact where the plans need them (:func:`screened_values`)."""
         cheap = self.screen_table().values

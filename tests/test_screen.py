@@ -137,6 +137,7 @@ def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(traine
     screened, complete = _pruners(model, train, test, tmp_path, screen_calibration=1)
     found = screened.search()
     assert screened.scorer.evaluated == found.scored_entries < found.table_entries
+    assert len(complete.scorer.missing()) == found.table_entries - found.scored_entries
     table = complete.importance_table()  # shares the cache: only the entries the search did not score are run
     assert table.evaluated == found.table_entries - found.scored_entries
     keys = [e.key for e in found.solution.entries]

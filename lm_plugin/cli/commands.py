@@ -259,9 +259,9 @@ def run_solve(opts: Options) -> int:
                   "predicted_ms": {"original": pruner.latency_model().original_ms, "compressed": predicted},
                   "estimated_accuracy_change": objective, "plan": plan.to_dict(),
                   "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in frontier]}
-        if found.scored_entries is not None:
-            report["screen"] = {"estimator": pruner.screen.settings(), "scored_entries": found.scored_entries,
-                                "table_entries": found.table_entries}
+        screen = pruner.screen_summary(found)
+        if screen:
+            report["screen"] = screen
         (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(plan.summary(pruner.chain))
     print(f"\npredicted {predicted:.3f} ms vs original {report['predicted_ms']['original']:.3f} ms; estimated "

@@ -713,6 +713,14 @@ class ImportanceScorer:
                 self._values.update(zip(order, found))
         return {k: self._values.get(k, 0.0) for k in keys}
 
+    def missing(self) -> list[tuple]:
+        """The scored entries neither this scorer nor the cache holds yet (what building the table would run)."""
+        todo = [k for k in self.scored if k not in self._values]
+        if not todo or self.path is None or not self.path.is_file():
+            return todo
+        with ImportanceCache(self.path, self.signature) as cache:
+            return [k for k in todo if list(k) not in cache]
+
     @property
     def base_metric(self) -> float:
         """The original network's metric (scored once, then cached)."""
