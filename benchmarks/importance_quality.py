@@ -23,6 +23,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,6 +53,28 @@ def _save(out: Path, saved: dict, runs: dict[str, float]) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
+
+
+def finetuned(model: str, pruner: LayerMergePruner, plan: Plan, seeds: list[int], splits: Any,
+              label: str = "") -> list[float]:
+    """Test accuracy of ``plan`` fine-tuned with the workload recipe, per seed; runs are shared with
+    :func:`main` through ``importance_quality_<model>.json`` (keyed by plan id and seed; signed by the weights)."""
+    out = RESULTS / f"importance_quality_{model}.json"
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    weights = _weights_id(pruner.model)
+    runs = saved.get("runs", {}) if saved.get("weights") == weights else {}
+    saved = saved if saved.get("weights") == weights else {"weights": weights}
+    pid, accuracies = plan_id(plan), []
+    for seed in seeds:
+        key = f"{pid}/{seed}"
+        if key not in runs:
+            trainable = pruner.apply(plan)
+            fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
+            runs[key] = evaluate(pruner.merge(trainable.eval()), splits.test)
+            _save(out, saved, runs)
+        accuracies.append(runs[key])
+        print(f"{model} {label} plan {pid} seed {seed}: {runs[key]:.2f} %", flush=True)
+    return accuracies
 
 
 def parse_settings(specs: list[str]) -> dict[str, dict[str, int | float]]:
@@ -116,16 +139,8 @@ def main() -> None:
                 rows.append({"budget": budget, "estimator": name, "infeasible": str(exc)})
                 continue
             pid = plan_id(found.plan)
-            accuracies = []
-            for seed in args.seeds:
-                key = f"{pid}/{seed}"
-                if key not in runs:
-                    trainable = pruner.apply(found.plan)
-                    fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
-                    runs[key] = evaluate(pruner.merge(trainable.eval()), splits.test)
-                    _save(out, saved, runs)
-                accuracies.append(runs[key])
-                print(f"{args.model} {budget} {name} plan {pid} seed {seed}: {runs[key]:.2f} %", flush=True)
+            accuracies = finetuned(args.model, pruner, found.plan, args.seeds, splits, f"{budget} {name}")
+            runs = json.loads(out.read_text())["runs"] if out.is_file() else runs
             rows.append({"budget": budget, "estimator": name, "settings": settings.get(name, {}), "plan": pid,
                          "plan_dict": found.plan.to_dict(),
                          "predicted_speedup": found.original_ms / found.predicted_ms, "accuracies": accuracies,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from importance_quality import plan_id
+from importance_quality import finetuned, parse_settings, plan_id
 
 from lm_plugin import LayerMergePruner
 from lm_plugin.workloads.data import data_splits
@@ -39,40 +40,72 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     ap.add_argument("--cache-dir", default="benchmarks/cache", help="latency table, complete distill table")
+    ap.add_argument("--set", default="", metavar="distill:KEY=VALUE,...",
+                    help="settings of the exact estimator (default: the workload's distill, 10 steps), e.g. "
+                         "distill:fit_batch_size=32,eval_images=250; its cost is then compared with entries of "
+                         "the workload's distill timed in the same run (--reference-entries)")
+    ap.add_argument("--reference-entries", type=int, default=12,
+                    help="with --set: a seeded sample of entries scored with the workload's distill, timed "
+                         "between the searches (the cost the complete table is estimated from)")
+    ap.add_argument("--calibration", type=int, default=None, help="screen_calibration (default: the library's)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[],
+                    help="fine-tune each plan with the workload recipe over these seeds (runs shared with "
+                         "importance_quality.py)")
     args = ap.parse_args()
+    exact = parse_settings([args.set]).get("distill", {}) if args.set else {}
     torch.set_num_threads(1)
     splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
     base = trained(args.model, progress=False)
     example = torch.randn(64, *splits.input_shape)
 
-    def pruner(cache: str | Path, **screen) -> LayerMergePruner:
+    def pruner(cache: str | Path, settings: dict | None = None, **screen) -> LayerMergePruner:
         return LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance="distill",
-                                train_data=splits.train, eval_data=splits.val, importance_settings={"steps": 10},
+                                train_data=splits.train, eval_data=splits.val,
+                                importance_settings={"steps": 10, **(settings or {})},
                                 cache_dir=cache, progress=False, **screen)
+
+    def timed(scorer, times: list[float]):
+        score_one = scorer._score_one
+
+        def timing(key: list) -> float:
+            t = time.perf_counter()
+            value = score_one(key)
+            times.append(time.perf_counter() - t)
+            return value
+        return timing
 
     reference = pruner(args.cache_dir)
     cold = Path(tempfile.mkdtemp(prefix="screened-"))
+    reference_s: list[float] = []  # the workload's distill, timed in this run (with --set)
     try:
         for f in Path(args.cache_dir).glob("latency-*.sqlite"):
             shutil.copy(f, cold / f.name)
-        screened = pruner(cold, screen="tail_distill")
+        calibration = {} if args.calibration is None else {"screen_calibration": args.calibration}
+        screened = pruner(cold, exact, screen="tail_distill", **calibration)
+        sample: list[list] = []
+        if exact:
+            cold_reference = pruner(cold)  # a cold table of its own: every sampled entry is computed
+            reference_one = timed(cold_reference.scorer, reference_s)
+            sample = [list(k) for k in random.Random(0).sample(sorted(cold_reference.scorer.scored),
+                                                               args.reference_entries)]
+            chunk = -(-len(sample) // (len(args.budgets) + 1))
+
+            def reference_chunk() -> None:  # between the searches, so both are timed under the same load
+                for key in sample[:chunk]:
+                    reference_one(key)
+                del sample[:chunk]
+            reference_chunk()
         screened.latency_model()
         start = time.perf_counter()
         screened.screen_table()
         screen_s = time.perf_counter() - start
         entry_s: list[float] = []
-        timed = screened.scorer._score_one
-
-        def timing(key: list) -> float:
-            t = time.perf_counter()
-            value = timed(key)
-            entry_s.append(time.perf_counter() - t)
-            return value
-
-        screened.scorer._score_one = timing  # type: ignore[method-assign]  # this instance only
+        screened.scorer._score_one = timed(screened.scorer, entry_s)  # type: ignore[method-assign]
         rows = []
         complete = not reference.scorer.missing()  # never built here: that takes hours
         for budget in args.budgets:
+            if sample:
+                reference_chunk()
             before, start = len(entry_s), time.perf_counter()
             found = screened.search(budget)
             row = {"budget": budget, "seconds": time.perf_counter() - start, "scored_entries": found.scored_entries,
@@ -86,30 +119,43 @@ def main() -> None:
             rows.append(row)
             print(f"budget {budget}: {row['new_entries']} new distill entries, {time.perf_counter() - start:.0f} s",
                   flush=True)
+        if sample:
+            reference_chunk()
+        for row, budget in zip(rows, args.budgets):
+            if args.seeds:
+                found = screened.search(budget)  # all cached now
+                accuracies = finetuned(args.model, screened, found.plan, args.seeds, splits, f"{budget} screened")
+                row.update(accuracies=accuracies, mean=statistics.mean(accuracies),
+                           std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0)
     finally:
         shutil.rmtree(cold, ignore_errors=True)
     mean_entry = statistics.mean(entry_s)
-    table_s = mean_entry * rows[0]["table_entries"]
+    mean_reference = statistics.mean(reference_s) if reference_s else mean_entry
+    table_s = mean_reference * rows[0]["table_entries"]
     rescoring = 0.0
     for row in rows:
         rescoring += row["seconds"]
         row["cost_fraction_cumulative"] = (screen_s + rescoring) / table_s
         row["cost_fraction_alone"] = (screen_s + row["scored_entries"] * mean_entry) / table_s
-    result = {"model": args.model, "screen_s": screen_s, "distill_entry_s_mean": mean_entry,
-              "distill_entry_s_median": statistics.median(entry_s), "distill_entries_timed": len(entry_s),
+    result = {"model": args.model, "exact_settings": screened.estimator.settings() | {"train": None, "eval": None},
+              "screen_s": screen_s, "exact_entry_s_mean": mean_entry,
+              "exact_entry_s_median": statistics.median(entry_s), "exact_entries_timed": len(entry_s),
+              "distill_entry_s_mean": mean_reference, "distill_entries_timed": len(reference_s) or len(entry_s),
               "complete_table_s_estimate": table_s, "rows": rows,
-              "screen": screened.screen.settings(), "machine": platform.processor() or platform.machine(),
-              "threads": 1, "torch": torch.__version__}
-    out = RESULTS / f"screened_search_{args.model}.json"
+              "screen": screened.screen.settings(), "calibration": screened.screen_calibration,
+              "machine": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__}
+    suffix = "".join(f"_{k}{v}" for k, v in sorted(exact.items()))
+    suffix += "" if args.calibration is None else f"_calibration{args.calibration}"
+    out = RESULTS / f"screened_search_{args.model}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"\n{args.model}: screen table {screen_s:.0f} s; distill {mean_entry:.2f} s per entry (mean of "
-          f"{len(entry_s)}), complete table ~{table_s / 60:.0f} min")
+    print(f"\n{args.model}: screen table {screen_s:.0f} s; exact {mean_entry:.2f} s per entry (mean of "
+          f"{len(entry_s)}); distill {mean_reference:.2f} s per entry, complete table ~{table_s / 60:.0f} min")
     print(f"{'budget':>6} {'scored':>6} {'new':>4} {'alone':>6} {'sweep':>6} {'objective':>9} {'distill':>8} same plan")
     for r in rows:
         print(f"{r['budget']:>6} {r['scored_entries']:>6} {r['new_entries']:>4} {r['cost_fraction_alone']:>6.3f} "
               f"{r['cost_fraction_cumulative']:>6.3f} {r['objective']:>9.2f} {r.get('distill_objective', 0):>8.2f} "
-              f"{r.get('same_plan', '')}")
+              f"{r.get('same_plan', '')}" + (f"  fine-tuned {r['mean']:.2f} ± {r['std']:.2f}" if "mean" in r else ""))
     print(f"wrote {out}")
 
 

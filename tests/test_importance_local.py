@@ -257,13 +257,13 @@ class FirstImages:
             left -= len(y[:left])
 
 
-@pytest.mark.parametrize("name", ["zero_shot", "tail_distill"])
+@pytest.mark.parametrize("name", ["zero_shot", "tail_distill", "distill"])
 def test_scoring_on_the_first_images_is_scoring_a_loader_of_those_images(digits_model, name):
     model, train, test = digits_model
     pruner = _pruner(model, (1, 1, 8, 8))
     args = (pruner.graph_module, pruner.chain, pruner.candidates)
     n = 300  # not a multiple of the loader's 256-image batches: the second batch is cut
-    settings = {"steps": 3, "train_data": train} if name == "tail_distill" else {}
+    settings = {"steps": 3, "train_data": train} if name != "zero_shot" else {}
 
     def table(**kwargs):
         return build_importance_table(*args, make_estimator(name, **settings, **kwargs), progress=False)
@@ -273,6 +273,43 @@ def test_scoring_on_the_first_images_is_scoring_a_loader_of_those_images(digits_
     assert cut.estimator["eval_images"] == n and "eval_images" not in by_hand.estimator
     everything = table(eval_data=test)
     assert everything.values != cut.values  # the images left out change scores: the option is not a no-op
+
+
+class Slices:
+    """A training loader whose batches are cut by hand into ``size``-image slices: what ``fit_batch_size`` must
+    train on (the loader's own shuffling generator is the one :meth:`same_batches` re-seeds)."""
+
+    def __init__(self, loader, size):
+        self.loader, self.size = loader, size
+        self.generator = getattr(loader, "generator", None)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            for i in range(0, len(y), self.size):
+                yield x[i:i + self.size], y[i:i + self.size]
+
+
+@pytest.mark.parametrize("name", ["distill", "finetune"])
+def test_training_steps_of_fit_batch_size_images_are_slices_of_the_loaders_batches(digits_model, name):
+    model, train, test = digits_model
+    pruner = _pruner(model, (1, 1, 8, 8))
+    args = (pruner.graph_module, pruner.chain, pruner.candidates)
+    size = 48  # not a divisor of the loader's batches: each batch ends with a shorter slice
+
+    def table(**kwargs):
+        return build_importance_table(*args, make_estimator(name, steps=4, eval_data=test, **kwargs), progress=False)
+
+    sliced, by_hand = table(train_data=train, fit_batch_size=size), table(train_data=Slices(train, size))
+    assert sliced.values == by_hand.values
+    assert sliced.estimator["fit_batch_size"] == size and "fit_batch_size" not in table(train_data=train).estimator
+    assert table(train_data=train).values != sliced.values  # smaller steps change the scores
+    with pytest.raises(ConfigurationError, match="fit_batch_size"):
+        table(train_data=train, fit_batch_size=0)
+
+
+def test_zero_shot_fits_nothing_so_its_signature_has_no_fit_batch_size(digits_model):
+    _, _, test = digits_model
+    assert "fit_batch_size" not in ZeroShotImportance(eval_data=test).settings()
 
 
 def test_eval_images_must_be_a_positive_count(digits_model):

@@ -85,6 +85,10 @@ class ImportanceEstimator:
         seed: seed of every per-entry run, so entries are comparable.
         device: where to train and evaluate.
         loss_fn: task loss ``loss_fn(outputs, targets)`` for training (default: cross-entropy).
+        fit_batch_size: images per training step: ``train_data``'s batches are cut into slices of this many
+            (``None``: the batches as they come). A step's cost is proportional to it.
+        eval_images: score on the first this many images of ``eval_data`` (``None``: all of them). A scoring
+            pass's cost is proportional to it.
     """
 
     train_data: Iterable[Any] | None = None
@@ -95,6 +99,8 @@ class ImportanceEstimator:
     seed: int = 0
     device: str | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    fit_batch_size: int | None = None
+    eval_images: int | None = None
 
     name = "base"
 
@@ -134,15 +140,51 @@ class ImportanceEstimator:
     def score(self, model: nn.Module) -> float:
         if self.eval_data is None:
             raise ConfigurationError(f"the {self.name} importance estimator needs eval_data (a DataLoader)")
-        return evaluate(model, self.eval_data, self.metric, device=self.device)
+        if self.eval_images is None:
+            return evaluate(model, self.eval_data, self.metric, device=self.device)
+        # the images the entries are scored on, or every entry would differ from the base by the other images
+        return evaluate(model, _first_images([split_batch(b) for b in self.eval_data], self.eval_images),
+                        self.metric, device=self.device)
+
+    def training_batches(self) -> Iterable[Any]:
+        """``train_data`` in steps of :attr:`fit_batch_size` images (what :meth:`adapt` trains on)."""
+        if self.train_data is None:
+            raise ConfigurationError(f"the {self.name} importance estimator needs train_data (a DataLoader)")
+        if self.fit_batch_size is None:
+            return self.train_data
+        return _Sliced(self.train_data, _positive("fit_batch_size", self.fit_batch_size))
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a score (part of the cache signature)."""
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "custom")
         loss = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
+        # optional settings are absent at their default, so tables built before they existed stay valid
+        optional = {k: v for k, v in (("fit_batch_size", self.fit_batch_size), ("eval_images", self.eval_images))
+                    if v is not None}
         return {"estimator": self.name, "metric": metric, "loss": loss, "steps": self.steps,
                 "max_lr": self.max_lr, "seed": self.seed, "train": _data_id(self.train_data),
-                "eval": _data_id(self.eval_data), "batches": "same for every entry"}
+                "eval": _data_id(self.eval_data), "batches": "same for every entry", **optional}
+
+
+class _Sliced:
+    """A loader's batches cut into slices of ``size`` images, re-iterable (one pass per iteration)."""
+
+    def __init__(self, loader: Iterable[Any], size: int) -> None:
+        self.loader, self.size = loader, size
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for batch in self.loader:
+            inputs, targets = split_batch(batch)
+            for start in range(0, len(targets), self.size):
+                part = slice(start, start + self.size)
+                yield (tuple(x[part] for x in inputs) if isinstance(inputs, (tuple, list)) else inputs[part],
+                       targets[part])
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive number of images or None, got {value!r}")
+    return value
 
 
 @dataclass
@@ -274,18 +316,7 @@ class LocalImportance(ImportanceEstimator):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "fit": "block to the original's position value, Adam, cosine",
                 "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
-                "recalibrate": self.recalibrate, **self._eval_setting()}
-
-    def score(self, model: nn.Module) -> float:
-        if self.eval_images is None or self.eval_data is None:
-            return super().score(model)
-        # the images the entries are scored on, or every entry would differ from the base by the other images
-        return evaluate(model, _first_images([split_batch(b) for b in self.eval_data], self.eval_images),
-                        self.metric, device=self.device)
-
-    def _eval_setting(self) -> dict[str, Any]:
-        # absent when every image is scored, so tables built before the option existed stay valid
-        return {} if self.eval_images is None else {"eval_images": self.eval_images}
+                "recalibrate": self.recalibrate}
 
 
 @dataclass
@@ -343,9 +374,7 @@ def _first_images(batches: list[tuple[Any, Any]], limit: int | None) -> list[tup
     """The ``(inputs, targets)`` batches cut to their first ``limit`` images (all if ``None``)."""
     if limit is None:
         return batches
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigurationError(f"eval_images must be a positive number of images or None, got {limit!r}")
-    out, left = [], limit
+    out, left = [], _positive("eval_images", limit)
     for inputs, targets in batches:
         if left <= 0:
             break
@@ -419,8 +448,9 @@ class ZeroShotImportance(LocalImportance):
     name = "zero_shot"
 
     def settings(self) -> dict[str, Any]:
-        return {**ImportanceEstimator.settings(self), "steps": 0, "max_lr": 0.0, "train": None,
-                **self._eval_setting()}
+        fitted = ImportanceEstimator.settings(self)
+        del fitted["fit_batch_size"]  # nothing is fitted
+        return {**fitted, "steps": 0, "max_lr": 0.0, "train": None}
 
 
 @dataclass
@@ -521,7 +551,7 @@ class TailDistillImportance(LocalImportance):
         return {**ImportanceEstimator.settings(self),
                 "fit": "block and what follows, KD to the original's logits, SGD OneCycle",
                 "fit_batches": self.fit_batches, "fit_batch_size": self.fit_batch_size,
-                "temperature": self.temperature, "recalibrate": self.recalibrate, **self._eval_setting()}
+                "temperature": self.temperature, "recalibrate": self.recalibrate}
 
 
 @dataclass
@@ -532,10 +562,8 @@ class FinetuneImportance(ImportanceEstimator):
     name = "finetune"
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
-        if self.train_data is None:
-            raise ConfigurationError("the finetune importance estimator needs train_data (a DataLoader)")
         with self.same_batches():
-            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
+            fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
                 device=self.device, progress=False, seed=self.seed)
 
 
@@ -549,12 +577,10 @@ class DistillImportance(ImportanceEstimator):
     _teacher: MemoTeacher | None = field(default=None, init=False, repr=False, compare=False)
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
-        if self.train_data is None:
-            raise ConfigurationError("the distill importance estimator needs train_data (a DataLoader)")
         if self._teacher is None or self._teacher.teacher is not original:  # a new table, a new memory
             self._teacher = MemoTeacher(original, capacity=2 * self.steps)
         with self.same_batches():
-            fit(model, self.train_data, steps=self.steps, max_lr=self.max_lr, teacher=self._teacher,
+            fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, teacher=self._teacher,
                 distill_alpha=1.0, temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
 
     def settings(self) -> dict[str, Any]:
