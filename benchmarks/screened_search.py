@@ -48,6 +48,7 @@ def main() -> None:
                     help="with --set: a seeded sample of entries scored with the workload's distill, timed "
                          "between the searches (the cost the complete table is estimated from)")
     ap.add_argument("--calibration", type=int, default=None, help="screen_calibration (default: the library's)")
+    ap.add_argument("--lift", default="envelope", help="screen_lift: envelope (the library's default) or none")
     ap.add_argument("--seeds", type=int, nargs="*", default=[],
                     help="fine-tune each plan with the workload recipe over these seeds (runs shared with "
                          "importance_quality.py)")
@@ -81,6 +82,7 @@ def main() -> None:
         for f in Path(args.cache_dir).glob("latency-*.sqlite"):
             shutil.copy(f, cold / f.name)
         calibration = {} if args.calibration is None else {"screen_calibration": args.calibration}
+        calibration["screen_lift"] = args.lift
         screened = pruner(cold, exact, screen="tail_distill", **calibration)
         sample: list[list] = []
         if exact:
@@ -143,9 +145,11 @@ def main() -> None:
               "distill_entry_s_mean": mean_reference, "distill_entries_timed": len(reference_s) or len(entry_s),
               "complete_table_s_estimate": table_s, "rows": rows,
               "screen": screened.screen.settings(), "calibration": screened.screen_calibration,
+              "lift": screened.screen_lift,
               "machine": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__}
     suffix = "".join(f"_{k}{v}" for k, v in sorted(exact.items()))
     suffix += "" if args.calibration is None else f"_calibration{args.calibration}"
+    suffix += "" if args.lift == "envelope" else f"_lift{args.lift}"
     out = RESULTS / f"screened_search_{args.model}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -27,6 +27,7 @@ from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import (
     DEFAULT_CALIBRATION,
+    LIFTS,
     Entry,
     InfeasibleBudgetError,
     ScreenedValues,
@@ -137,8 +138,13 @@ class LayerMergePruner:
             settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless ``screen_settings`` says
             otherwise. With a name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
+        screen_lift: how a screened search values the entries it has not scored: ``"envelope"`` (default: the
+            screen plus a learned bound on how far it under-rates; finds the complete table's plan when the bound
+            holds) or ``"none"`` (the screen as it is; only the plans' entries are re-scored, 3-5x fewer entries;
+            see docs/selection.md for how its plans compare).
         screen_calibration: entries scored with ``importance`` before the first screened solve (a seeded
-            sample of the better half of the screen) to learn how far the screen under-rates entries.
+            sample of the better half of the screen) to learn how far the screen under-rates entries (default:
+            8 with the ``"envelope"`` lift, 0 with ``"none"``, which learns nothing from them).
 
     Raises:
         ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
@@ -173,7 +179,8 @@ class LayerMergePruner:
         importance_settings: dict[str, Any] | None = None,
         screen: str | ImportanceEstimator | None = None,
         screen_settings: dict[str, Any] | None = None,
-        screen_calibration: int = DEFAULT_CALIBRATION,
+        screen_lift: str = "envelope",
+        screen_calibration: int | None = None,
         resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
@@ -187,6 +194,10 @@ class LayerMergePruner:
         _one_way("screen", screen, ImportanceEstimator, screen_settings=screen_settings)
         if screen is None and screen_settings is not None:
             raise ConfigurationError("screen_settings without a screen: pass screen='tail_distill' (say) as well")
+        if screen_lift not in LIFTS:
+            raise ConfigurationError(f"screen_lift must be one of {sorted(LIFTS)}, got {screen_lift!r}")
+        if screen_calibration is None:
+            screen_calibration = DEFAULT_CALIBRATION if screen_lift == "envelope" else 0
         if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
             raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
@@ -223,6 +234,7 @@ class LayerMergePruner:
             options = {**SCREEN_SETTINGS.get(screen, {}), **(screen_settings or {})} if isinstance(screen, str) else {}
             self.screen = make_estimator(screen, train_data=self.train_data,
                                          eval_data=getattr(self.estimator, "eval_data", None), **options)
+        self.screen_lift = screen_lift
         self.screen_calibration = screen_calibration
         if not 0 < resolution < 1:
             raise ConfigurationError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
@@ -392,7 +404,8 @@ class LayerMergePruner:
         search on the complete table."""
         if found.scored_entries is None or self.screen is None:
             return {}
-        return {"estimator": dict(self.screen.settings()), "scored_entries": found.scored_entries,
+        return {"estimator": dict(self.screen.settings()), "lift": self.screen_lift,
+                "calibration": self.screen_calibration, "scored_entries": found.scored_entries,
                 "table_entries": found.table_entries}
 
     def _screened(self, solve_on: Callable[[dict[tuple, float] | None], Solution]) -> ScreenedValues:
@@ -402,7 +415,7 @@ class LayerMergePruner:
         seed = getattr(self.estimator, "seed", 0)
         return screened_values(screen, self.scorer.score,
                                lambda values: [e.key for e in solve_on(self._complete(values)).entries],
-                               calibration=self.screen_calibration, seed=seed)
+                               calibration=self.screen_calibration, seed=seed, lift=self.screen_lift)
 
     def _complete(self, values: dict[tuple, float]) -> dict[tuple, float]:
         """``values`` of the scored entries plus the uncompressed single convs, which score 0."""

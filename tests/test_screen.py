@@ -12,7 +12,7 @@ from scipy.optimize import linprog
 from test_importance import trained  # noqa: F401 - the fixture
 
 from lm_plugin import ConfigurationError, LayerMergePruner
-from lm_plugin.solve import Entry, calibration_sample, envelope_lift, screened_values, solve
+from lm_plugin.solve import Entry, calibration_sample, envelope_lift, no_lift, screened_values, solve
 from lm_plugin.tables.importance import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
 
 
@@ -119,6 +119,34 @@ def test_the_calibration_sample_is_seeded_and_from_the_better_half():
     assert len(calibration_sample(screen, 100)) == 40
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_their_screen_values(seed):
+    entries, exact, scored, rng = _problem(seed)
+    screen = {k: v * rng.uniform(1.0, 1.8) - rng.uniform(0, 1) for k, v in scored.items()}  # noisy, pessimistic
+    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    calls = []
+
+    def rescore(keys):
+        calls.append(list(keys))
+        return {k: scored[k] for k in keys}
+
+    bare = screened_values(screen, rescore, pick, calibration=0, lift="none")
+    chosen = pick(bare.values)
+    assert all(k in bare.exact for k in chosen if k in scored)  # the plan is all exact
+    assert bare.values == no_lift(screen, bare.exact)  # nothing lifted: the screen where not scored
+    assert set(calls[0]) <= set(pick(screen))  # it started from the screen's own plan
+    flat = [k for keys in calls for k in keys]
+    assert len(flat) == len(set(flat)) == len(bare.exact)  # each entry once
+    envelope = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=0)
+    assert len(bare.exact) <= len(envelope.exact)  # a lift only adds entries to try
+    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
+
+
+def test_an_unknown_lift_is_refused():
+    with pytest.raises(ValueError, match="unknown lift"):
+        screened_values({(0, 2): -1.0}, dict, lambda values: [], lift="half")
+
+
 # ------------------------------------------------------------------------------------------ the pruner
 
 
@@ -147,6 +175,20 @@ def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(traine
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
 
 
+def test_a_screened_search_without_a_lift_scores_only_what_its_plans_pick(trained, tmp_path):  # noqa: F811
+    model, train, test = trained
+    bare, complete = _pruners(model, train, test, tmp_path / "bare", screen_lift="none")
+    assert bare.screen_calibration == 0  # nothing to learn a lift from
+    found = bare.search()
+    assert 0 < found.scored_entries == bare.scorer.evaluated < found.table_entries
+    table = complete.importance_table().values
+    assert found.objective == pytest.approx(sum(table[e.key] for e in found.solution.entries))
+    assert found.objective <= complete.search().objective + 1e-9
+    assert bare.screen_summary(found)["lift"] == "none"
+    envelope, _ = _pruners(model, train, test, tmp_path / "envelope", screen_calibration=0)
+    assert found.scored_entries <= envelope.search().scored_entries
+
+
 def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(trained, tmp_path):  # noqa: F811
     model, train, test = trained
     pruner = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
@@ -166,6 +208,7 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
     ({"screen_settings": {"steps": 2}}, "screen_settings without a screen"),
     ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
     ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
+    ({"screen": "tail_distill", "screen_lift": "half"}, "screen_lift must be one of"),
     ({"screen": "no_such_estimator"}, "unknown importance estimator"),
 ])
 def test_bad_screen_configurations_say_what_to_do(trained, kwargs, match):  # noqa: F811

@@ -51,7 +51,7 @@ from ..rewrite.trainable import META_KEY
 from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
 from ..trace.fxedit import set_submodule
-from ..trace.subgraph import extract, frontier, trained_modules, unchanged_nodes
+from ..trace.subgraph import extract, frontier, needed_nodes, trained_modules, unchanged_nodes
 from ..train import distillation_loss, evaluate, fit, metric_function, resolve_device, split_batch
 from .prefix import PrefixCache
 
@@ -254,7 +254,7 @@ class LocalImportance(ImportanceEstimator):
         (record,) = [r for r in model.meta[META_KEY]["blocks"]  # the one block the plan compresses
                      if r["end"] > r["st"] + 1 or r["kept"] != [r["end"]]]
         position, reference = record["position"], record["position_reference"]
-        names = trained_modules(model, extract(model, inputs, [position]).meta["nodes"])
+        names = trained_modules(model, needed_nodes(model, inputs, [position]))
         _own(model, original, names)  # train copies, never a layer shared with the original
         params = [p for name in names for p in model.get_submodule(name).parameters()]
         if not params:
@@ -496,7 +496,7 @@ class TailDistillImportance(LocalImportance):
         context = self._prepare(original)
         model, inputs = _compressed(original, chain, plan, rewrite)
         # train copies, never a layer shared with the original (nor its BatchNorm statistics, which train mode moves)
-        _own(model, original, trained_modules(model, extract(model, inputs).meta["nodes"], buffers=True))
+        _own(model, original, trained_modules(model, needed_nodes(model, inputs), buffers=True))
         rest = extract(model, inputs)
         if self.steps > 0:
             assert context.fit is not None

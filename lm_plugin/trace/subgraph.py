@@ -85,21 +85,7 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
     :class:`~lm_plugin.errors.ConfigurationError`; an unknown node name :class:`~lm_plugin.errors.UnknownNameError`.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    missing = [name for name in [*inputs, *(outputs or ())] if name not in nodes]
-    if missing:
-        raise UnknownNameError(f"no node named {missing} in the graph")
-    stop = set(inputs)
-    targets = [nodes[o] for o in outputs] if outputs is not None else \
-        [n for n in gm.graph.nodes if n.op == "output"]
-    needed: set[str] = set()
-    todo = list(targets)
-    while todo:
-        node = todo.pop()
-        if node.name in needed:
-            continue
-        needed.add(node.name)
-        if node.name not in stop:
-            todo.extend(node.all_input_nodes)
+    needed = _needed(gm, nodes, inputs, outputs)
     graph = fx.Graph()
     used = [name for name in inputs if name in needed]
     env: dict[str, fx.Node] = {name: graph.placeholder(f"in_{i}") for i, name in enumerate(used)}
@@ -115,9 +101,41 @@ def extract(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | 
         graph.output(tuple(env[o] for o in outputs))
     piece = fx.GraphModule(gm, graph)
     piece.meta["inputs"] = used
-    piece.meta["nodes"] = [n for n in nodes if n in needed and n not in stop and nodes[n].op != "output"]
+    piece.meta["nodes"] = _computed(nodes, needed, inputs)
     _functionalize(piece)
     return piece
+
+
+def needed_nodes(gm: fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str] | None = None) -> list[str]:
+    """The names of the nodes :func:`extract` would compute (its ``meta["nodes"]``), without building the piece."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return _computed(nodes, _needed(gm, nodes, inputs, outputs), inputs)
+
+
+def _computed(nodes: dict[str, fx.Node], needed: set[str], inputs: Sequence[str]) -> list[str]:
+    stop = set(inputs)
+    return [n for n in nodes if n in needed and n not in stop and nodes[n].op != "output"]
+
+
+def _needed(gm: fx.GraphModule, nodes: dict[str, fx.Node], inputs: Sequence[str], outputs: Sequence[str] | None
+            ) -> set[str]:
+    """Names of the nodes on a path from ``inputs`` (included) to ``outputs`` (the graph's output if None)."""
+    missing = [name for name in [*inputs, *(outputs or ())] if name not in nodes]
+    if missing:
+        raise UnknownNameError(f"no node named {missing} in the graph")
+    stop = set(inputs)
+    targets = [nodes[o] for o in outputs] if outputs is not None else \
+        [n for n in gm.graph.nodes if n.op == "output"]
+    needed: set[str] = set()
+    todo = list(targets)
+    while todo:
+        node = todo.pop()
+        if node.name in needed:
+            continue
+        needed.add(node.name)
+        if node.name not in stop:
+            todo.extend(node.all_input_nodes)
+    return needed
 
 
 def _functionalize(gm: fx.GraphModule) -> None:
@@ -138,6 +156,7 @@ def _functionalize(gm: fx.GraphModule) -> None:
                 node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False) is True):
             if any(n in aliases for n in node.all_input_nodes):
                 aliases.add(node)
+    changed = False
     for node in graph.nodes:
         first = node.args[0] if node.args else None
         if not isinstance(first, fx.Node) or first not in aliases:
@@ -150,17 +169,18 @@ def _functionalize(gm: fx.GraphModule) -> None:
                 set_submodule(gm, node.target, fresh)
         elif node.op == "call_function":
             if node.target in _OUT_OF_PLACE:
-                node.target = _OUT_OF_PLACE[node.target]
+                node.target, changed = _OUT_OF_PLACE[node.target], True
             elif getattr(node.target, "__name__", "").endswith("_") and not node.target.__name__.startswith("_"):
                 plain = _plain_function(node.target)
                 if plain is not None:
-                    node.target = plain
+                    node.target, changed = plain, True
         elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and \
                 hasattr(torch.Tensor, node.target[:-1]):
-            node.target = node.target[:-1]
+            node.target, changed = node.target[:-1], True
         if node.kwargs.get("inplace") is True:
-            node.kwargs = {**node.kwargs, "inplace": False}
-    gm.recompile()
+            node.kwargs, changed = {**node.kwargs, "inplace": False}, True
+    if changed:  # the code calls modules by attribute, so a swapped module needs no new code; a new target does
+        gm.recompile()
 
 
 def _plain_function(fn: Any) -> Any:
