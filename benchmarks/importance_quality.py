@@ -120,7 +120,7 @@ def main() -> None:
     pruners = {name: LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
                                       train_data=splits.train, eval_data=splits.val,
                                       importance_settings=settings.get(name, {}), cache_dir=args.cache_dir,
-                                      progress=True)
+                                      progress=True, screen=None)  # each estimator's complete table
                for name in args.estimators}
     table_seconds = {}
     for name, pruner in pruners.items():

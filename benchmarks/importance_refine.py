@@ -12,7 +12,14 @@ would be optimal under ``distill``'s values. Rules (``--rules``):
 * ``envelope``  — a lift that grows with the screening loss: the smallest concave, non-decreasing function of
   ``|screen|`` above every re-scored entry's under-rating (scale-free: a large loss may be under-rated by more);
 * ``calibrated:M`` — ``envelope`` after first re-scoring a seeded sample of ``M`` entries of the better half
-  (by screening value): the entries the DP picks are those the screen over-rates, so their gaps alone are biased.
+  (by screening value): the entries the DP picks are those the screen over-rates, so their gaps alone are biased;
+* ``scaled`` / ``scaled_ls`` — no lift, but the screen put on ``distill``'s scale first: multiplied by the median
+  (least-squares) ratio ``distill / screen`` of the re-scored entries;
+* ``one`` — ``none``, re-scoring one new entry of the plan per round (the one the screen rates lowest).
+
+Each run also reports ``incumbent_optimal_after``: the entries re-scored when the best plan made of re-scored entries
+alone first reached ``distill``'s optimum (what a branch-and-bound stop on the gap between it and the optimistic
+optimum could at best save).
 
 Reports, per rule and budget, the entries re-scored, the final plan's objective under ``distill``'s values against
 ``distill``'s own optimum, and whether the plans are the same. ``--finetune-seeds`` fine-tunes the final plans of
@@ -36,7 +43,8 @@ import torch
 from importance_quality import _save, parse_settings, plan_id
 
 from lm_plugin import LayerMergePruner, Plan
-from lm_plugin.solve.screen import calibration_sample, envelope_lift
+from lm_plugin.solve import InfeasibleBudgetError
+from lm_plugin.solve.screen import calibration_sample, envelope_lift, no_lift
 from lm_plugin.tables.importance import ImportanceTable, _weights_id
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import data_splits
@@ -52,11 +60,13 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
     ap.add_argument("--screen", default="tail_distill:steps=5,fit_batch_size=16,eval_images=250")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
-    ap.add_argument("--rules", nargs="+", default=["none", "shift", "envelope", "calibrated:8", "calibrated:16"])
+    ap.add_argument("--rules", nargs="+", default=["none", "shift", "envelope", "calibrated:8", "calibrated:16",
+                                                    "scaled", "scaled_ls", "one"])
     ap.add_argument("--samples", type=int, nargs="+", default=[0, 1, 2], help="seeds of the calibration samples")
     ap.add_argument("--finetune-rules", nargs="*", default=[])
     ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--cache-dir", default="benchmarks/cache")
+    ap.add_argument("--output", default=None, help="results file (default results/importance_refine_<model>.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
@@ -67,7 +77,7 @@ def main() -> None:
     def pruner(estimator: str, options: dict) -> LayerMergePruner:  # as importance_quality.py builds them
         return LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=estimator,
                                 train_data=splits.train, eval_data=splits.val, importance_settings=options,
-                                cache_dir=args.cache_dir, progress=False)
+                                cache_dir=args.cache_dir, progress=False, screen=None)  # complete tables
 
     screen, reference = pruner(name, settings), pruner("distill", {"steps": 10})
     cheap, exact = screen.importance_table(), reference.importance_table()
@@ -77,51 +87,81 @@ def main() -> None:
     s = {k: cheap.values[k] for k in scored}
     d = {k: exact.values[k] for k in scored}
 
-    def refine(budget: float, lift: Lift, start: set[Key]) -> tuple[set[Key], int, object]:
-        rescored, rounds = set(start), 0
+    def solve(values: dict[Key, float], budget: float):
+        screen._importance = ImportanceTable({**cheap.values, **values}, cheap.subsets, cheap.base_metric, {})
+        return screen.search(budget)
+
+    def incumbent(rescored: set[Key], budget: float) -> float:
+        """The objective of the best plan whose every scored entry is re-scored (-inf if none meets the budget)."""
+        try:
+            return solve({k: d[k] if k in rescored else -1e6 for k in s}, budget).objective
+        except InfeasibleBudgetError:
+            return float("-inf")
+
+    def refine(budget: float, lift: Lift, start: set[Key], one: bool = False
+               ) -> tuple[set[Key], int, object, int | None]:
+        rescored, rounds, optimal_after = set(start), 0, None
+        best = reference.search(budget).objective
         while True:
             rounds += 1
-            optimistic = lift(s, {k: d[k] for k in rescored})
-            screen._importance = ImportanceTable({**cheap.values, **optimistic}, cheap.subsets, cheap.base_metric, {})
-            found = screen.search(budget)
+            if optimal_after is None and incumbent(rescored, budget) >= best - 1e-6:
+                optimal_after = len(rescored)
+            found = solve(lift(s, {k: d[k] for k in rescored}), budget)
             new = [e.key for e in found.solution.entries if e.key in scored and e.key not in rescored]
             if not new:
-                return rescored, rounds, found
-            rescored.update(new)
+                return rescored, rounds, found, optimal_after
+            rescored.update(sorted(new, key=lambda k: s[k])[:1] if one else new)
 
     runs = []
     for rule in args.rules:
         kind, _, m = rule.partition(":")
-        lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift}[kind]
+        lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift,
+                "scaled": scaled_lift(_median_ratio), "scaled_ls": scaled_lift(least_squares_ratio),
+                "one": no_lift}[kind]
         for sample in (args.samples if kind == "calibrated" else [None]):
             start = set() if sample is None else calibration_sample(s, int(m), sample)
             for budget in args.budgets:
                 best = reference.search(budget)
-                rescored, rounds, found = refine(budget, lift, start)
+                rescored, rounds, found, optimal_after = refine(budget, lift, start, one=kind == "one")
                 objective = sum(d.get(e.key, 0.0) for e in found.solution.entries)
                 runs.append({"rule": rule, "sample": sample, "budget": budget, "rounds": rounds,
                              "rescored": len(rescored), "entries": len(scored), "objective_under_distill": objective,
                              "distill_optimum": best.objective, "plan": plan_id(found.plan),
                              "plan_dict": found.plan.to_dict(), "distill_plan": plan_id(best.plan),
                              "same_plan": plan_id(found.plan) == plan_id(best.plan),
-                             "predicted_speedup": found.predicted_speedup})
+                             "predicted_speedup": found.predicted_speedup,
+                             "incumbent_optimal_after": optimal_after})
     if args.finetune_rules:
         _finetune(args, base, reference, splits, [r for r in runs if r["rule"] in args.finetune_rules])
-    out = RESULTS / f"importance_refine_{args.model}.json"
+    out = Path(args.output) if args.output else RESULTS / f"importance_refine_{args.model}.json"
     out.write_text(json.dumps({"model": args.model, "screen": args.screen, "rows": runs}, indent=1))
     print(f"{args.model}: screen {args.screen}, re-scored with distill (10 steps)")
     print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "
-          "same plan  fine-tuned")
+          "same plan  plan          incumbent  fine-tuned")
     for r in runs:
         tuned = f"{r['mean']:.2f} +- {r['std']:.2f}" if "mean" in r else ""
         print(f"{r['rule']:<14} {'' if r['sample'] is None else r['sample']:>6} {r['budget']:>6} {r['rounds']:>6} "
               f"{r['rescored']:>4} of {r['entries']:<4} {r['objective_under_distill']:>9.2f} "
-              f"{r['distill_optimum']:>8.2f} {r['same_plan']!s:<10} {tuned}")
+              f"{r['distill_optimum']:>8.2f} {r['same_plan']!s:<10} {r['plan']}  {r['incumbent_optimal_after']!s:>9}  "
+              f"{tuned}")
     print(f"wrote {out}")
 
 
-def no_lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
-    return {k: exact.get(k, v) for k, v in screen.items()}
+def scaled_lift(ratio: Callable[[list[tuple[float, float]]], float]) -> Lift:
+    """No lift; the screen multiplied by ``ratio`` of the re-scored entries' ``(screen, distill)`` pairs."""
+    def lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
+        pairs = [(screen[k], v) for k, v in exact.items() if screen[k] < 0]
+        a = ratio(pairs) if pairs else 1.0
+        return {k: exact[k] if k in exact else a * v for k, v in screen.items()}
+    return lift
+
+
+def least_squares_ratio(pairs: list[tuple[float, float]]) -> float:
+    return sum(x * y for x, y in pairs) / sum(x * x for x, _ in pairs)
+
+
+def _median_ratio(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(y / x for x, y in pairs)
 
 
 def shift_lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:

@@ -68,7 +68,7 @@ def main() -> None:
     # the pruner of importance_quality.py (same latency table, same distill table)
     pruner = LayerMergePruner(base_model, 0.6, example_inputs=example, backend="cpu", importance="distill",
                               train_data=splits.train, eval_data=splits.val, importance_settings={"steps": 10},
-                              cache_dir=args.cache_dir, progress=False)
+                              cache_dir=args.cache_dir, progress=False, screen=None)
     gm, chain = pruner.graph_module, pruner.chain
     original = copy.deepcopy(gm).eval()
     cls = TailDistillImportance if args.estimator == "tail_distill" else LocalImportance

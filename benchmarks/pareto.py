@@ -121,7 +121,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     pruners = {mode: LayerMergePruner(base, 0.6, example_inputs=example, mode=mode, backend="cpu",
                                       importance="distill", train_data=splits.train, eval_data=splits.val,
                                       importance_settings=importance, cache_dir=args.cache_dir,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, screen=None)  # the complete distill table
                for mode in MODES}
     if args.importance_shard is not None:  # several processes build the importance table together
         pruners["layermerge"].importance_table(shard=args.importance_shard)

@@ -60,6 +60,7 @@ def main() -> None:
     example = torch.randn(64, *splits.input_shape)
 
     def pruner(cache: str | Path, settings: dict | None = None, **screen) -> LayerMergePruner:
+        screen.setdefault("screen", None)  # the reference: distill's complete table
         return LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance="distill",
                                 train_data=splits.train, eval_data=splits.val,
                                 importance_settings={"steps": 10, **(settings or {})},

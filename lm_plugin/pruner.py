@@ -134,17 +134,20 @@ class LayerMergePruner:
             an estimator name only.
         screen: a cheap estimator to search with first (a name, as ``importance``, or a ready estimator):
             :meth:`search` solves on its table and scores with ``importance`` only the entries the plans need
-            (:mod:`lm_plugin.solve.screen`), instead of every entry. ``"tail_distill"`` runs with the screening
-            settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless ``screen_settings`` says
-            otherwise. With a name, the screen uses the importance estimator's data.
+            (:mod:`lm_plugin.solve.screen`), instead of every entry. ``"auto"`` (default): the importance
+            estimator's own choice (``distill`` is screened by ``tail_distill``, the cheap estimators by nothing)
+            when it has training and evaluation data; ``None``: search on the complete table. ``"tail_distill"``
+            runs with the screening settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless
+            ``screen_settings`` says otherwise. With a name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
-        screen_lift: how a screened search values the entries it has not scored: ``"envelope"`` (default: the
-            screen plus a learned bound on how far it under-rates; finds the complete table's plan when the bound
-            holds) or ``"none"`` (the screen as it is; only the plans' entries are re-scored, 3-5x fewer entries;
-            see docs/selection.md for how its plans compare).
-        screen_calibration: entries scored with ``importance`` before the first screened solve (a seeded
-            sample of the better half of the screen) to learn how far the screen under-rates entries (default:
-            8 with the ``"envelope"`` lift, 0 with ``"none"``, which learns nothing from them).
+        screen_lift: how a screened search values the entries it has not scored: ``"none"`` (default: the
+            screen's value as it is; only the entries the plans pick are re-scored) or ``"envelope"`` (the screen
+            plus a learned bound on how far it under-rates: finds the complete table's plan when the bound holds,
+            at 3-5x the entries). docs/selection.md compares their cost and plans.
+        screen_calibration: entries scored with ``importance`` before the first screened solve, a seeded sample
+            of the better half of the screen: the ``"envelope"`` lift learns from them how far the screen
+            under-rates entries; without a lift their exact values are what the first solve sees of the
+            screen's best entries (on a small table, a good part of them).
 
     Raises:
         ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
@@ -177,10 +180,10 @@ class LayerMergePruner:
         train_data: Any = None,
         eval_data: Any = None,
         importance_settings: dict[str, Any] | None = None,
-        screen: str | ImportanceEstimator | None = None,
+        screen: str | ImportanceEstimator | None = "auto",
         screen_settings: dict[str, Any] | None = None,
-        screen_lift: str = "envelope",
-        screen_calibration: int | None = None,
+        screen_lift: str = "none",
+        screen_calibration: int = DEFAULT_CALIBRATION,
         resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
@@ -192,12 +195,8 @@ class LayerMergePruner:
         _one_way("importance", importance, ImportanceEstimator, train_data=train_data, eval_data=eval_data,
                  importance_settings=importance_settings)
         _one_way("screen", screen, ImportanceEstimator, screen_settings=screen_settings)
-        if screen is None and screen_settings is not None:
-            raise ConfigurationError("screen_settings without a screen: pass screen='tail_distill' (say) as well")
         if screen_lift not in LIFTS:
             raise ConfigurationError(f"screen_lift must be one of {sorted(LIFTS)}, got {screen_lift!r}")
-        if screen_calibration is None:
-            screen_calibration = DEFAULT_CALIBRATION if screen_lift == "envelope" else 0
         if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
             raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
@@ -230,6 +229,16 @@ class LayerMergePruner:
         self.train_data = getattr(self.estimator, "train_data", None)
         #: The screening estimator (None: every search uses the complete importance table).
         self.screen: ImportanceEstimator | None = None
+        if screen == "auto":
+            has_data = getattr(self.estimator, "train_data", None) is not None and \
+                getattr(self.estimator, "eval_data", None) is not None
+            screen = self.estimator.default_screen if has_data else None
+            if screen is None and screen_settings is not None:
+                raise ConfigurationError(
+                    f"screen_settings, but the {self.estimator.name} estimator is not screened by default (or has no "
+                    "training and evaluation data): pass screen='tail_distill' (say) as well")
+        elif screen is None and screen_settings is not None:
+            raise ConfigurationError("screen_settings without a screen: pass screen='tail_distill' (say) as well")
         if screen is not None:
             options = {**SCREEN_SETTINGS.get(screen, {}), **(screen_settings or {})} if isinstance(screen, str) else {}
             self.screen = make_estimator(screen, train_data=self.train_data,

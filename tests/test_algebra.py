@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,8 +43,27 @@ def test_composition_equals_sequential_convs(c, g1, g2, k1, k2, s1, s2, seed):
         ref = b(bn(a(x)))
     assert merged.kernel_size == (k1[0] + (k2[0] - 1) * s1[0], k1[1] + (k2[1] - 1) * s1[1])
     assert merged.stride == (s1[0] * s2[0], s1[1] * s2[1])
-    assert merged.groups == (g1 if g1 == g2 else 1)
+    assert merged.groups == (1 if 1 in (g1, g2) else math.gcd(g1, g2))  # grouped as the two groupings connect
     assert torch.allclose(run(merged, x), ref, atol=1e-12)
+
+
+def test_a_grouped_conv_then_a_depthwise_one_or_a_folded_identity_skip_stays_grouped():
+    """4 groups, then a depthwise map (or x + x, a residual whose branch was dropped): still 4 groups, as the
+    latency table assumed (a random Zoo plan merged them into a dense kernel: exact, but slower than timed)."""
+    g = nn.Conv2d(24, 24, 3, groups=4).double()
+    dw = nn.Conv2d(24, 24, 3, groups=24).double()
+    x = torch.randn(1, 24, 9, 9, dtype=torch.float64)
+    merged = LinearConv.from_conv(g).then(LinearConv.from_conv(dw))
+    assert merged.groups == 4 and merged.weight.shape == (24, 6, 5, 5)
+    assert torch.allclose(run(merged, x), dw(g(x)), atol=1e-12)
+    twice = LinearConv.identity(24, 24).plus(LinearConv.identity(24, 24), (0, 0))  # x + x
+    doubled = LinearConv.from_conv(g).then(twice)
+    assert doubled.groups == 4 and torch.allclose(run(doubled, x), 2 * g(x), atol=1e-12)
+    grouped_plus_depthwise = LinearConv.from_conv(g).plus(LinearConv.from_conv(dw), (0, 0))
+    assert grouped_plus_depthwise.groups == 4
+    assert torch.allclose(run(grouped_plus_depthwise, x), g(x) + dw(x), atol=1e-12)
+    dense = LinearConv.from_conv(nn.Conv2d(24, 24, 3).double()).dense()
+    assert dense.regrouped(4) is dense  # weights across groups: nothing to regroup
 
 
 def test_depthwise_chain_stays_depthwise():
@@ -59,7 +80,7 @@ def test_sum_with_offset_and_identity():
     lin = LinearConv.from_conv(conv).plus(LinearConv.identity(4), (1, 1))
     assert torch.allclose(run(lin, x), conv(x) + x[:, :, 1:-1, 1:-1], atol=1e-12)
     doubled = LinearConv.identity(4, 4).plus(LinearConv.identity(4, 2), (0, 0))
-    assert doubled.groups == 1 and torch.allclose(run(doubled, x), 2 * x)
+    assert doubled.groups == 2 and torch.allclose(run(doubled, x), 2 * x)  # 4 groups + 2 groups: 2 groups
 
 
 def test_to_conv2d_keeps_float64_precision():

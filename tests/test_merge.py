@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nets import PlainStack, TinyResNet, Zoo, randomize_bn
 
@@ -66,6 +66,7 @@ def check_structure(pruner: LayerMergePruner, plan: Plan, merged: nn.Module) -> 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), p_merge=st.sampled_from([0.3, 0.6, 0.9]),
        p_drop=st.sampled_from([0.0, 0.5, 1.0]))
+@example(seed=823, p_merge=0.6, p_drop=0.5)  # Zoo: a 4-group conv whose block folds x + x merged into a dense conv
 def test_random_plans_merge_exactly_float64(arch, seed, p_merge, p_drop):
     pruner, x = pruner_for(arch)
     plan = Plan.sample(pruner.chain, seed, p_merge=p_merge, p_drop=p_drop)

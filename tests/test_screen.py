@@ -87,7 +87,7 @@ def test_where_the_lift_bounds_the_screens_errors_the_plan_is_the_optimum_and_fe
         calls.append(list(keys))
         return {k: scored[k] for k in keys}
 
-    found = screened_values(screen, rescore, pick, calibration=3, seed=seed)
+    found = screened_values(screen, rescore, pick, calibration=3, seed=seed, lift="envelope")
     optimum = pick(exact)
     chosen = pick(found.values)
     assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
@@ -101,7 +101,7 @@ def test_a_screen_that_under_rates_is_corrected_by_what_the_search_scores():
     entries, exact, scored, rng = _problem(11)
     screen = {k: v * rng.uniform(1.0, 1.8) - rng.uniform(0, 1) for k, v in scored.items()}  # pessimistic
     pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
-    found = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=4)
+    found = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=4, lift="envelope")
     chosen = pick(found.values)
     assert all(k in found.exact for k in chosen if k in scored)
     gaps = [found.exact[k] - screen[k] for k in found.exact]
@@ -130,20 +130,21 @@ def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_
         calls.append(list(keys))
         return {k: scored[k] for k in keys}
 
-    bare = screened_values(screen, rescore, pick, calibration=0, lift="none")
+    bare = screened_values(screen, rescore, pick, calibration=0)  # lift="none", the default
     chosen = pick(bare.values)
     assert all(k in bare.exact for k in chosen if k in scored)  # the plan is all exact
     assert bare.values == no_lift(screen, bare.exact)  # nothing lifted: the screen where not scored
     assert set(calls[0]) <= set(pick(screen))  # it started from the screen's own plan
     flat = [k for keys in calls for k in keys]
     assert len(flat) == len(set(flat)) == len(bare.exact)  # each entry once
-    envelope = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=0)
+    envelope = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=0,
+                               lift="envelope")
     assert len(bare.exact) <= len(envelope.exact)  # a lift only adds entries to try
     assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
 
 
 def test_an_unknown_lift_is_refused():
-    with pytest.raises(ValueError, match="unknown lift"):
+    with pytest.raises(ConfigurationError, match="unknown lift"):
         screened_values({(0, 2): -1.0}, dict, lambda values: [], lift="half")
 
 
@@ -177,15 +178,14 @@ def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(traine
 
 def test_a_screened_search_without_a_lift_scores_only_what_its_plans_pick(trained, tmp_path):  # noqa: F811
     model, train, test = trained
-    bare, complete = _pruners(model, train, test, tmp_path / "bare", screen_lift="none")
-    assert bare.screen_calibration == 0  # nothing to learn a lift from
+    bare, complete = _pruners(model, train, test, tmp_path / "bare", screen_lift="none", screen_calibration=0)
     found = bare.search()
     assert 0 < found.scored_entries == bare.scorer.evaluated < found.table_entries
     table = complete.importance_table().values
     assert found.objective == pytest.approx(sum(table[e.key] for e in found.solution.entries))
     assert found.objective <= complete.search().objective + 1e-9
     assert bare.screen_summary(found)["lift"] == "none"
-    envelope, _ = _pruners(model, train, test, tmp_path / "envelope", screen_calibration=0)
+    envelope, _ = _pruners(model, train, test, tmp_path / "envelope", screen_lift="envelope", screen_calibration=0)
     assert found.scored_entries <= envelope.search().scored_entries
 
 
@@ -205,7 +205,8 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"screen_settings": {"steps": 2}}, "screen_settings without a screen"),
+    ({"screen": None, "screen_settings": {"steps": 2}}, "screen_settings without a screen"),
+    ({"importance": "zero_shot", "screen_settings": {"steps": 2}}, "not screened by default"),
     ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
     ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
     ({"screen": "tail_distill", "screen_lift": "half"}, "screen_lift must be one of"),

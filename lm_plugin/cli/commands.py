@@ -171,7 +171,7 @@ def _pruner(opts: Options, model: nn.Module, example: torch.Tensor, splits: Data
         max_kernel=opts.max_kernel, backend=opts.backend, batch_size=opts.batch_size, profiler_settings=profiler,
         cache_dir=opts.cache_dir or "default", progress=opts.progress, importance=opts.importance,
         train_data=splits.train if splits else None, eval_data=splits.val if splits else None,
-        importance_settings=settings, screen=opts.screen)
+        importance_settings=settings, screen=None if opts.screen in ("none", "off") else opts.screen)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ class Options:
     threads: int | None = None
     importance: str = "distill"
     importance_steps: int | None = None
-    screen: str | None = None
+    screen: str = "auto"
     val_size: int = 2000
     mode: str = "layermerge"
     max_kernel: int = 7
@@ -77,7 +77,8 @@ HELP = {
     "importance": "importance estimator: distill, finetune, local, tail_distill or zero_shot",
     "importance_steps": "training steps per candidate of the training estimators (all but zero_shot)",
     "screen": "search with this cheap estimator first (e.g. tail_distill, with its screening settings) and score "
-              "with --importance only the entries the plan needs",
+              "with --importance only the entries the plan needs; auto (default): tail_distill for distill, "
+              "nothing for the cheap estimators; none: score the complete table",
     "val_size": "training images on which importance is scored (the test split stays unseen)",
     "mode": "layermerge (default), act_only (2023 depth compression) or layer_only",
     "max_kernel": "largest merged kernel a candidate may have",

@@ -13,6 +13,8 @@ are expanded to dense block-diagonal kernels first.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -87,13 +89,29 @@ class LinearConv:
             w[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = self.weight[g * per_out:(g + 1) * per_out]
         return LinearConv(w, self.bias, self.stride, 1)
 
+    def regrouped(self, groups: int) -> LinearConv:
+        """This dense map as a conv of ``groups`` groups, if its kernel is block-diagonal in them (else itself)."""
+        if self.groups != 1 or groups == 1:
+            return self
+        out, cin, kh, kw = self.weight.shape
+        per_out, per_in = out // groups, cin // groups
+        blocks = self.weight.reshape(groups, per_out, groups, per_in, kh, kw)
+        diagonal = torch.stack([blocks[g, :, g] for g in range(groups)])  # [groups, per_out, per_in, kh, kw]
+        across = ~torch.eye(groups, dtype=torch.bool, device=self.weight.device)  # (output group, input group) pairs
+        if bool(blocks.abs().sum(dim=(1, 3, 4, 5))[across].any()):  # a weight across groups: it stays dense
+            return self
+        return LinearConv(diagonal.reshape(out, per_in, kh, kw).clone(), self.bias, self.stride, groups)
+
     def then(self, nxt: LinearConv) -> LinearConv:
         """``nxt ∘ self``: apply ``self`` first, then ``nxt``."""
         if nxt.in_channels != self.out_channels:
             raise ConfigurationError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
         g1, g2 = self.groups, nxt.groups
         if g1 != g2 and 1 not in (g1, g2):  # two different groupings: rare, expand both
-            return self.dense().then(nxt.dense())
+            # Contiguous equal groups of g1 and of g2 connect inputs to outputs in gcd(g1, g2) groups (a depthwise
+            # map after a 4-group conv keeps the 4 groups), so the result is grouped again: a dense kernel would
+            # compute the same but run slower than the grouped conv the latency table timed.
+            return self.dense().then(nxt.dense()).regrouped(math.gcd(g1, g2))
         # Batched over g groups of the intermediate channels. Equal groups: the result stays grouped. A grouped
         # conv next to a dense one: the result is dense, built group by group, never expanding the grouped
         # kernel to a dense one (a 7392-channel grouped 3x3 expands to 3.9 GB in float64, more than the result).
@@ -129,7 +147,9 @@ class LinearConv:
         if (other.in_channels, other.out_channels, other.stride) != (self.in_channels, self.out_channels,
                                                                     self.stride):
             raise ConfigurationError("cannot add convs of different channels or strides")
-        a, b = (self, other) if self.groups == other.groups else (self.dense(), other.dense())
+        if self.groups != other.groups:  # block-diagonal in gcd groups (see then)
+            return self.dense().plus(other.dense(), offset).regrouped(math.gcd(self.groups, other.groups))
+        a, b = self, other
         (kh, kw), (oh, ow) = b.kernel_size, offset
         if oh < 0 or ow < 0 or oh + kh > a.kernel_size[0] or ow + kw > a.kernel_size[1]:
             raise ConfigurationError(f"kernel {b.kernel_size} at offset {offset} does not fit in {a.kernel_size}")

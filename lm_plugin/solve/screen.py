@@ -2,22 +2,22 @@
 
 A complete importance table scores every candidate block, although a plan uses a handful. A screened search
 starts from a cheap table (the *screen*, e.g. ``tail_distill`` with few steps on few images) and asks the exact
-estimator only for the entries the DP picks. The DP solves on *optimistic* values: an entry's exact value once
-scored, otherwise its screening value plus a lift that bounds how much the screen may under-rate it; the picked
-entries that are not scored yet are scored; it solves again, until every entry of the plan is exact. If every lift
-is a true bound, that plan is optimal under the exact values (no unscored entry can beat what it was credited
-with); the final plan's objective is always computed from exact values only.
+estimator only for the entries the DP picks. A seeded sample of the better half of the screen
+(:func:`calibration_sample`) is scored first; then the DP solves on the exact values of the scored entries and a
+value derived from the screen for the others (the *lift*); the picked entries that are not scored yet are scored;
+it solves again, until every entry of the plan is exact. The final plan's objective is always computed from exact
+values only.
 
-The lift is learned from the entries scored so far (:func:`envelope_lift`). Those picked by the DP are the ones the
-screen over-rates (that is why they win), so a bound fitted on them alone is too tight; a seeded sample of the
-better half of the screen (:func:`calibration_sample`) is scored first to see the gaps without that bias.
+``lift="none"`` (the default, :func:`no_lift`): the screen's value as it is. This corrects the *winner's curse*:
+the DP picks, among many nearly tied entries, those the screen over-rates, and re-scoring them exactly removes the
+errors that decide the plan. It does not promise the complete table's plan; measured on the reference workload it
+scores 28-48 of 864 entries and its plans fine-tune as well as the complete table's (docs/selection.md).
 
-Lifts that bound the screen's error cost many entries: the largest under-rating seen lifts every unscored entry,
-so on a 864-entry MobileNetV2 table the search scores 110-170 entries before its plan is all exact. ``lift="none"``
-(:func:`no_lift`) trusts the screen for the entries it has not scored and only corrects the *winner's curse*: the
-DP's picks, which the screen tends to over-rate, are re-scored exactly and the DP solves again until its plan is
-all exact. It does not promise the complete table's plan; measured on the reference workload it scores 20-40
-entries and its plans fine-tune as well as the complete table's (docs/selection.md).
+``lift="envelope"`` (:func:`envelope_lift`): the screen plus a bound on how far it under-rates, learned from the
+entries scored so far (the calibration sample shows the gaps without the bias of the picked entries, which are
+those the screen over-rates). If every lift is a true bound, the plan is optimal under the exact values (no
+unscored entry can beat what it was credited with). The largest under-rating seen lifts every unscored entry, so
+this costs 3-5 times the entries.
 
 Every round scores at least one new entry, so a search takes at most as many rounds as there are entries; each
 round is one DP solve and an ``O(n·h)`` lift (``h`` hull points), polynomial in the network's depth.
@@ -29,6 +29,8 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+
+from ..errors import ConfigurationError
 
 K = TypeVar("K", bound=Hashable)
 
@@ -53,7 +55,7 @@ class ScreenedValues:
 
 def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapping[K, float]],
                     pick: Callable[[dict[K, float]], Iterable[K]], *, calibration: int = DEFAULT_CALIBRATION,
-                    seed: int = 0, lift: str = "envelope") -> ScreenedValues:
+                    seed: int = 0, lift: str = "none") -> ScreenedValues:
     """Solve on optimistic values, score what the solution picks, repeat until the solution is all exact.
 
     Args:
@@ -63,11 +65,11 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
         pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution.
         calibration: entries of the better half of the screen scored exactly before the first solve.
         seed: seed of the calibration sample.
-        lift: how unscored entries are valued: ``"envelope"`` (:func:`envelope_lift`, a learned bound on the
-            screen's under-rating) or ``"none"`` (:func:`no_lift`, the screen's value as it is).
+        lift: how unscored entries are valued: ``"none"`` (:func:`no_lift`, the screen's value as it is) or
+            ``"envelope"`` (:func:`envelope_lift`, a learned bound on the screen's under-rating).
     """
     if lift not in LIFTS:
-        raise ValueError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
+        raise ConfigurationError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
     optimistic = LIFTS[lift]
     exact: dict[K, float] = dict(rescore(calibration_sample(screen, calibration, seed))) if calibration else {}
     rounds = 0

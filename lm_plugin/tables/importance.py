@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -103,6 +103,9 @@ class ImportanceEstimator:
     eval_images: int | None = None
 
     name = "base"
+    #: The screen a search with this estimator uses unless told otherwise (``LayerMergePruner(screen="auto")``):
+    #: estimators that train the whole network per entry are worth screening, cheap ones are not.
+    default_screen: ClassVar[str | None] = None
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         """Train ``model`` (the network with one block compressed) in place; default: nothing."""
@@ -574,6 +577,7 @@ class DistillImportance(ImportanceEstimator):
     steps: int = 30
     temperature: float = 4.0
     name = "distill"
+    default_screen = "tail_distill"
     _teacher: MemoTeacher | None = field(default=None, init=False, repr=False, compare=False)
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:

@@ -16,7 +16,7 @@ __all__ = ["layermerge_stage"]
 @register_stage("layermerge")
 def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | str = 0.7, mode: str = "layermerge",
                      importance: str = "distill", importance_settings: dict[str, Any] | None = None,
-                     screen: str | None = None, screen_settings: dict[str, Any] | None = None,
+                     screen: str | None = "auto", screen_settings: dict[str, Any] | None = None,
                      ignored_layers: Sequence[str] = (), max_kernel: int | None = 7, epochs: float = 1.0,
                      max_lr: float = 0.02, distill_alpha: float = 0.0, clip_budget: bool = False,
                      seed: int = 0) -> StageOutput:
@@ -24,7 +24,7 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
 
     Settings: ``budget`` (fraction of the received model's measured latency, or ``"12ms"``), ``mode``,
     ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
-    :class:`lm_plugin.LayerMergePruner`), ``ignored_layers`` (conv names never merged), ``max_kernel``,
+    :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table), ``ignored_layers`` (conv names never merged), ``max_kernel``,
     fine-tuning (``epochs``, ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """

@@ -1,0 +1,78 @@
+"""Fine-tune saved plans over more seeds: is a difference between two estimators' plans beyond the seed spread?
+
+Takes plans by id from the results of ``importance_quality.py`` and ``importance_refine.py`` (their ``plan_dict``)
+and fine-tunes each with the workload recipe for ``--seeds``; runs are shared with ``importance_quality.py``
+through ``importance_quality_<model>.json`` (keyed by plan id and seed), so a run is never repeated.
+
+    python benchmarks/more_seeds.py --model resnet_fm --plans ccfb6e148709 --distill-budgets 0.5 --seeds 3 4
+
+Prints mean ± sd per plan over every seed saved for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from importance_quality import finetuned, plan_id
+
+from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.workloads.data import data_splits
+from lm_plugin.workloads.models import trained
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def saved_plans(model: str) -> dict[str, dict]:
+    """Every plan the quality and refine studies saved, by id."""
+    plans: dict[str, dict] = {}
+    for name in (f"importance_quality_{model}.json", f"importance_refine_{model}.json"):
+        path = RESULTS / name
+        if path.is_file():
+            for row in json.loads(path.read_text()).get("rows", []):
+                if "plan_dict" in row:
+                    plans.setdefault(row["plan"], row["plan_dict"])
+    return plans
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="resnet_fm")
+    ap.add_argument("--plans", nargs="*", default=[], help="plan ids (12 hex digits)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--distill-budgets", type=float, nargs="*", default=[],
+                    help="also the plans of the complete distill (10 steps) table in --cache-dir at these budgets")
+    ap.add_argument("--cache-dir", default="benchmarks/cache")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    plans = saved_plans(args.model)
+    splits = data_splits("fashion_mnist", batch_size=128, val_size=1000)
+    base = trained(args.model, progress=False)
+    if args.distill_budgets:
+        reference = LayerMergePruner(base, 0.6, example_inputs=torch.randn(64, *splits.input_shape), backend="cpu",
+                                     importance="distill", train_data=splits.train, eval_data=splits.val,
+                                     importance_settings={"steps": 10}, cache_dir=args.cache_dir, progress=False,
+                                     screen=None)
+        for budget in args.distill_budgets:
+            plan = reference.search(budget).plan
+            plans[plan_id(plan)] = plan.to_dict()
+            args.plans.append(plan_id(plan))
+    unknown = [p for p in args.plans if p not in plans]
+    if unknown:
+        raise SystemExit(f"no saved plan {unknown} for {args.model}")
+    args.plans = list(dict.fromkeys(args.plans))
+    pruner = LayerMergePruner(base, 0.6, example_inputs=torch.randn(64, *splits.input_shape), backend="cpu",
+                              cache_dir=None, progress=False)
+    for pid in args.plans:
+        finetuned(args.model, pruner, Plan.from_dict(plans[pid]), args.seeds, splits, "more seeds")
+    runs = json.loads((RESULTS / f"importance_quality_{args.model}.json").read_text())["runs"]
+    for pid in args.plans:
+        acc = [v for k, v in runs.items() if k.startswith(pid + "/")]
+        print(f"{args.model} plan {pid}: {statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} over {len(acc)} seeds")
+
+
+if __name__ == "__main__":
+    main()
