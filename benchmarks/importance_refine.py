@@ -13,6 +13,7 @@ would be optimal under ``distill``'s values. Rules (``--rules``):
   ``|screen|`` above every re-scored entry's under-rating (scale-free: a large loss may be under-rated by more);
 * ``calibrated:M`` — ``envelope`` after first re-scoring a seeded sample of ``M`` entries of the better half
   (by screening value): the entries the DP picks are those the screen over-rates, so their gaps alone are biased;
+* ``none_calibrated:M`` — ``none`` after first re-scoring the same seeded sample (the library's default: ``M`` = 8);
 * ``scaled`` / ``scaled_ls`` — no lift, but the screen put on ``distill``'s scale first: multiplied by the median
   (least-squares) ratio ``distill / screen`` of the re-scored entries;
 * ``one`` — ``none``, re-scoring one new entry of the plan per round (the one the screen rates lowest).
@@ -60,8 +61,8 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
     ap.add_argument("--screen", default="tail_distill:steps=5,fit_batch_size=16,eval_images=250")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
-    ap.add_argument("--rules", nargs="+", default=["none", "shift", "envelope", "calibrated:8", "calibrated:16",
-                                                    "scaled", "scaled_ls", "one"])
+    ap.add_argument("--rules", nargs="+", default=["none", "none_calibrated:8", "shift", "envelope", "calibrated:8",
+                                                    "calibrated:16", "scaled", "scaled_ls", "one"])
     ap.add_argument("--samples", type=int, nargs="+", default=[0, 1, 2], help="seeds of the calibration samples")
     ap.add_argument("--finetune-rules", nargs="*", default=[])
     ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -116,9 +117,10 @@ def main() -> None:
     for rule in args.rules:
         kind, _, m = rule.partition(":")
         lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift,
+                "none_calibrated": no_lift,
                 "scaled": scaled_lift(_median_ratio), "scaled_ls": scaled_lift(least_squares_ratio),
                 "one": no_lift}[kind]
-        for sample in (args.samples if kind == "calibrated" else [None]):
+        for sample in (args.samples if kind in ("calibrated", "none_calibrated") else [None]):
             start = set() if sample is None else calibration_sample(s, int(m), sample)
             for budget in args.budgets:
                 best = reference.search(budget)

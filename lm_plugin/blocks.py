@@ -13,6 +13,7 @@ A residual wholly inside the block folds into the kernel: its skip (identity or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -65,6 +66,16 @@ def pad_extra(chain: Chain, convs: Iterable[int]) -> Pair:
     return (e[0], e[1])
 
 
+def join_groups(g: int, h: int) -> int:
+    """The groups of a conv merged from convs (or skips) of ``g`` and ``h`` groups: ``gcd(g, h)``.
+
+    Contiguous equal groups of ``g`` and of ``h`` connect inputs to outputs in ``gcd(g, h)`` groups (a depthwise map
+    after a 4-group conv keeps the 4 groups; anything with a dense conv is dense); :mod:`lm_plugin.merge.algebra`
+    builds exactly that, and the latency table times it.
+    """
+    return math.gcd(g, h)
+
+
 def block_geometry(chain: Chain, st: int, end: int, kept: Iterable[int]) -> BlockGeometry:
     """Geometry of block ``(st, end]`` keeping the convs in ``kept`` (indices outside the block are ignored)."""
     kept_in = tuple(sorted(j for j in kept if st < j <= end))
@@ -81,7 +92,7 @@ def block_geometry(chain: Chain, st: int, end: int, kept: Iterable[int]) -> Bloc
         padding=padding,
         in_channels=first.in_channels,
         out_channels=last.out_channels,
-        groups=groups.pop() if len(groups) == 1 else 1,
+        groups=math.gcd(*groups),  # joined as the merge joins them: join_groups
         input_shape=first.input_shape,
         pad_extra=pad_extra(chain, kept_in),
     )

@@ -17,8 +17,8 @@ holds one *state* per merged geometry that the kept convs among ``st+1 … j`` c
 
     (kernel h/w, stride h/w, padding h/w, groups, any conv kept)
 
-with ``groups`` the common groups value of the kept convs and folded projections (1 if they differ, None if
-there are none yet), the rule of :func:`~lm_plugin.blocks.block_geometry`. Each state holds its best kept subset
+with ``groups`` the groups the kept convs and folded projections merge into (:func:`~lm_plugin.blocks.join_groups`,
+None if there are none yet), the rule of :func:`~lm_plugin.blocks.block_geometry`. Each state holds its best kept subset
 (largest score, ties as below). Conv ``j`` is composed onto every state (``K += (k−1)·S``, ``P += p·S``,
 ``S *= s``) or, if it is prunable, also dropped. A residual whose source is ``≥ st`` is a nested sub-problem: at
 its source the states are pushed and the branch starts from the empty state; at its target only the branch
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from numbers import Rational
 
-from .blocks import BlockGeometry, end_activation, pad_extra, residual_relation
+from .blocks import BlockGeometry, end_activation, join_groups, pad_extra, residual_relation
 from .errors import ConfigurationError
 from .trace.chain import Chain, ChainConv, Residual
 
@@ -242,12 +242,12 @@ def _compose(x: _State, y: _State) -> _State:
 
 
 def _join(g: int | None, h: int | None) -> int | None:
-    """Groups of a union: the common value, 1 if they differ (1 absorbs everything), None = none yet."""
+    """Groups of a union (:func:`~lm_plugin.blocks.join_groups`); None = none yet."""
     if g is None:
         return h
-    if h is None or g == h:
+    if h is None:
         return g
-    return 1
+    return join_groups(g, h)
 
 
 def _offer(states: dict[_State, list[_Sol]], s: _State, a: _Sol, b: _Sol) -> None:

@@ -140,10 +140,10 @@ class LayerMergePruner:
             runs with the screening settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless
             ``screen_settings`` says otherwise. With a name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
-        screen_lift: how a screened search values the entries it has not scored: ``"none"`` (default: the
-            screen's value as it is; only the entries the plans pick are re-scored) or ``"envelope"`` (the screen
-            plus a learned bound on how far it under-rates: finds the complete table's plan when the bound holds,
-            at 3-5x the entries). docs/selection.md compares their cost and plans.
+        screen_lift: how a screened search values the entries it has not scored: ``"envelope"`` (default: the
+            screen plus a learned bound on how far it under-rates; finds the complete table's plan when the bound
+            holds) or ``"none"`` (the screen's value as it is: 3-5x fewer entries, but plans that depend on the
+            calibration sample, some much worse). docs/selection.md compares their cost and plans.
         screen_calibration: entries scored with ``importance`` before the first screened solve, a seeded sample
             of the better half of the screen: the ``"envelope"`` lift learns from them how far the screen
             under-rates entries; without a lift their exact values are what the first solve sees of the
@@ -182,7 +182,7 @@ class LayerMergePruner:
         importance_settings: dict[str, Any] | None = None,
         screen: str | ImportanceEstimator | None = "auto",
         screen_settings: dict[str, Any] | None = None,
-        screen_lift: str = "none",
+        screen_lift: str = "envelope",
         screen_calibration: int = DEFAULT_CALIBRATION,
         resolution: float = 1e-3,
     ) -> None:

@@ -139,7 +139,7 @@ def test_fully_pruned_branch_computes_x_plus_x():
         assert rel_err(expected_block, torch.relu(first(x))) <= 1e-10
 
 
-def test_depthwise_group_stays_depthwise_and_grouped_mix_goes_dense():
+def test_depthwise_group_stays_depthwise_and_grouped_mix_keeps_the_common_groups():
     pruner, x = pruner_for("zoo")
     chain = pruner.chain
     dw = [c.index for c in chain.convs if c.depthwise and c.stride == (1, 1)][:2]
@@ -149,10 +149,11 @@ def test_depthwise_group_stays_depthwise_and_grouped_mix_goes_dense():
     merged = pruner.merge(pruner.apply(plan))
     conv = merged.get_submodule(chain.conv(5).name)
     assert conv.groups == 24 and conv.kernel_size == (7, 7)
-    bounds = set(range(1, chain.length)) - {6}  # depthwise 5x5 then grouped(4) 3x3: dense
+    bounds = set(range(1, chain.length)) - {6}  # depthwise 5x5 then grouped(4) 3x3: 4 groups, not dense
     plan = Plan(chain.length, bounds, set(range(1, chain.length + 1)), chain.fingerprint())
     merged = pruner.merge(pruner.apply(plan))
-    assert merged.get_submodule(chain.conv(6).name).groups == 1
+    assert merged.get_submodule(chain.conv(6).name).groups == 4
+    assert block_geometry(chain, 5, 7, plan.kept_convs).groups == 4  # what the latency table times
     with torch.no_grad():
         assert rel_err(pruner.apply(plan).eval()(x), merged(x)) <= 1e-10
 

@@ -130,7 +130,7 @@ def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_
         calls.append(list(keys))
         return {k: scored[k] for k in keys}
 
-    bare = screened_values(screen, rescore, pick, calibration=0)  # lift="none", the default
+    bare = screened_values(screen, rescore, pick, calibration=0, lift="none")
     chosen = pick(bare.values)
     assert all(k in bare.exact for k in chosen if k in scored)  # the plan is all exact
     assert bare.values == no_lift(screen, bare.exact)  # nothing lifted: the screen where not scored

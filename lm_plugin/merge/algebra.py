@@ -13,13 +13,13 @@ are expanded to dense block-diagonal kernels first.
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..blocks import join_groups
 from ..errors import ConfigurationError
 
 Pair = tuple[int, int]
@@ -108,10 +108,9 @@ class LinearConv:
             raise ConfigurationError(f"cannot compose: {self.out_channels} channels into {nxt.in_channels}")
         g1, g2 = self.groups, nxt.groups
         if g1 != g2 and 1 not in (g1, g2):  # two different groupings: rare, expand both
-            # Contiguous equal groups of g1 and of g2 connect inputs to outputs in gcd(g1, g2) groups (a depthwise
-            # map after a 4-group conv keeps the 4 groups), so the result is grouped again: a dense kernel would
-            # compute the same but run slower than the grouped conv the latency table timed.
-            return self.dense().then(nxt.dense()).regrouped(math.gcd(g1, g2))
+            # grouped again as join_groups says (the geometry the latency table timed): a dense kernel would compute
+            # the same but run slower
+            return self.dense().then(nxt.dense()).regrouped(join_groups(g1, g2))
         # Batched over g groups of the intermediate channels. Equal groups: the result stays grouped. A grouped
         # conv next to a dense one: the result is dense, built group by group, never expanding the grouped
         # kernel to a dense one (a 7392-channel grouped 3x3 expands to 3.9 GB in float64, more than the result).
@@ -148,7 +147,7 @@ class LinearConv:
                                                                     self.stride):
             raise ConfigurationError("cannot add convs of different channels or strides")
         if self.groups != other.groups:  # block-diagonal in gcd groups (see then)
-            return self.dense().plus(other.dense(), offset).regrouped(math.gcd(self.groups, other.groups))
+            return self.dense().plus(other.dense(), offset).regrouped(join_groups(self.groups, other.groups))
         a, b = self, other
         (kh, kw), (oh, ow) = b.kernel_size, offset
         if oh < 0 or ow < 0 or oh + kh > a.kernel_size[0] or ow + kw > a.kernel_size[1]:

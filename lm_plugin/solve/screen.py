@@ -8,16 +8,17 @@ value derived from the screen for the others (the *lift*); the picked entries th
 it solves again, until every entry of the plan is exact. The final plan's objective is always computed from exact
 values only.
 
-``lift="none"`` (the default, :func:`no_lift`): the screen's value as it is. This corrects the *winner's curse*:
-the DP picks, among many nearly tied entries, those the screen over-rates, and re-scoring them exactly removes the
-errors that decide the plan. It does not promise the complete table's plan; measured on the reference workload it
-scores 28-48 of 864 entries and its plans fine-tune as well as the complete table's (docs/selection.md).
+``lift="envelope"`` (the default, :func:`envelope_lift`): the screen plus a bound on how far it under-rates,
+learned from the entries scored so far (the calibration sample shows the gaps without the bias of the picked
+entries, which are those the screen over-rates). If every lift is a true bound, the plan is optimal under the exact
+values (no unscored entry can beat what it was credited with); on the reference workload it finds the complete
+table's plans at about a fifth of its cost.
 
-``lift="envelope"`` (:func:`envelope_lift`): the screen plus a bound on how far it under-rates, learned from the
-entries scored so far (the calibration sample shows the gaps without the bias of the picked entries, which are
-those the screen over-rates). If every lift is a true bound, the plan is optimal under the exact values (no
-unscored entry can beat what it was credited with). The largest under-rating seen lifts every unscored entry, so
-this costs 3-5 times the entries.
+``lift="none"`` (:func:`no_lift`): the screen's value as it is. This corrects only the *winner's curse* (the DP
+picks, among nearly tied entries, those the screen over-rates, and re-scoring them removes the errors that decide
+the plan), at a third to a fifth of the entries. But exact values sit on another scale than the screen's (a short
+fit under-rates blocks), so scored entries look better than unscored ones just for being scored: the plan depends
+on which entries were scored first, and with some calibration samples it is much worse (docs/selection.md).
 
 Every round scores at least one new entry, so a search takes at most as many rounds as there are entries; each
 round is one DP solve and an ``O(n·h)`` lift (``h`` hull points), polynomial in the network's depth.
@@ -55,7 +56,7 @@ class ScreenedValues:
 
 def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapping[K, float]],
                     pick: Callable[[dict[K, float]], Iterable[K]], *, calibration: int = DEFAULT_CALIBRATION,
-                    seed: int = 0, lift: str = "none") -> ScreenedValues:
+                    seed: int = 0, lift: str = "envelope") -> ScreenedValues:
     """Solve on optimistic values, score what the solution picks, repeat until the solution is all exact.
 
     Args:
@@ -65,8 +66,8 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
         pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution.
         calibration: entries of the better half of the screen scored exactly before the first solve.
         seed: seed of the calibration sample.
-        lift: how unscored entries are valued: ``"none"`` (:func:`no_lift`, the screen's value as it is) or
-            ``"envelope"`` (:func:`envelope_lift`, a learned bound on the screen's under-rating).
+        lift: how unscored entries are valued: ``"envelope"`` (:func:`envelope_lift`, a learned bound on the
+            screen's under-rating) or ``"none"`` (:func:`no_lift`, the screen's value as it is).
     """
     if lift not in LIFTS:
         raise ConfigurationError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
