@@ -113,12 +113,15 @@ def main() -> None:
                 return rescored, rounds, found, optimal_after
             rescored.update(sorted(new, key=lambda k: s[k])[:1] if one else new)
 
+    gaps = [d[k] - s[k] for k in scored]
+    under_rating = {"mean": statistics.mean(gaps), "sd": statistics.stdev(gaps)}
+    print(f"screen under-rates by {under_rating['mean']:.1f} %p on average (sd {under_rating['sd']:.1f})")
     runs = []
     for rule in args.rules:
         kind, _, m = rule.partition(":")
         lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift,
                 "none_calibrated": no_lift,
-                "scaled": scaled_lift(_median_ratio), "scaled_ls": scaled_lift(least_squares_ratio),
+                "scaled": scaled_lift(_median_ratio), "scaled_ls": scaled_lift(_least_squares_ratio),
                 "one": no_lift}[kind]
         for sample in (args.samples if kind in ("calibrated", "none_calibrated") else [None]):
             start = set() if sample is None else calibration_sample(s, int(m), sample)
@@ -136,7 +139,8 @@ def main() -> None:
     if args.finetune_rules:
         _finetune(args, base, reference, splits, [r for r in runs if r["rule"] in args.finetune_rules])
     out = Path(args.output) if args.output else RESULTS / f"importance_refine_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "rows": runs}, indent=1))
+    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "under_rating": under_rating,
+                               "rows": runs}, indent=1))
     print(f"{args.model}: screen {args.screen}, re-scored with distill (10 steps)")
     print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "
           "same plan  plan          incumbent  fine-tuned")
@@ -158,7 +162,7 @@ def scaled_lift(ratio: Callable[[list[tuple[float, float]]], float]) -> Lift:
     return lift
 
 
-def least_squares_ratio(pairs: list[tuple[float, float]]) -> float:
+def _least_squares_ratio(pairs: list[tuple[float, float]]) -> float:
     return sum(x * y for x, y in pairs) / sum(x * x for x, _ in pairs)
 
 

@@ -6,7 +6,7 @@ through ``importance_quality_<model>.json`` (keyed by plan id and seed), so a ru
 
     python benchmarks/more_seeds.py --model resnet_fm --plans ccfb6e148709 --distill-budgets 0.5 --seeds 3 4
 
-Prints mean ± sd per plan over every seed saved for it.
+Prints mean ± sd per plan over every seed saved for it, and Welch's t-test of each plan against the first one.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
+import scipy.stats
 import torch
 from importance_quality import finetuned, plan_id
 
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--plans", nargs="*", default=[], help="plan ids (12 hex digits)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--distill-budgets", type=float, nargs="*", default=[],
-                    help="also the plans of the complete distill (10 steps) table in --cache-dir at these budgets")
+                    help="also (first) the plans of the complete distill (10 steps) table in --cache-dir at these budgets")
     ap.add_argument("--cache-dir", default="benchmarks/cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -56,10 +57,10 @@ def main() -> None:
                                      importance="distill", train_data=splits.train, eval_data=splits.val,
                                      importance_settings={"steps": 10}, cache_dir=args.cache_dir, progress=False,
                                      screen=None)
-        for budget in args.distill_budgets:
+        for budget in reversed(args.distill_budgets):  # first: the plans the others are compared with
             plan = reference.search(budget).plan
             plans[plan_id(plan)] = plan.to_dict()
-            args.plans.append(plan_id(plan))
+            args.plans.insert(0, plan_id(plan))
     unknown = [p for p in args.plans if p not in plans]
     if unknown:
         raise SystemExit(f"no saved plan {unknown} for {args.model}")
@@ -69,9 +70,15 @@ def main() -> None:
     for pid in args.plans:
         finetuned(args.model, pruner, Plan.from_dict(plans[pid]), args.seeds, splits, "more seeds")
     runs = json.loads((RESULTS / f"importance_quality_{args.model}.json").read_text())["runs"]
-    for pid in args.plans:
-        acc = [v for k, v in runs.items() if k.startswith(pid + "/")]
-        print(f"{args.model} plan {pid}: {statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} over {len(acc)} seeds")
+    accuracies = {pid: [v for k, v in runs.items() if k.startswith(pid + "/")] for pid in args.plans}
+    first = args.plans[0]
+    for pid, acc in accuracies.items():
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        versus = ""
+        if pid != first and len(acc) > 1 and len(accuracies[first]) > 1:  # Welch's t-test against the first plan
+            p = scipy.stats.ttest_ind(acc, accuracies[first], equal_var=False).pvalue
+            versus = f", {statistics.mean(acc) - statistics.mean(accuracies[first]):+.2f} %p vs {first} (p = {p:.3f})"
+        print(f"{args.model} plan {pid}: {statistics.mean(acc):.2f} ± {spread:.2f} over {len(acc)} seeds{versus}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ A residual wholly inside the block folds into the kernel: its skip (identity or 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def block_geometry(chain: Chain, st: int, end: int, kept: Iterable[int]) -> Bloc
         padding=padding,
         in_channels=first.in_channels,
         out_channels=last.out_channels,
-        groups=math.gcd(*groups),  # joined as the merge joins them: join_groups
+        groups=functools.reduce(join_groups, groups),
         input_shape=first.input_shape,
         pad_extra=pad_extra(chain, kept_in),
     )

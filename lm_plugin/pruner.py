@@ -229,20 +229,15 @@ class LayerMergePruner:
         self.train_data = getattr(self.estimator, "train_data", None)
         #: The screening estimator (None: every search uses the complete importance table).
         self.screen: ImportanceEstimator | None = None
-        if screen == "auto":
-            has_data = getattr(self.estimator, "train_data", None) is not None and \
-                getattr(self.estimator, "eval_data", None) is not None
-            screen = self.estimator.default_screen if has_data else None
-            if screen is None and screen_settings is not None:
-                raise ConfigurationError(
-                    f"screen_settings, but the {self.estimator.name} estimator is not screened by default (or has no "
-                    "training and evaluation data): pass screen='tail_distill' (say) as well")
-        elif screen is None and screen_settings is not None:
-            raise ConfigurationError("screen_settings without a screen: pass screen='tail_distill' (say) as well")
+        eval_data = getattr(self.estimator, "eval_data", None)
+        if screen == "auto":  # the estimator's own choice, when it has the data a screen needs
+            screen = self.estimator.default_screen if self.train_data is not None and eval_data is not None else None
+        if screen is None and screen_settings is not None:
+            raise ConfigurationError(f"screen_settings without a screen (the {self.estimator.name} estimator with "
+                                     "this data is not screened by default): pass screen='tail_distill' (say) as well")
         if screen is not None:
             options = {**SCREEN_SETTINGS.get(screen, {}), **(screen_settings or {})} if isinstance(screen, str) else {}
-            self.screen = make_estimator(screen, train_data=self.train_data,
-                                         eval_data=getattr(self.estimator, "eval_data", None), **options)
+            self.screen = make_estimator(screen, train_data=self.train_data, eval_data=eval_data, **options)
         self.screen_lift = screen_lift
         self.screen_calibration = screen_calibration
         if not 0 < resolution < 1:

@@ -13,7 +13,6 @@ are expanded to dense block-diagonal kernels first.
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 import torch

@@ -2,8 +2,15 @@
 solve on a cheap table and score exactly only what the plan needs)."""
 
 from .dp import Entry, InfeasibleBudgetError, Solution, min_latency, solve
-from .screen import (DEFAULT_CALIBRATION, LIFTS, ScreenedValues, calibration_sample, envelope_lift, no_lift,
-                     screened_values)
+from .screen import (
+                     DEFAULT_CALIBRATION,
+                     LIFTS,
+                     ScreenedValues,
+                     calibration_sample,
+                     envelope_lift,
+                     no_lift,
+                     screened_values,
+)
 
-__all__ = ["DEFAULT_CALIBRATION", "Entry", "InfeasibleBudgetError", "ScreenedValues", "Solution", "calibration_sample",
-           "envelope_lift", "min_latency", "no_lift", "screened_values", "solve", "LIFTS"]
+__all__ = ["DEFAULT_CALIBRATION", "LIFTS", "Entry", "InfeasibleBudgetError", "ScreenedValues", "Solution",
+           "calibration_sample", "envelope_lift", "min_latency", "no_lift", "screened_values", "solve"]

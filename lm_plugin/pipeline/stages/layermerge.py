@@ -24,7 +24,8 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
 
     Settings: ``budget`` (fraction of the received model's measured latency, or ``"12ms"``), ``mode``,
     ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
-    :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table), ``ignored_layers`` (conv names never merged), ``max_kernel``,
+    :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table),
+    ``ignored_layers`` (conv names never merged), ``max_kernel``,
     fine-tuning (``epochs``, ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """
