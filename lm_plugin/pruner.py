@@ -26,6 +26,7 @@ from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import (
+    CALIBRATED_LIFTS,
     DEFAULT_CALIBRATION,
     LIFTS,
     Entry,
@@ -142,8 +143,10 @@ class LayerMergePruner:
         screen_settings: settings of the screen; with a screen name only.
         screen_lift: how a screened search values the entries it has not scored: ``"envelope"`` (default: the
             screen plus a learned bound on how far it under-rates; finds the complete table's plan when the bound
-            holds) or ``"none"`` (the screen's value as it is: 3-5x fewer entries, but plans that depend on the
-            calibration sample, some much worse). docs/selection.md compares their cost and plans.
+            holds), ``"median"`` (the screen on the exact scale by the calibration sample's typical under-rating:
+            about half the entries, plans within the exact estimator's own seed-to-seed spread) or ``"none"``
+            (the screen's value as it is: plans that depend on the calibration sample, some much worse).
+            docs/selection.md compares their cost and plans.
         screen_calibration: entries scored with ``importance`` before the first screened solve, a seeded sample
             of the better half of the screen: the ``"envelope"`` lift learns from them how far the screen
             under-rates entries; without a lift their exact values are what the first solve sees of the
@@ -199,6 +202,9 @@ class LayerMergePruner:
             raise ConfigurationError(f"screen_lift must be one of {sorted(LIFTS)}, got {screen_lift!r}")
         if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
             raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
+        if screen_lift in CALIBRATED_LIFTS and screen_calibration < 1:
+            raise ConfigurationError(f"screen_lift={screen_lift!r} is learned from the calibration sample: use "
+                                     "screen_calibration >= 1 (the default is 8)")
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
             raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model

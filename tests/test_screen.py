@@ -12,7 +12,7 @@ from scipy.optimize import linprog
 from test_importance import trained  # noqa: F401 - the fixture
 
 from lm_plugin import ConfigurationError, LayerMergePruner
-from lm_plugin.solve import Entry, calibration_sample, envelope_lift, no_lift, screened_values, solve
+from lm_plugin.solve import Entry, calibration_sample, envelope_lift, median_lift, no_lift, screened_values, solve
 from lm_plugin.tables.importance import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
 
 
@@ -143,6 +143,38 @@ def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_
     assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
 
 
+def test_the_median_lift_puts_the_screen_on_the_exact_scale_learned_from_the_calibration_sample_only():
+    screen = {(0,): -10.0, (1,): -20.0, (2,): -4.0, (3,): -0.2, (4,): -30.0}
+    calibration = {(0,): -6.0, (1,): -10.0, (2,): -3.0}  # relative under-ratings 0.4, 0.5, 0.25: median 0.4
+    picked = {**calibration, (4,): -29.0}  # an entry a plan picked (over-rated): not used to fit the scale
+    values = median_lift(screen, picked, calibration)
+    assert values == pytest.approx({(0,): -6.0, (1,): -10.0, (2,): -3.0, (4,): -29.0,
+                                    (3,): -0.2 + 0.4 * 1.0})  # |screen| < 1 is lifted as if it were 1 %p
+    assert median_lift(screen, picked, {}) == no_lift(screen, picked)  # no sample, no lift
+    over_rating = median_lift(screen, {(0,): -12.0}, {(0,): -12.0})  # the screen was optimistic: no lift down
+    assert over_rating[(1,)] == screen[(1,)]
+
+
+def test_the_median_lift_corrects_a_screen_on_another_scale_where_no_lift_sticks_to_what_it_scored():
+    ratios = {"none": [], "median": []}  # each plan's exact objective over the optimum's (1 = optimal)
+    for seed in range(8):
+        entries, exact, scored, rng = _problem(seed, n_layers=30)
+        screen = {k: v * rng.uniform(1.5, 2.5) for k, v in scored.items()}  # losses doubled, give or take
+        pick = _pick(entries, 30, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+        optimum = sum(exact[k] for k in pick(exact))
+        for lift in ratios:
+            found = screened_values(screen, lambda keys, s=scored: {k: s[k] for k in keys}, pick, calibration=4,
+                                    seed=seed, lift=lift)
+            chosen = pick(found.values)
+            assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
+            ratios[lift].append(sum(exact[k] for k in chosen) / optimum)
+    assert max(ratios["median"]) < 1.1
+    assert all(m <= n + 1e-9 for m, n in zip(ratios["median"], ratios["none"]))
+    assert sum(ratios["median"]) < sum(ratios["none"])  # scored entries no longer win for being scored
+    with pytest.raises(ConfigurationError, match="calibration sample"):
+        screened_values({(0, 2): -1.0}, dict, pick, calibration=0, lift="median")
+
+
 def test_an_unknown_lift_is_refused():
     with pytest.raises(ConfigurationError, match="unknown lift"):
         screened_values({(0, 2): -1.0}, dict, lambda values: [], lift="half")
@@ -176,7 +208,7 @@ def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(traine
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
 
 
-def test_a_screened_search_without_a_lift_scores_only_what_its_plans_pick(trained, tmp_path):  # noqa: F811
+def test_a_screened_search_without_a_lift_or_with_the_median_one_scores_only_what_its_plans_pick(trained, tmp_path):  # noqa: F811
     model, train, test = trained
     bare, complete = _pruners(model, train, test, tmp_path / "bare", screen_lift="none", screen_calibration=0)
     found = bare.search()
@@ -187,6 +219,10 @@ def test_a_screened_search_without_a_lift_scores_only_what_its_plans_pick(traine
     assert bare.screen_summary(found)["lift"] == "none"
     envelope, _ = _pruners(model, train, test, tmp_path / "envelope", screen_lift="envelope", screen_calibration=0)
     assert found.scored_entries <= envelope.search().scored_entries
+    median, _ = _pruners(model, train, test, tmp_path / "median", screen_lift="median", screen_calibration=2)
+    on_scale = median.search()
+    assert on_scale.objective == pytest.approx(sum(table[e.key] for e in on_scale.solution.entries))
+    assert median.screen_summary(on_scale)["lift"] == "median" and 2 <= on_scale.scored_entries
 
 
 def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(trained, tmp_path):  # noqa: F811
@@ -210,6 +246,7 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
     ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
     ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
     ({"screen": "tail_distill", "screen_lift": "half"}, "screen_lift must be one of"),
+    ({"screen": "tail_distill", "screen_lift": "median", "screen_calibration": 0}, "learned from the calibration"),
     ({"screen": "no_such_estimator"}, "unknown importance estimator"),
 ])
 def test_bad_screen_configurations_say_what_to_do(trained, kwargs, match):  # noqa: F811

@@ -3,14 +3,17 @@ solve on a cheap table and score exactly only what the plan needs)."""
 
 from .dp import Entry, InfeasibleBudgetError, Solution, min_latency, solve
 from .screen import (
+                     CALIBRATED_LIFTS,
                      DEFAULT_CALIBRATION,
                      LIFTS,
                      ScreenedValues,
                      calibration_sample,
                      envelope_lift,
+                     median_lift,
                      no_lift,
                      screened_values,
 )
 
-__all__ = ["DEFAULT_CALIBRATION", "LIFTS", "Entry", "InfeasibleBudgetError", "ScreenedValues", "Solution",
-           "calibration_sample", "envelope_lift", "min_latency", "no_lift", "screened_values", "solve"]
+__all__ = ["CALIBRATED_LIFTS", "DEFAULT_CALIBRATION", "LIFTS", "Entry", "InfeasibleBudgetError", "ScreenedValues",
+           "Solution", "calibration_sample", "envelope_lift", "median_lift", "min_latency", "no_lift",
+           "screened_values", "solve"]

@@ -14,7 +14,15 @@ entries, which are those the screen over-rates). If every lift is a true bound, 
 values (no unscored entry can beat what it was credited with); on the reference workload it finds the complete
 table's plans at about a fifth of its cost.
 
-``lift="none"`` (:func:`no_lift`): the screen's value as it is. This corrects only the *winner's curse* (the DP
+``lift="median"`` (:func:`median_lift`): the screen put on the exact estimator's scale by the *typical*
+under-rating, learned from the calibration sample alone: the median of ``(exact − screen) / max(|screen|, 1)``
+over it, applied in proportion to each entry's screening loss. Not a bound, so the plan is not guaranteed to be
+the complete table's; but scored and unscored entries compete on one scale (the picked entries, over-rated by the
+screen, are not used to fit it: they would pull the scale down), and re-scoring still corrects the winner's curse.
+On the reference workload its plans are those of the exact estimator with one seed or another, at about half the
+entries of the envelope (docs/selection.md).
+
+``lift="none"`` (:func:`no_lift`): the screen's value as it is. This corrects only the winner's curse (the DP
 picks, among nearly tied entries, those the screen over-rates, and re-scoring them removes the errors that decide
 the plan), at a third to a fifth of the entries. But exact values sit on another scale than the screen's (a short
 fit under-rates blocks), so scored entries look better than unscored ones just for being scored: the plan depends
@@ -27,6 +35,7 @@ round is one DP solve and an ``O(n·h)`` lift (``h`` hull points), polynomial in
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -67,23 +76,29 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
         calibration: entries of the better half of the screen scored exactly before the first solve.
         seed: seed of the calibration sample.
         lift: how unscored entries are valued: ``"envelope"`` (:func:`envelope_lift`, a learned bound on the
-            screen's under-rating) or ``"none"`` (:func:`no_lift`, the screen's value as it is).
+            screen's under-rating), ``"median"`` (:func:`median_lift`, the typical under-rating of the calibration
+            sample) or ``"none"`` (:func:`no_lift`, the screen's value as it is).
     """
     if lift not in LIFTS:
         raise ConfigurationError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
-    optimistic = LIFTS[lift]
+    if lift in CALIBRATED_LIFTS and calibration < 1:
+        raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use calibration >= 1 "
+                                 "(or another lift)")
+    lifted = LIFTS[lift]
     exact: dict[K, float] = dict(rescore(calibration_sample(screen, calibration, seed))) if calibration else {}
+    sample = dict(exact)
     rounds = 0
     while True:
         rounds += 1
-        values = optimistic(screen, exact)
+        values = lifted(screen, exact, sample)
         new = [k for k in dict.fromkeys(pick(values)) if k in screen and k not in exact]
         if not new:
             return ScreenedValues(values, exact, rounds)
         exact.update(rescore(new))
 
 
-def envelope_lift(screen: Mapping[K, float], exact: Mapping[K, float]) -> dict[K, float]:
+def envelope_lift(screen: Mapping[K, float], exact: Mapping[K, float],
+                  calibration: Mapping[K, float] | None = None) -> dict[K, float]:
     """Optimistic values: exact where scored, else ``screen + lift(|screen|)``.
 
     ``lift(x)`` is the smallest ``L0 + L1·x`` (``L0, L1 ≥ 0``) over the lines that lie above every scored entry's
@@ -91,7 +106,7 @@ def envelope_lift(screen: Mapping[K, float], exact: Mapping[K, float]) -> dict[K
     scale-free (a large screening loss may be under-rated by more than a small one), 0 where the screen never
     under-rated, and at least the largest under-rating seen for losses beyond every scored one. A two-variable LP,
     so its optimum is a vertex: an upper-hull edge, the horizontal line through the highest point, or the line
-    through the origin and the steepest point.
+    through the origin and the steepest point. (Learned from every scored entry: ``calibration`` is not needed.)
     """
     if not exact:
         return dict(screen)
@@ -121,13 +136,33 @@ def envelope_lift(screen: Mapping[K, float], exact: Mapping[K, float]) -> dict[K
     return {k: exact[k] if k in exact else v + lift(abs(v)) for k, v in screen.items()}
 
 
-def no_lift(screen: Mapping[K, float], exact: Mapping[K, float]) -> dict[K, float]:
+def median_lift(screen: Mapping[K, float], exact: Mapping[K, float],
+                calibration: Mapping[K, float] | None = None) -> dict[K, float]:
+    """Exact where scored, else ``screen + a·max(|screen|, 1)``: the screen on the exact estimator's scale.
+
+    ``a`` is the median over the ``calibration`` sample of ``(exact − screen) / max(|screen|, 1)`` (not below 0):
+    the typical relative under-rating of the screen. The sample is drawn before any solve, so unlike the entries
+    the plans pick (which the screen over-rates) it is not biased toward small gaps; the floor of 1 %p keeps
+    near-zero screening losses from dividing by noise. Without a calibration sample nothing is lifted.
+    """
+    gaps = sorted((v - screen[k]) / max(abs(screen[k]), 1.0) for k, v in (calibration or {}).items() if k in screen)
+    a = max(0.0, statistics.median(gaps)) if gaps else 0.0
+    return {k: exact[k] if k in exact else v + a * max(abs(v), 1.0) for k, v in screen.items()}
+
+
+def no_lift(screen: Mapping[K, float], exact: Mapping[K, float],
+            calibration: Mapping[K, float] | None = None) -> dict[K, float]:
     """Exact values where scored, the screen's elsewhere (re-scoring corrects only the entries a plan picks)."""
     return {k: exact.get(k, v) for k, v in screen.items()}
 
 
+#: A lift ``(screen, exact, calibration) -> values``: every entry's value for the next solve, from the screen,
+#: the exactly scored entries and the calibration sample's exact values (a subset of them).
+Lift = Callable[[Mapping[K, float], Mapping[K, float], Mapping[K, float]], dict[K, float]]
 #: How a screened search values the entries it has not scored, by name (``LayerMergePruner(screen_lift=...)``).
-LIFTS: dict[str, Callable[[Mapping, Mapping], dict]] = {"envelope": envelope_lift, "none": no_lift}
+LIFTS: dict[str, Lift] = {"envelope": envelope_lift, "median": median_lift, "none": no_lift}
+#: The lifts learned from the calibration sample alone (they need one).
+CALIBRATED_LIFTS = frozenset({"median"})
 
 
 def calibration_sample(screen: Mapping[K, float], m: int, seed: int = 0) -> list[K]:
