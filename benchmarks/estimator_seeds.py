@@ -56,11 +56,11 @@ def main() -> None:
             start = time.perf_counter()
             found = pruner.search(budget)
             row = {"estimator": args.estimator, "estimator_seed": seed, "complete": args.complete, "budget": budget,
-                   "plan": plan_id(found.plan), "objective": found.objective,
+                   "plan": plan_id(found.plan), "plan_dict": found.plan.to_dict(), "objective": found.objective,
                    "predicted_speedup": found.predicted_speedup, "search_seconds": time.perf_counter() - start}
             print(f"seed {seed} budget {budget}: plan {row['plan']} objective {found.objective:.2f}", flush=True)
             _merge(out, row)
-        for budget in args.budgets:
+        for budget in args.budgets if args.seeds else []:
             found = pruner.search(budget)  # cached now
             accuracies = finetuned(args.model, pruner, found.plan, args.seeds, splits, f"{budget} seed {seed}")
             _merge(out, {"estimator": args.estimator, "estimator_seed": seed, "complete": args.complete,

@@ -13,7 +13,9 @@ would be optimal under ``distill``'s values. Rules (``--rules``):
   ``|screen|`` above every re-scored entry's under-rating (scale-free: a large loss may be under-rated by more);
 * ``calibrated:M`` — ``envelope`` after first re-scoring a seeded sample of ``M`` entries of the better half
   (by screening value): the entries the DP picks are those the screen over-rates, so their gaps alone are biased;
-* ``none_calibrated:M`` — ``none`` after first re-scoring the same seeded sample (the library's default: ``M`` = 8);
+* ``none_calibrated:M`` — ``none`` after first re-scoring the same seeded sample;
+* ``median_calibrated:M`` — the library's ``median`` lift: the screen times the calibration sample's median
+  relative under-rating, fitted on that sample alone;
 * ``scaled`` / ``scaled_ls`` — no lift, but the screen put on ``distill``'s scale first: multiplied by the median
   (least-squares) ratio ``distill / screen`` of the re-scored entries;
 * ``one`` — ``none``, re-scoring one new entry of the plan per round (the one the screen rates lowest).
@@ -45,7 +47,7 @@ from importance_quality import _save, parse_settings, plan_id
 
 from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.solve import InfeasibleBudgetError
-from lm_plugin.solve.screen import calibration_sample, envelope_lift, no_lift
+from lm_plugin.solve.screen import calibration_sample, envelope_lift, median_lift, no_lift
 from lm_plugin.tables.importance import ImportanceTable, _weights_id
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import data_splits
@@ -53,13 +55,16 @@ from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
 Key = tuple
-Lift = Callable[[dict[Key, float], dict[Key, float]], dict[Key, float]]
+Lift = Callable[[dict[Key, float], dict[Key, float], dict[Key, float]], dict[Key, float]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["resnet_fm", "mbv2_fm"], default="mbv2_fm")
     ap.add_argument("--screen", default="tail_distill:steps=5,fit_batch_size=16,eval_images=250")
+    ap.add_argument("--exact", default="distill:steps=10", metavar="NAME:KEY=VALUE,...",
+                    help="the exact estimator (its complete table is built if not cached), e.g. "
+                         "distill:steps=10,seed=1 for another seed's table")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     ap.add_argument("--rules", nargs="+", default=["none", "none_calibrated:8", "shift", "envelope", "calibrated:8",
                                                     "calibrated:16", "scaled", "scaled_ls", "one"])
@@ -80,7 +85,8 @@ def main() -> None:
                                 train_data=splits.train, eval_data=splits.val, importance_settings=options,
                                 cache_dir=args.cache_dir, progress=False, screen=None)  # complete tables
 
-    screen, reference = pruner(name, settings), pruner("distill", {"steps": 10})
+    (exact_name, exact_settings), = parse_settings([args.exact]).items()
+    screen, reference = pruner(name, settings), pruner(exact_name, exact_settings)
     cheap, exact = screen.importance_table(), reference.importance_table()
     if cheap.evaluated or exact.evaluated:
         print(f"note: {cheap.evaluated + exact.evaluated} entries were not cached and were scored now")
@@ -107,7 +113,7 @@ def main() -> None:
             rounds += 1
             if optimal_after is None and incumbent(rescored, budget) >= best - 1e-6:
                 optimal_after = len(rescored)
-            found = solve(lift(s, {k: d[k] for k in rescored}), budget)
+            found = solve(lift(s, {k: d[k] for k in rescored}, {k: d[k] for k in start}), budget)
             new = [e.key for e in found.solution.entries if e.key in scored and e.key not in rescored]
             if not new:
                 return rescored, rounds, found, optimal_after
@@ -120,10 +126,10 @@ def main() -> None:
     for rule in args.rules:
         kind, _, m = rule.partition(":")
         lift = {"none": no_lift, "shift": shift_lift, "envelope": envelope_lift, "calibrated": envelope_lift,
-                "none_calibrated": no_lift,
+                "none_calibrated": no_lift, "median_calibrated": median_lift,
                 "scaled": scaled_lift(_median_ratio), "scaled_ls": scaled_lift(_least_squares_ratio),
                 "one": no_lift}[kind]
-        for sample in (args.samples if kind in ("calibrated", "none_calibrated") else [None]):
+        for sample in (args.samples if kind.endswith("calibrated") else [None]):
             start = set() if sample is None else calibration_sample(s, int(m), sample)
             for budget in args.budgets:
                 best = reference.search(budget)
@@ -139,9 +145,9 @@ def main() -> None:
     if args.finetune_rules:
         _finetune(args, base, reference, splits, [r for r in runs if r["rule"] in args.finetune_rules])
     out = Path(args.output) if args.output else RESULTS / f"importance_refine_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "under_rating": under_rating,
-                               "rows": runs}, indent=1))
-    print(f"{args.model}: screen {args.screen}, re-scored with distill (10 steps)")
+    out.write_text(json.dumps({"model": args.model, "screen": args.screen, "exact": args.exact,
+                               "under_rating": under_rating, "rows": runs}, indent=1))
+    print(f"{args.model}: screen {args.screen}, re-scored with {args.exact}")
     print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "
           "same plan  plan          incumbent  fine-tuned")
     for r in runs:
@@ -155,7 +161,7 @@ def main() -> None:
 
 def scaled_lift(ratio: Callable[[list[tuple[float, float]]], float]) -> Lift:
     """No lift; the screen multiplied by ``ratio`` of the re-scored entries' ``(screen, distill)`` pairs."""
-    def lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
+    def lift(screen: dict[Key, float], exact: dict[Key, float], calibration: dict[Key, float]) -> dict[Key, float]:
         pairs = [(screen[k], v) for k, v in exact.items() if screen[k] < 0]
         a = ratio(pairs) if pairs else 1.0
         return {k: exact[k] if k in exact else a * v for k, v in screen.items()}
@@ -170,7 +176,7 @@ def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     return statistics.median(y / x for x, y in pairs)
 
 
-def shift_lift(screen: dict[Key, float], exact: dict[Key, float]) -> dict[Key, float]:
+def shift_lift(screen: dict[Key, float], exact: dict[Key, float], calibration: dict[Key, float]) -> dict[Key, float]:
     lift = max([0.0] + [v - screen[k] for k, v in exact.items()])
     return {k: exact[k] if k in exact else v + lift for k, v in screen.items()}
 

@@ -1,6 +1,7 @@
 """Fine-tune saved plans over more seeds: is a difference between two estimators' plans beyond the seed spread?
 
-Takes plans by id from the results of ``importance_quality.py`` and ``importance_refine.py`` (their ``plan_dict``)
+Takes plans by id from the results of ``importance_quality.py``, ``importance_refine.py`` and ``estimator_seeds.py``
+(their ``plan_dict``)
 and fine-tunes each with the workload recipe for ``--seeds``; runs are shared with ``importance_quality.py``
 through ``importance_quality_<model>.json`` (keyed by plan id and seed), so a run is never repeated.
 
@@ -30,8 +31,8 @@ RESULTS = Path(__file__).parent / "results"
 def saved_plans(model: str) -> dict[str, dict]:
     """Every plan the quality and refine studies saved, by id."""
     plans: dict[str, dict] = {}
-    for name in (f"importance_quality_{model}.json", f"importance_refine_{model}.json"):
-        path = RESULTS / name
+    refine = sorted(RESULTS.glob(f"importance_refine_{model}*.json"))
+    for path in [RESULTS / f"importance_quality_{model}.json", *refine, RESULTS / f"estimator_seeds_{model}.json"]:
         if path.is_file():
             for row in json.loads(path.read_text()).get("rows", []):
                 if "plan_dict" in row:
@@ -45,7 +46,8 @@ def main() -> None:
     ap.add_argument("--plans", nargs="*", default=[], help="plan ids (12 hex digits)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--distill-budgets", type=float, nargs="*", default=[],
-                    help="also (first) the plans of the complete distill (10 steps) table in --cache-dir at these budgets")
+                    help="also (first) the plans of the complete distill (10 steps) table in --cache-dir at these "
+                         "budgets")
     ap.add_argument("--cache-dir", default="benchmarks/cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
