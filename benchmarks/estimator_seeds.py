@@ -5,7 +5,9 @@ seed gives other values and, where plans are nearly tied, other plans. This scri
 ``importance=ESTIMATOR`` and ``importance_settings={..., "seed": S}`` for each ``--estimator-seeds`` (the library's
 default search: screened for ``distill``, ``--complete`` for the complete table), then fine-tunes each distinct
 plan with the workload recipe over ``--seeds`` (runs shared with ``importance_quality.py``). A cheaper rule whose
-plans differ from seed 0's by less than seed 1's do is as good as that reference can tell.
+plans differ from seed 0's by less than seed 1's do is as good as that reference can tell. With ``--complete`` and
+several seeds it also reports how far the seeds' complete tables agree (Spearman per pair; the per-entry standard
+deviation over seeds, by band of mean value).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/estimator_seeds.py --model mbv2_fm --estimator-seeds 1
 
@@ -21,6 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
+import scipy.stats
 import torch
 from importance_quality import finetuned, parse_settings, plan_id
 
@@ -47,11 +50,14 @@ def main() -> None:
     base = trained(args.model, progress=False)
     example = torch.randn(64, *splits.input_shape)
     out = RESULTS / f"estimator_seeds_{args.model}.json"
+    tables = {}
     for seed in args.estimator_seeds:
         pruner = LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
                                   train_data=splits.train, eval_data=splits.val,
                                   importance_settings={**settings, "seed": seed}, cache_dir=args.cache_dir,
                                   progress=True, **({"screen": None} if args.complete else {}))
+        if args.complete:
+            tables[seed] = pruner.importance_table().values
         for budget in args.budgets:
             start = time.perf_counter()
             found = pruner.search(budget)
@@ -66,13 +72,45 @@ def main() -> None:
             _merge(out, {"estimator": args.estimator, "estimator_seed": seed, "complete": args.complete,
                          "budget": budget, "accuracies": accuracies, "mean": statistics.mean(accuracies),
                          "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0})
+    if len(tables) > 1:
+        _merge_agreement(out, args.estimator, _agreement(tables))
     saved = json.loads(out.read_text())
     print(f"{args.model}: {args.estimator}, plans per estimator seed, fine-tuned over seeds {args.seeds}")
     for r in sorted(saved["rows"], key=lambda r: (r["budget"], r["estimator_seed"])):
         tuned = f"{r['mean']:.2f} +- {r['std']:.2f}" if "mean" in r else ""
         print(f"{r['budget']:>5} seed {r['estimator_seed']} {'complete' if r['complete'] else 'screened':<9} "
               f"{r['plan']:<13} {r['objective']:8.2f} {r['predicted_speedup']:5.2f}x {tuned}")
+    for name, agreement in saved.get("agreement", {}).items():
+        print(f"{name}, complete tables of seeds {agreement['seeds']}: Spearman between seeds "
+              f"{', '.join(f'{r:.3f}' for r in agreement['spearman'])}; per-entry sd over seeds by mean value: "
+              + ", ".join(f"[{b['from']}, {b['to']}) {b['sd']:.2f} ({b['entries']})" for b in agreement["bands"]))
     print(f"wrote {out}")
+
+
+def _agreement(tables: dict[int, dict]) -> dict:
+    """How far the seeds' complete tables agree: Spearman per pair, the per-entry sd by band of mean value."""
+    seeds = sorted(tables)
+    keys = sorted(k for k in tables[seeds[0]] if any(t[k] != 0.0 for t in tables.values()))
+    values = [[tables[s][k] for k in keys] for s in seeds]
+    spearman = [float(scipy.stats.spearmanr(values[i], values[j]).statistic)
+                for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
+    bands = []
+    for lo, hi in [(-5, 1), (-15, -5), (-30, -15), (-100, -30)]:
+        sds = [statistics.stdev(col) for col in zip(*values) if lo <= statistics.mean(col) < hi]
+        if sds:
+            bands.append({"from": lo, "to": hi, "entries": len(sds),
+                          "sd": (sum(sd * sd for sd in sds) / len(sds)) ** 0.5})
+    return {"seeds": seeds, "spearman": spearman, "bands": bands}
+
+
+def _merge_agreement(out: Path, estimator: str, agreement: dict) -> None:
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+        saved.setdefault("agreement", {})[estimator] = agreement
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
+        tmp.replace(out)
 
 
 def _merge(out: Path, row: dict) -> None:
