@@ -29,6 +29,7 @@ import torch
 from importance_quality import finetuned, parse_settings, plan_id
 
 from lm_plugin import LayerMergePruner
+from lm_plugin.solve import DEFAULT_LIFT, LIFTS
 from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
 
@@ -48,7 +49,8 @@ def main() -> None:
                     help="with --set: a seeded sample of entries scored with the workload's distill, timed "
                          "between the searches (the cost the complete table is estimated from)")
     ap.add_argument("--calibration", type=int, default=None, help="screen_calibration (default: the library's)")
-    ap.add_argument("--lift", default="envelope", help="screen_lift: envelope (the library's default) or none")
+    ap.add_argument("--lift", default=DEFAULT_LIFT, choices=sorted(LIFTS),
+                    help=f"screen_lift (the library's default: {DEFAULT_LIFT})")
     ap.add_argument("--seeds", type=int, nargs="*", default=[],
                     help="fine-tune each plan with the workload recipe over these seeds (runs shared with "
                          "importance_quality.py)")
@@ -150,7 +152,7 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__}
     suffix = "".join(f"_{k}{v}" for k, v in sorted(exact.items()))
     suffix += "" if args.calibration is None else f"_calibration{args.calibration}"
-    suffix += "" if args.lift == "envelope" else f"_lift{args.lift}"
+    suffix += "" if args.lift == "envelope" else f"_lift{args.lift}"  # the envelope's runs came first
     out = RESULTS / f"screened_search_{args.model}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

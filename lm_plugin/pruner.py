@@ -28,6 +28,7 @@ from .rewrite import RewriteOptions, to_trainable
 from .solve import (
     CALIBRATED_LIFTS,
     DEFAULT_CALIBRATION,
+    DEFAULT_LIFT,
     LIFTS,
     Entry,
     InfeasibleBudgetError,
@@ -141,16 +142,16 @@ class LayerMergePruner:
             runs with the screening settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless
             ``screen_settings`` says otherwise. With a name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
-        screen_lift: how a screened search values the entries it has not scored: ``"envelope"`` (default: the
-            screen plus a learned bound on how far it under-rates; finds the complete table's plan when the bound
-            holds), ``"median"`` (the screen on the exact scale by the calibration sample's typical under-rating:
-            about half the entries, plans within the exact estimator's own seed-to-seed spread) or ``"none"``
-            (the screen's value as it is: plans that depend on the calibration sample, some much worse).
-            docs/selection.md compares their cost and plans.
+        screen_lift: how a screened search values the entries it has not scored: ``"median"`` (default: the
+            screen on the exact scale by the calibration sample's typical under-rating; plans that fine-tune as
+            well as the exact estimator's over its seeds), ``"envelope"`` (the screen plus a learned bound on how
+            far it under-rates: the complete table's plan when the bound holds, at about twice the entries) or
+            ``"none"`` (the screen's value as it is: plans that depend on the calibration sample, some much
+            worse). docs/selection.md compares their cost and plans.
         screen_calibration: entries scored with ``importance`` before the first screened solve, a seeded sample
-            of the better half of the screen: the ``"envelope"`` lift learns from them how far the screen
-            under-rates entries; without a lift their exact values are what the first solve sees of the
-            screen's best entries (on a small table, a good part of them).
+            of the better half of the screen: the lifts learn from them how far the screen under-rates entries
+            (``"median"`` needs at least one); without a lift their exact values are what the first solve sees of
+            the screen's best entries (on a small table, a good part of them).
 
     Raises:
         ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
@@ -185,7 +186,7 @@ class LayerMergePruner:
         importance_settings: dict[str, Any] | None = None,
         screen: str | ImportanceEstimator | None = "auto",
         screen_settings: dict[str, Any] | None = None,
-        screen_lift: str = "envelope",
+        screen_lift: str = DEFAULT_LIFT,
         screen_calibration: int = DEFAULT_CALIBRATION,
         resolution: float = 1e-3,
     ) -> None:

@@ -5,6 +5,7 @@ from .dp import Entry, InfeasibleBudgetError, Solution, min_latency, solve
 from .screen import (
                      CALIBRATED_LIFTS,
                      DEFAULT_CALIBRATION,
+                     DEFAULT_LIFT,
                      LIFTS,
                      ScreenedValues,
                      calibration_sample,
@@ -14,6 +15,6 @@ from .screen import (
                      screened_values,
 )
 
-__all__ = ["CALIBRATED_LIFTS", "DEFAULT_CALIBRATION", "LIFTS", "Entry", "InfeasibleBudgetError", "ScreenedValues",
-           "Solution", "calibration_sample", "envelope_lift", "median_lift", "min_latency", "no_lift",
-           "screened_values", "solve"]
+__all__ = ["CALIBRATED_LIFTS", "DEFAULT_CALIBRATION", "DEFAULT_LIFT", "LIFTS", "Entry", "InfeasibleBudgetError",
+           "ScreenedValues", "Solution", "calibration_sample", "envelope_lift", "median_lift", "min_latency",
+           "no_lift", "screened_values", "solve"]

@@ -8,19 +8,20 @@ value derived from the screen for the others (the *lift*); the picked entries th
 it solves again, until every entry of the plan is exact. The final plan's objective is always computed from exact
 values only.
 
-``lift="envelope"`` (the default, :func:`envelope_lift`): the screen plus a bound on how far it under-rates,
-learned from the entries scored so far (the calibration sample shows the gaps without the bias of the picked
-entries, which are those the screen over-rates). If every lift is a true bound, the plan is optimal under the exact
-values (no unscored entry can beat what it was credited with); on the reference workload it finds the complete
-table's plans at about a fifth of its cost.
+``lift="median"`` (the default, :func:`median_lift`): the screen put on the exact estimator's scale by the
+*typical* under-rating, learned from the calibration sample alone: the median of
+``(exact − screen) / max(|screen|, 1)`` over it, applied in proportion to each entry's screening loss. Scored and
+unscored entries then compete on one scale (the picked entries, which the screen over-rates, are not used to fit
+it: they would pull the scale down), and re-scoring corrects the *winner's curse* (the DP picks, among nearly tied
+entries, those the screen over-rates). Not a bound, so the plan need not be the complete table's; but the exact
+estimator is itself noisy (another seed of ``distill`` picks other plans, some 0.5 %p worse after fine-tuning),
+and on the reference workload this rule's plans fine-tune as well as that estimator's over its seeds, at about
+half the entries of the envelope (docs/selection.md).
 
-``lift="median"`` (:func:`median_lift`): the screen put on the exact estimator's scale by the *typical*
-under-rating, learned from the calibration sample alone: the median of ``(exact − screen) / max(|screen|, 1)``
-over it, applied in proportion to each entry's screening loss. Not a bound, so the plan is not guaranteed to be
-the complete table's; but scored and unscored entries compete on one scale (the picked entries, over-rated by the
-screen, are not used to fit it: they would pull the scale down), and re-scoring still corrects the winner's curse.
-On the reference workload its plans are those of the exact estimator with one seed or another, at about half the
-entries of the envelope (docs/selection.md).
+``lift="envelope"`` (:func:`envelope_lift`): the screen plus a bound on how far it under-rates, learned from the
+entries scored so far (the calibration sample shows the gaps without the bias of the picked entries). If every
+lift is a true bound, the plan is optimal under the exact values (no unscored entry can beat what it was credited
+with): the complete table's plan, at about a fifth of its cost on the reference workload.
 
 ``lift="none"`` (:func:`no_lift`): the screen's value as it is. This corrects only the winner's curse (the DP
 picks, among nearly tied entries, those the screen over-rates, and re-scoring them removes the errors that decide
@@ -46,6 +47,8 @@ K = TypeVar("K", bound=Hashable)
 
 #: Entries scored exactly before the first solve, drawn from the better half of the screen.
 DEFAULT_CALIBRATION = 8
+#: How a screened search values the entries it has not scored unless told otherwise (a key of :data:`LIFTS`).
+DEFAULT_LIFT = "median"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class ScreenedValues:
 
 def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapping[K, float]],
                     pick: Callable[[dict[K, float]], Iterable[K]], *, calibration: int = DEFAULT_CALIBRATION,
-                    seed: int = 0, lift: str = "envelope") -> ScreenedValues:
+                    seed: int = 0, lift: str = DEFAULT_LIFT) -> ScreenedValues:
     """Solve on optimistic values, score what the solution picks, repeat until the solution is all exact.
 
     Args:
@@ -75,9 +78,10 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
         pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution.
         calibration: entries of the better half of the screen scored exactly before the first solve.
         seed: seed of the calibration sample.
-        lift: how unscored entries are valued: ``"envelope"`` (:func:`envelope_lift`, a learned bound on the
-            screen's under-rating), ``"median"`` (:func:`median_lift`, the typical under-rating of the calibration
-            sample) or ``"none"`` (:func:`no_lift`, the screen's value as it is).
+        lift: how unscored entries are valued: ``"median"`` (:data:`DEFAULT_LIFT`; :func:`median_lift`, the
+            screen on the exact scale by the calibration sample's typical under-rating), ``"envelope"``
+            (:func:`envelope_lift`, a learned bound on the screen's under-rating) or ``"none"`` (:func:`no_lift`,
+            the screen's value as it is).
     """
     if lift not in LIFTS:
         raise ConfigurationError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
