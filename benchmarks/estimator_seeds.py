@@ -2,12 +2,12 @@
 
 An importance table is itself noisy: ``distill`` trains each entry for a few steps from a seeded run, and another
 seed gives other values and, where plans are nearly tied, other plans. This script searches each budget with
-``importance=ESTIMATOR`` and ``importance_settings={..., "seed": S}`` for each ``--estimator-seeds`` (the library's
-default search: screened for ``distill``, ``--complete`` for the complete table), then fine-tunes each distinct
-plan with the workload recipe over ``--seeds`` (runs shared with ``importance_quality.py``). A cheaper rule whose
-plans differ from seed 0's by less than seed 1's do is as good as that reference can tell. With ``--complete`` and
-several seeds it also reports how far the seeds' complete tables agree (Spearman per pair; the per-entry standard
-deviation over seeds, by band of mean value).
+``importance=ESTIMATOR`` and ``importance_settings={..., "seed": S}`` for each ``--estimator-seeds`` (a screened
+search with the ``envelope`` lift, which finds the complete table's plan where its bound holds; ``--complete``: the
+complete table), then fine-tunes each distinct plan with the workload recipe over ``--seeds`` (runs shared with
+``importance_quality.py``). A cheaper rule whose plans fine-tune within the spread of the seeds' plans is as good
+as that estimator can tell. With ``--complete`` and several seeds it also reports how far the seeds' complete
+tables agree (Spearman per pair; the per-entry standard deviation over seeds, by band of mean value).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/estimator_seeds.py --model mbv2_fm --estimator-seeds 1
 
@@ -55,7 +55,8 @@ def main() -> None:
         pruner = LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=name,
                                   train_data=splits.train, eval_data=splits.val,
                                   importance_settings={**settings, "seed": seed}, cache_dir=args.cache_dir,
-                                  progress=True, **({"screen": None} if args.complete else {}))
+                                  progress=True,
+                                  **({"screen": None} if args.complete else {"screen_lift": "envelope"}))
         if args.complete:
             tables[seed] = pruner.importance_table().values
         for budget in args.budgets:
@@ -121,7 +122,8 @@ def _merge(out: Path, row: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = json.loads(out.read_text()) if out.is_file() else {"rows": []}
         old = next((r for r in saved["rows"] if all(r.get(k) == row[k] for k in key)), None)
-        saved["rows"] = [r for r in saved["rows"] if r is not old] + [{**(old or {}), **row}]
+        kept = {} if old is None or old.get("plan") != row.get("plan", old.get("plan")) else old  # another plan now
+        saved["rows"] = [r for r in saved["rows"] if r is not old] + [{**kept, **row}]
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
