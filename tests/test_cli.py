@@ -116,6 +116,7 @@ def test_compress_with_a_screen_reports_what_it_scored(compressed, env):
     assert report["screen"]["estimator"]["estimator"] == "zero_shot"
     assert 0 < report["screen"]["scored_entries"] < report["screen"]["table_entries"]
     assert "screened search with `zero_shot`" in (out / "report.md").read_text()
+    assert "(`median` lift)" in (out / "report.md").read_text()  # the default
     assert report["exact"]
 
 

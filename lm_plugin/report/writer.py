@@ -135,6 +135,7 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
               f"({', '.join(f'{k}={v}' for k, v in report['importance'].items() if k != 'estimator')})"
               + (f"; screened search with `{report['screen']['estimator'].get('estimator')}`: "
                  f"{report['screen']['scored_entries']} of {report['screen']['table_entries']} entries scored"
+                 + (f" (`{report['screen']['lift']}` lift)" if report['screen'].get("lift") else "")
                  if report.get("screen") else "") + ".",
               f"- Chain: {report['chain']['convs']} convs, {report['chain']['candidates']} candidate blocks, "
               f"mode `{report['chain']['mode']}`, max kernel {report['chain']['max_kernel']}.",
