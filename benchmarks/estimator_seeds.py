@@ -21,6 +21,7 @@ import fcntl
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import scipy.stats
@@ -59,16 +60,16 @@ def main() -> None:
                                   **({"screen": None} if args.complete else {"screen_lift": "envelope"}))
         if args.complete:
             tables[seed] = pruner.importance_table().values
+        plans = {}
         for budget in args.budgets:
             start = time.perf_counter()
-            found = pruner.search(budget)
+            found = plans[budget] = pruner.search(budget)
             row = {"estimator": args.estimator, "estimator_seed": seed, "complete": args.complete, "budget": budget,
                    "plan": plan_id(found.plan), "plan_dict": found.plan.to_dict(), "objective": found.objective,
                    "predicted_speedup": found.predicted_speedup, "search_seconds": time.perf_counter() - start}
             print(f"seed {seed} budget {budget}: plan {row['plan']} objective {found.objective:.2f}", flush=True)
             _merge(out, row)
-        for budget in args.budgets if args.seeds else []:
-            found = pruner.search(budget)  # cached now
+        for budget, found in plans.items() if args.seeds else []:
             accuracies = finetuned(args.model, pruner, found.plan, args.seeds, splits, f"{budget} seed {seed}")
             _merge(out, {"estimator": args.estimator, "estimator_seed": seed, "complete": args.complete,
                          "budget": budget, "accuracies": accuracies, "mean": statistics.mean(accuracies),
@@ -105,25 +106,27 @@ def _agreement(tables: dict[int, dict]) -> dict:
 
 
 def _merge_agreement(out: Path, estimator: str, agreement: dict) -> None:
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-        saved.setdefault("agreement", {})[estimator] = agreement
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        tmp.replace(out)
+    _update(out, lambda saved: saved.setdefault("agreement", {}).__setitem__(estimator, agreement))
 
 
 def _merge(out: Path, row: dict) -> None:
-    """Update (or add) ``row`` in the results file under a lock: one process per core may share it."""
+    """Update (or add) ``row``; a row whose plan changed loses the fine-tunes of the old plan."""
     key = ("estimator", "estimator_seed", "complete", "budget")
+
+    def change(saved: dict) -> None:
+        old = next((r for r in saved["rows"] if all(r.get(k) == row[k] for k in key)), None)
+        kept = {} if old is None or old.get("plan") != row.get("plan", old.get("plan")) else old
+        saved["rows"] = [r for r in saved["rows"] if r is not old] + [{**kept, **row}]
+    _update(out, change)
+
+
+def _update(out: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to the results file under a lock: one process per core may share it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-        old = next((r for r in saved["rows"] if all(r.get(k) == row[k] for k in key)), None)
-        kept = {} if old is None or old.get("plan") != row.get("plan", old.get("plan")) else old  # another plan now
-        saved["rows"] = [r for r in saved["rows"] if r is not old] + [{**kept, **row}]
+        change(saved)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)

@@ -26,14 +26,13 @@ from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
 from .solve import (
-    CALIBRATED_LIFTS,
     DEFAULT_CALIBRATION,
     DEFAULT_LIFT,
-    LIFTS,
     Entry,
     InfeasibleBudgetError,
     ScreenedValues,
     Solution,
+    check_lift,
     screened_values,
     solve,
 )
@@ -199,13 +198,9 @@ class LayerMergePruner:
         _one_way("importance", importance, ImportanceEstimator, train_data=train_data, eval_data=eval_data,
                  importance_settings=importance_settings)
         _one_way("screen", screen, ImportanceEstimator, screen_settings=screen_settings)
-        if screen_lift not in LIFTS:
-            raise ConfigurationError(f"screen_lift must be one of {sorted(LIFTS)}, got {screen_lift!r}")
         if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
             raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
-        if screen_lift in CALIBRATED_LIFTS and screen_calibration < 1:
-            raise ConfigurationError(f"screen_lift={screen_lift!r} is learned from the calibration sample: use "
-                                     "screen_calibration >= 1 (the default is 8)")
+        check_lift(screen_lift, screen_calibration)
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
             raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model

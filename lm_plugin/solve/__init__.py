@@ -9,6 +9,7 @@ from .screen import (
                      LIFTS,
                      ScreenedValues,
                      calibration_sample,
+                     check_lift,
                      envelope_lift,
                      median_lift,
                      no_lift,
@@ -16,5 +17,5 @@ from .screen import (
 )
 
 __all__ = ["CALIBRATED_LIFTS", "DEFAULT_CALIBRATION", "DEFAULT_LIFT", "LIFTS", "Entry", "InfeasibleBudgetError",
-           "ScreenedValues", "Solution", "calibration_sample", "envelope_lift", "median_lift", "min_latency",
-           "no_lift", "screened_values", "solve"]
+           "ScreenedValues", "Solution", "calibration_sample", "check_lift", "envelope_lift", "median_lift",
+           "min_latency", "no_lift", "screened_values", "solve"]

@@ -83,11 +83,7 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
             (:func:`envelope_lift`, a learned bound on the screen's under-rating) or ``"none"`` (:func:`no_lift`,
             the screen's value as it is).
     """
-    if lift not in LIFTS:
-        raise ConfigurationError(f"unknown lift {lift!r}; use one of {sorted(LIFTS)}")
-    if lift in CALIBRATED_LIFTS and calibration < 1:
-        raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use calibration >= 1 "
-                                 "(or another lift)")
+    check_lift(lift, calibration)
     lifted = LIFTS[lift]
     exact: dict[K, float] = dict(rescore(calibration_sample(screen, calibration, seed))) if calibration else {}
     sample = dict(exact)
@@ -149,7 +145,7 @@ def median_lift(screen: Mapping[K, float], exact: Mapping[K, float],
     the plans pick (which the screen over-rates) it is not biased toward small gaps; the floor of 1 %p keeps
     near-zero screening losses from dividing by noise. Without a calibration sample nothing is lifted.
     """
-    gaps = sorted((v - screen[k]) / max(abs(screen[k]), 1.0) for k, v in (calibration or {}).items() if k in screen)
+    gaps = [(v - screen[k]) / max(abs(screen[k]), 1.0) for k, v in (calibration or {}).items() if k in screen]
     a = max(0.0, statistics.median(gaps)) if gaps else 0.0
     return {k: exact[k] if k in exact else v + a * max(abs(v), 1.0) for k, v in screen.items()}
 
@@ -167,6 +163,16 @@ Lift = Callable[[Mapping[K, float], Mapping[K, float], Mapping[K, float]], dict[
 LIFTS: dict[str, Lift] = {"envelope": envelope_lift, "median": median_lift, "none": no_lift}
 #: The lifts learned from the calibration sample alone (they need one).
 CALIBRATED_LIFTS = frozenset({"median"})
+
+
+def check_lift(lift: str, calibration: int) -> None:
+    """Raise :class:`ConfigurationError` unless ``lift`` is known and has the calibration sample it needs."""
+    if lift not in LIFTS:
+        raise ConfigurationError(f"unknown lift {lift!r}: screen_lift must be one of {sorted(LIFTS)}")
+    if lift in CALIBRATED_LIFTS and calibration < 1:
+        raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use at least one "
+                                 f"calibration entry (screen_calibration, default {DEFAULT_CALIBRATION}) or another "
+                                 "lift")
 
 
 def calibration_sample(screen: Mapping[K, float], m: int, seed: int = 0) -> list[K]:
