@@ -102,7 +102,7 @@ def main() -> None:
     accuracy = evaluate(model, evaluation)
     weights = _weights_id(model)
     pruner = LayerMergePruner(model, example_inputs=example, backend="macs", cache_dir=None, progress=False)
-    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    scored = [c for c in pruner.candidates if not c.uncompressed]
     subset = scored if not args.entries or args.entries >= len(scored) else \
         sorted(random.Random(args.seed).sample(scored, args.entries), key=lambda c: c.key)
     extra_keys = [tuple(int(v) for v in e.split(",")) for e in args.extra]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,11 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=["none", "none_calibrated:8", "shift", "envelope", "calibrated:8",
                                                     "calibrated:16", "scaled", "scaled_ls", "one"])
     ap.add_argument("--samples", type=int, nargs="+", default=[0, 1, 2], help="seeds of the calibration samples")
+    ap.add_argument("--tolerance", type=float, default=0.0,
+                    help="stop when the incumbent (best plan of re-scored entries) is within this fraction of its "
+                         "objective of the lifted optimum (the library's screen_tolerance; 0: until all exact)")
+    ap.add_argument("--keep-slower", action="store_true",
+                    help="skip_slower_blocks=False: every candidate, as before 2026-12-06")
     ap.add_argument("--finetune-rules", nargs="*", default=[])
     ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--cache-dir", default="benchmarks/cache")
@@ -86,7 +92,8 @@ def main() -> None:
     def pruner(estimator: str, options: dict) -> LayerMergePruner:  # as importance_quality.py builds them
         return LayerMergePruner(base, 0.6, example_inputs=example, backend="cpu", importance=estimator,
                                 train_data=splits.train, eval_data=splits.val, importance_settings=options,
-                                cache_dir=args.cache_dir, progress=False, screen=None)  # complete tables
+                                cache_dir=args.cache_dir, progress=False, screen=None,  # complete tables
+                                skip_slower_blocks=not args.keep_slower)
 
     (exact_name, exact_settings), = parse_settings([args.exact]).items()
     screen, reference = pruner(name, settings), pruner(exact_name, exact_settings)
@@ -124,6 +131,14 @@ def main() -> None:
             new = [e.key for e in found.solution.entries if e.key in scored and e.key not in rescored]
             if not new:
                 return rescored, rounds, found, optimal_after
+            if args.tolerance > 0 and rescored:  # the library's stop on the incumbent (screen_tolerance)
+                try:
+                    settled = solve({k: d[k] if k in rescored else -math.inf for k in s}, budget)
+                except InfeasibleBudgetError:
+                    settled = None
+                if settled is not None and found.objective - settled.objective <= args.tolerance * abs(
+                        settled.objective):
+                    return rescored, rounds, settled, optimal_after
             rescored.update(sorted(new, key=lambda k: s[k])[:1] if one else new)
 
     # distill's own optimum per budget (unknown without its complete table)
@@ -157,6 +172,7 @@ def main() -> None:
         _finetune(args, base, reference, splits, [r for r in runs if r["rule"] in args.finetune_rules])
     out = Path(args.output) if args.output else RESULTS / f"importance_refine_{args.model}.json"
     out.write_text(json.dumps({"model": args.model, "screen": args.screen, "exact": args.exact,
+                               "tolerance": args.tolerance, "skip_slower_blocks": not args.keep_slower,
                                "under_rating": under_rating, "rows": runs}, indent=1))
     print(f"{args.model}: screen {args.screen}, re-scored with {args.exact}")
     print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "

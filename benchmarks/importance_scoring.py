@@ -74,7 +74,7 @@ def main() -> None:
     cls = TailDistillImportance if args.estimator == "tail_distill" else LocalImportance
     estimator: LocalImportance = cls(train_data=splits.train, eval_data=splits.val, steps=steps,
                                      fit_batch_size=images)
-    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    scored = [c for c in pruner.candidates if not c.uncompressed]
     targets = torch.cat([t for _, t in splits.val])
     sizes = sorted(set(args.sizes) | {len(targets)})
 

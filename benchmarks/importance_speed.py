@@ -66,7 +66,7 @@ def main() -> None:
     pruner = LayerMergePruner(model, example_inputs=torch.randn(1, *splits.input_shape), backend="macs",
                               cache_dir=None, progress=False)
     gm, chain = pruner.graph_module, pruner.chain
-    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    scored = [c for c in pruner.candidates if not c.uncompressed]
     if args.by_start:
         # What a table build pays: every entry of a few seeded block starts, in table order, caches filled once
         # per start and included (a table meets each start once).

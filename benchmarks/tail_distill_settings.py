@@ -47,7 +47,7 @@ def main() -> None:
                               cache_dir=None, progress=False)
     gm, chain = pruner.graph_module, pruner.chain
     original = copy.deepcopy(gm).eval()
-    scored = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    scored = [c for c in pruner.candidates if not c.uncompressed]
     by_key = {str(c.key): c for c in scored}
     results = json.loads((RESULTS / f"importance_agreement_{args.model}.json").read_text())
     saved = results["values"]

@@ -83,6 +83,11 @@ class Candidate:
         k = self.geometry.kernel_size
         return (self.st, self.end, k[0], k[1], self.geometry.groups)
 
+    @property
+    def uncompressed(self) -> bool:
+        """One conv kept as it is, its activation kept: the network unchanged (such an entry scores 0)."""
+        return self.end - self.st == 1 and self.kept == (self.end,)
+
 
 def block_is_valid(chain: Chain, st: int, end: int) -> bool:
     """No break strictly inside and no residual crossed."""

@@ -28,12 +28,15 @@ from .rewrite import RewriteOptions, to_trainable
 from .solve import (
     DEFAULT_CALIBRATION,
     DEFAULT_LIFT,
+    DEFAULT_TOLERANCE,
     Entry,
     InfeasibleBudgetError,
     ScreenedValues,
     Solution,
     check_lift,
+    check_tolerance,
     screened_values,
+    slower_blocks,
     solve,
 )
 from .store.paths import cache_root
@@ -151,6 +154,13 @@ class LayerMergePruner:
             of the better half of the screen: the lifts learn from them how far the screen under-rates entries
             (``"median"`` needs at least one); without a lift their exact values are what the first solve sees of
             the screen's best entries (on a small table, a good part of them).
+        screen_tolerance: a screened search stops once the best plan of scored entries is within this fraction of
+            its own objective of what the lifted values promise (:mod:`lm_plugin.solve.screen`: the exact
+            estimator's own seed noise is larger); 0: score until the plan on the lifted values is all exact.
+        skip_slower_blocks: leave out of every search, and never score, the candidate blocks that the latency
+            table shows not faster than the uncompressed layers they replace (:mod:`lm_plugin.solve.dominance`):
+            they could enter a plan only by scoring an accuracy gain from compression, which is estimator noise.
+            ``False``: every candidate, as the reference does.
 
     Raises:
         ConfigurationError: a part configured twice (a ready object plus settings for it), or bad settings.
@@ -187,6 +197,8 @@ class LayerMergePruner:
         screen_settings: dict[str, Any] | None = None,
         screen_lift: str = DEFAULT_LIFT,
         screen_calibration: int = DEFAULT_CALIBRATION,
+        screen_tolerance: float = DEFAULT_TOLERANCE,
+        skip_slower_blocks: bool = True,
         resolution: float = 1e-3,
     ) -> None:
         if example_inputs is None:
@@ -201,6 +213,7 @@ class LayerMergePruner:
         if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
             raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
         check_lift(screen_lift, screen_calibration)
+        check_tolerance(screen_tolerance)
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
             raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model
@@ -242,9 +255,12 @@ class LayerMergePruner:
             self.screen = make_estimator(screen, train_data=self.train_data, eval_data=eval_data, **options)
         self.screen_lift = screen_lift
         self.screen_calibration = screen_calibration
+        self.screen_tolerance = float(screen_tolerance)
         if not 0 < resolution < 1:
             raise ConfigurationError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
         self.resolution = resolution
+        self.skip_slower_blocks = bool(skip_slower_blocks)
+        self._selectable: list[Candidate] | None = None
         self._importance: ImportanceTable | None = None
         self._scorer: ImportanceScorer | None = None
         self._screen_table: ImportanceTable | None = None
@@ -278,6 +294,19 @@ class LayerMergePruner:
                 self.graph_module, self.chain, self.candidates, self.example_inputs, self.profiler,
                 cache_dir=self.cache_dir, progress=self.progress)
         return self._latency
+
+    def selectable(self) -> list[Candidate]:
+        """The candidate blocks a search may pick and the importance tables score: every candidate but, with
+        ``skip_slower_blocks``, those not faster than the uncompressed layers they replace (this needs the latency
+        table)."""
+        if self._selectable is None:
+            if self.skip_slower_blocks:
+                slower = slower_blocks(self._entries(self.candidates, None),
+                                       {c.key for c in self.candidates if c.uncompressed})
+                self._selectable = [c for c in self.candidates if c.key not in slower]
+            else:
+                self._selectable = list(self.candidates)
+        return self._selectable
 
     def predict_latency(self, plan: Plan) -> float:
         """Predicted end-to-end latency (ms) of the network ``plan`` deploys to."""
@@ -342,22 +371,27 @@ class LayerMergePruner:
 
     def _make_scorer(self, estimator: ImportanceEstimator) -> ImportanceScorer:
         cache = Path(self.cache_dir) if self.cache_dir is not None else None
-        return ImportanceScorer(self.graph_module, self.chain, self.candidates, estimator, rewrite=self.rewrite,
+        return ImportanceScorer(self.graph_module, self.chain, self.selectable(), estimator, rewrite=self.rewrite,
                                 cache_dir=cache, progress=self.progress)
 
     def entries(self, values: dict[tuple, float] | None = None) -> list[Entry]:
-        """The DP's items: each candidate with its representative subset, latency cost and importance.
+        """The DP's items: each selectable candidate (:meth:`selectable`) with its representative subset, latency
+        cost and importance.
 
         A block that folds a projection skip is credited with the skip's latency (the skip disappears).
 
         Args:
             values: importance by candidate key (default: the complete importance table).
         """
-        lat = self.latency_model()
         if values is None:
             values = self.importance_table().values
-        return [Entry(c.st, c.end, representative(c), lat.cost(c.st, c.end, representative(c)), values[c.key], c.key)
-                for c in self.candidates]
+        return self._entries(self.selectable(), values)
+
+    def _entries(self, candidates: Iterable[Candidate], values: dict[tuple, float] | None) -> list[Entry]:
+        """Entries of ``candidates`` valued from ``values`` (None: 0, for what reads only latencies)."""
+        lat = self.latency_model()
+        return [Entry(c.st, c.end, representative(c), lat.cost(c.st, c.end, representative(c)),
+                      0.0 if values is None else values[c.key], c.key) for c in candidates]
 
     def search(self, budget: float | str | Budget | None = None) -> SearchResult:
         """The plan of highest summed importance whose predicted end-to-end latency meets the budget.
@@ -411,7 +445,8 @@ class LayerMergePruner:
         if found.scored_entries is None or self.screen is None:
             return {}
         return {"estimator": dict(self.screen.settings()), "lift": self.screen_lift,
-                "calibration": self.screen_calibration, "scored_entries": found.scored_entries,
+                "calibration": self.screen_calibration, "tolerance": self.screen_tolerance,
+                "scored_entries": found.scored_entries,
                 "table_entries": found.table_entries}
 
     def _screened(self, solve_on: Callable[[dict[tuple, float] | None], Solution]) -> ScreenedValues:
@@ -419,13 +454,16 @@ class LayerMergePruner:
         cheap = self.screen_table().values
         screen = {k: cheap[k] for k in self.scorer.scored}
         seed = getattr(self.estimator, "seed", 0)
-        return screened_values(screen, self.scorer.score,
-                               lambda values: [e.key for e in solve_on(self._complete(values)).entries],
-                               calibration=self.screen_calibration, seed=seed, lift=self.screen_lift)
+        def pick(values: dict[tuple, float]) -> tuple[list[tuple], float]:
+            solution = solve_on(self._complete(values))
+            return [e.key for e in solution.entries], solution.objective
+
+        return screened_values(screen, self.scorer.score, pick, calibration=self.screen_calibration, seed=seed,
+                               lift=self.screen_lift, tolerance=self.screen_tolerance)
 
     def _complete(self, values: dict[tuple, float]) -> dict[tuple, float]:
         """``values`` of the scored entries plus the uncompressed single convs, which score 0."""
-        return {c.key: values[c.key] if c.key in self.scorer.scored else 0.0 for c in self.candidates}
+        return {c.key: values[c.key] if c.key in self.scorer.scored else 0.0 for c in self.selectable()}
 
     def step(self, budget: float | str | Budget | None = None) -> fx.GraphModule:
         """``search()`` then ``apply()``: the trainable form of the best plan (torch-pruning's habit).

@@ -59,9 +59,9 @@ def test_estimators_run_end_to_end(trained, tmp_path, cls, kw):
     model, train, test = trained
     pruner = pruner_for(model, cls(train_data=train, eval_data=test, **kw), tmp_path)
     table = pruner.importance_table()
-    assert set(table.values) == {c.key for c in pruner.candidates}
+    assert set(table.values) == {c.key for c in pruner.selectable()}
     assert table.base_metric == pytest.approx(evaluate(model, test))
-    singles = [c.key for c in pruner.candidates if c.end - c.st == 1 and table.subsets[c.key] == (c.end,)]
+    singles = [c.key for c in pruner.candidates if c.uncompressed]
     assert singles and all(table.values[k] == 0.0 for k in singles)
     others = [v for k, v in table.values.items() if k not in singles]
     assert others and all(-100.0 <= v <= 100.0 for v in others)
@@ -108,7 +108,7 @@ def test_importance_cache_resumes_and_detects_corruption(trained, tmp_path):
                                progress=False)
     resumed = build_importance_table(pruner.graph_module, chain, cands, ZeroShotImportance(eval_data=test),
                                      cache_dir=tmp_path, progress=False)
-    to_score = sum(1 for c in cands if not (c.end - c.st == 1 and resumed.subsets[c.key] == (c.end,)))
+    to_score = sum(1 for c in cands if not c.uncompressed)
     assert resumed.evaluated == to_score - 3  # the three finished entries were not scored again
 
     (path,) = tmp_path.glob("importance-zero_shot-*.sqlite")
@@ -183,8 +183,8 @@ def reference_build(trained, tmp_path):
     model, _, test = trained
     pruner = pruner_for(model, ZeroShotImportance(eval_data=test), tmp_path / "reference")
     reference = pruner.importance_table()
-    scored = [c.key for c in pruner.candidates if not (c.end - c.st == 1 and reference.subsets[c.key] == (c.end,))]
-    return (pruner.graph_module, pruner.chain, pruner.candidates), reference, scored
+    scored = [c.key for c in pruner.selectable() if not c.uncompressed]
+    return (pruner.graph_module, pruner.chain, pruner.selectable()), reference, scored
 
 
 def test_workers_sharing_a_cache_split_the_table(trained, tmp_path):

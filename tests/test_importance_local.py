@@ -50,7 +50,7 @@ def mobilenet():
 
 
 def _blocks(pruner, n, seed=0):
-    compressing = [c for c in pruner.candidates if not (c.end - c.st == 1 and c.kept == (c.end,))]
+    compressing = [c for c in pruner.candidates if not c.uncompressed]
     return random.Random(seed).sample(compressing, n)
 
 

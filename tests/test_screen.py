@@ -4,6 +4,7 @@ it — on the real DP and on a trained network with real estimators."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -70,26 +71,31 @@ def _problem(seed, n_layers=14):
 
 
 def _pick(entries, n_layers, budget):
+    """A screened search's ``pick`` (entries and objective of the DP's plan) and the plan's entries alone."""
     def pick(values):
         items = [Entry(e.st, e.end, e.kept, e.latency_ms, values.get(e.key, 0.0), e.key) for e in entries]
-        return [e.key for e in solve(items, n_layers, budget, 0.01).entries]
-    return pick
+        solution = solve(items, n_layers, budget, 0.01)
+        return [e.key for e in solution.entries], solution.objective
+
+    def plan(values):
+        return pick(values)[0]
+    return pick, plan
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_where_the_lift_bounds_the_screens_errors_the_plan_is_the_optimum_and_fewer_entries_are_scored(seed):
     entries, exact, scored, rng = _problem(seed)
     screen = {k: v + rng.uniform(0, 3) for k, v in scored.items()}  # over-rates: the truth is never better
-    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    pick, plan = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
     calls = []
 
     def rescore(keys):
         calls.append(list(keys))
         return {k: scored[k] for k in keys}
 
-    found = screened_values(screen, rescore, pick, calibration=3, seed=seed, lift="envelope")
-    optimum = pick(exact)
-    chosen = pick(found.values)
+    found = screened_values(screen, rescore, pick, calibration=3, seed=seed, lift="envelope", tolerance=0)
+    optimum = plan(exact)
+    chosen = plan(found.values)
     assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
     assert sum(exact[k] for k in chosen) == pytest.approx(sum(exact[k] for k in optimum))
     flat = [k for keys in calls for k in keys]
@@ -100,15 +106,15 @@ def test_where_the_lift_bounds_the_screens_errors_the_plan_is_the_optimum_and_fe
 def test_a_screen_that_under_rates_is_corrected_by_what_the_search_scores():
     entries, exact, scored, rng = _problem(11)
     screen = {k: v * rng.uniform(1.0, 1.8) - rng.uniform(0, 1) for k, v in scored.items()}  # pessimistic
-    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    pick, plan = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
     found = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=4, lift="envelope")
-    chosen = pick(found.values)
+    chosen = plan(found.values)
     assert all(k in found.exact for k in chosen if k in scored)
     gaps = [found.exact[k] - screen[k] for k in found.exact]
     assert max(gaps) > 0  # it saw under-rated entries, and lifted the rest accordingly
     unscored = [k for k in screen if k not in found.exact]
     assert all(found.values[k] >= screen[k] for k in unscored)
-    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
+    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in plan(exact)) + 1e-9
 
 
 def test_the_calibration_sample_is_seeded_and_from_the_better_half():
@@ -123,7 +129,7 @@ def test_the_calibration_sample_is_seeded_and_from_the_better_half():
 def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_their_screen_values(seed):
     entries, exact, scored, rng = _problem(seed)
     screen = {k: v * rng.uniform(1.0, 1.8) - rng.uniform(0, 1) for k, v in scored.items()}  # noisy, pessimistic
-    pick = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    pick, plan = _pick(entries, 14, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
     calls = []
 
     def rescore(keys):
@@ -131,16 +137,16 @@ def test_without_a_lift_only_the_plans_entries_are_scored_and_the_unscored_keep_
         return {k: scored[k] for k in keys}
 
     bare = screened_values(screen, rescore, pick, calibration=0, lift="none")
-    chosen = pick(bare.values)
+    chosen = plan(bare.values)
     assert all(k in bare.exact for k in chosen if k in scored)  # the plan is all exact
     assert bare.values == no_lift(screen, bare.exact)  # nothing lifted: the screen where not scored
-    assert set(calls[0]) <= set(pick(screen))  # it started from the screen's own plan
+    assert set(calls[0]) <= set(plan(screen))  # it started from the screen's own plan
     flat = [k for keys in calls for k in keys]
     assert len(flat) == len(set(flat)) == len(bare.exact)  # each entry once
     envelope = screened_values(screen, lambda keys: {k: scored[k] for k in keys}, pick, calibration=0,
                                lift="envelope")
     assert len(bare.exact) <= len(envelope.exact)  # a lift only adds entries to try
-    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in pick(exact)) + 1e-9
+    assert sum(exact[k] for k in chosen) <= sum(exact[k] for k in plan(exact)) + 1e-9
 
 
 def test_the_median_lift_puts_the_screen_on_the_exact_scale_learned_from_the_calibration_sample_only():
@@ -160,12 +166,12 @@ def test_the_median_lift_corrects_a_screen_on_another_scale_where_no_lift_sticks
     for seed in range(8):
         entries, exact, scored, rng = _problem(seed, n_layers=30)
         screen = {k: v * rng.uniform(1.5, 2.5) for k, v in scored.items()}  # losses doubled, give or take
-        pick = _pick(entries, 30, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
-        optimum = sum(exact[k] for k in pick(exact))
+        pick, plan = _pick(entries, 30, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+        optimum = sum(exact[k] for k in plan(exact))
         for lift in ratios:
             found = screened_values(screen, lambda keys, s=scored: {k: s[k] for k in keys}, pick, calibration=4,
-                                    seed=seed, lift=lift)
-            chosen = pick(found.values)
+                                    seed=seed, lift=lift, tolerance=0)
+            chosen = plan(found.values)
             assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
             ratios[lift].append(sum(exact[k] for k in chosen) / optimum)
     assert max(ratios["median"]) < 1.1
@@ -173,6 +179,50 @@ def test_the_median_lift_corrects_a_screen_on_another_scale_where_no_lift_sticks
     assert sum(ratios["median"]) < sum(ratios["none"])  # scored entries no longer win for being scored
     with pytest.raises(ConfigurationError, match="calibration sample"):
         screened_values({(0, 2): -1.0}, dict, pick, calibration=0, lift="median")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_a_tolerance_a_bounded_search_stops_within_it_of_the_optimum_and_scores_fewer(seed):
+    """Branch and bound: with true bounds (an over-rating screen, the envelope lift), stopping once the incumbent
+    is within ``tolerance × |incumbent|`` of the lifted optimum loses at most that much."""
+    entries, exact, scored, rng = _problem(seed, n_layers=30)
+    screen = {k: v + rng.uniform(0, 3) for k, v in scored.items()}
+    pick, plan = _pick(entries, 30, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+    optimum = sum(exact[k] for k in plan(exact))
+
+    def rescore(keys):
+        return {k: scored[k] for k in keys}
+
+    full = screened_values(screen, rescore, pick, calibration=3, seed=seed, lift="envelope", tolerance=0)
+    for tolerance in (0.05, 0.2):
+        found = screened_values(screen, rescore, pick, calibration=3, seed=seed, lift="envelope", tolerance=tolerance)
+        chosen = plan(found.values)
+        assert all(k in found.exact for k in chosen if k in scored)  # the plan is all exact
+        value = sum(exact[k] for k in chosen)
+        assert value >= optimum - tolerance * abs(value) - 1e-9
+        assert len(found.exact) <= len(full.exact)
+        assert found.gap <= tolerance * abs(value) + 1e-9
+        if found.gap > 0:  # stopped on the incumbent: the unscored entries are out of the final solve
+            assert all(v == -math.inf for k, v in found.values.items() if k not in found.exact)
+
+
+def test_the_tolerance_saves_entries_where_plans_are_nearly_tied():
+    spent = {0.0: 0, 0.1: 0}
+    for seed in range(8):
+        entries, _, scored, rng = _problem(seed, n_layers=30)
+        screen = {k: v * rng.uniform(1.5, 2.5) for k, v in scored.items()}
+        pick, _ = _pick(entries, 30, budget=sum(e.latency_ms for e in entries if e.end - e.st == 1) * 0.6)
+        for tolerance in spent:
+            found = screened_values(screen, lambda keys, s=scored: {k: s[k] for k in keys}, pick, calibration=4,
+                                    seed=seed, tolerance=tolerance)
+            spent[tolerance] += len(found.exact)
+    assert spent[0.1] < spent[0.0]
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, math.inf, math.nan, "0.1"])
+def test_a_bad_tolerance_is_refused(tolerance):
+    with pytest.raises(ConfigurationError, match="screen_tolerance"):
+        screened_values({(0, 2): -1.0}, dict, lambda values: ([], 0.0), tolerance=tolerance)
 
 
 def test_an_unknown_lift_is_refused():

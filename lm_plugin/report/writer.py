@@ -78,7 +78,8 @@ def write_run(
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "context": context or {},
-        "chain": {"convs": pruner.chain.length, "candidates": len(pruner.candidates), "mode": pruner.mode,
+        "chain": {"convs": pruner.chain.length, "candidates": len(pruner.candidates),
+                  "searched": len(pruner.selectable()), "mode": pruner.mode,
                   "max_kernel": pruner.max_kernel},
         "importance": dict(pruner.estimator.settings()),
         **result.to_dict(),
@@ -137,7 +138,10 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
                  f"{report['screen']['scored_entries']} of {report['screen']['table_entries']} entries scored"
                  + (f" (`{report['screen']['lift']}` lift)" if report['screen'].get("lift") else "")
                  if report.get("screen") else "") + ".",
-              f"- Chain: {report['chain']['convs']} convs, {report['chain']['candidates']} candidate blocks, "
+              f"- Chain: {report['chain']['convs']} convs, {report['chain']['candidates']} candidate blocks"
+              + (f" ({report['chain']['searched']} searched; the others are not faster than the layers they replace)"
+                 if report['chain'].get("searched", report['chain']['candidates']) < report['chain']['candidates']
+                 else "") + ", "
               f"mode `{report['chain']['mode']}`, max kernel {report['chain']['max_kernel']}.",
               "- Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + ".", "",
               "## Files", ""]

@@ -29,12 +29,20 @@ the plan), at a third to a fifth of the entries. But exact values sit on another
 fit under-rates blocks), so scored entries look better than unscored ones just for being scored: the plan depends
 on which entries were scored first, and with some calibration samples it is much worse (docs/selection.md).
 
+The search stops early once no plan can gain much by scoring more (``tolerance``): each round also solves on the
+scored entries alone (the best plan whose every entry is exact, the *incumbent*), and when the lifted optimum
+promises at most ``tolerance × |incumbent|`` more, the incumbent is the answer. The exact estimator cannot tell such
+plans apart anyway: ``distill``'s value of an entry varies over its seeds by 11-18 % of itself on the reference
+workload (docs/benchmarks.md), so plans whose summed values differ by a tenth are within its noise. With the
+``envelope`` lift, whose values are bounds, this is a branch-and-bound stop with that guarantee.
+
 Every round scores at least one new entry, so a search takes at most as many rounds as there are entries; each
-round is one DP solve and an ``O(n·h)`` lift (``h`` hull points), polynomial in the network's depth.
+round is two DP solves and an ``O(n·h)`` lift (``h`` hull points), polynomial in the network's depth.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -42,6 +50,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import ConfigurationError
+from .dp import InfeasibleBudgetError
 
 K = TypeVar("K", bound=Hashable)
 
@@ -49,6 +58,8 @@ K = TypeVar("K", bound=Hashable)
 DEFAULT_CALIBRATION = 8
 #: How a screened search values the entries it has not scored unless told otherwise (a key of :data:`LIFTS`).
 DEFAULT_LIFT = "median"
+#: A screened search stops when the lifted optimum promises at most this fraction of the incumbent's objective more.
+DEFAULT_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -56,34 +67,45 @@ class ScreenedValues:
     """What a screened search settled on.
 
     Attributes:
-        values: the values the final solve used (exact for every scored entry, optimistic for the rest).
+        values: the values the final solve uses: exact for every scored entry; for the rest, the lift's (when the
+            plan on them is all exact) or ``-inf`` (when the search stopped on the incumbent).
         exact: the exactly scored entries and their values (every entry of the final plan is among them).
-        rounds: DP solves.
+        rounds: rounds of the search (each one or two DP solves).
+        gap: how much more than the final plan's objective the lifted values promised when the search stopped
+            (0 when the plan on the lifted values was all exact).
     """
 
     values: dict
     exact: dict
     rounds: int
+    gap: float = 0.0
 
 
 def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapping[K, float]],
-                    pick: Callable[[dict[K, float]], Iterable[K]], *, calibration: int = DEFAULT_CALIBRATION,
-                    seed: int = 0, lift: str = DEFAULT_LIFT) -> ScreenedValues:
-    """Solve on optimistic values, score what the solution picks, repeat until the solution is all exact.
+                    pick: Callable[[dict[K, float]], tuple[Iterable[K], float]], *,
+                    calibration: int = DEFAULT_CALIBRATION, seed: int = 0, lift: str = DEFAULT_LIFT,
+                    tolerance: float = DEFAULT_TOLERANCE) -> ScreenedValues:
+    """Solve on lifted values, score what the solution picks, repeat until the solution is all exact or the
+    incumbent is within ``tolerance``.
 
     Args:
         screen: cheap value of every entry that is scored (entries absent from it are exact already, e.g. the
             uncompressed layers that score 0).
         rescore: the exact values of a list of entries (scores those not cached).
-        pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution.
+        pick: solves on a complete ``{entry: value}`` map and returns the entries of the solution and its
+            objective; it may raise :class:`~lm_plugin.solve.InfeasibleBudgetError` for a map with ``-inf``
+            values (no plan of finite value).
         calibration: entries of the better half of the screen scored exactly before the first solve.
         seed: seed of the calibration sample.
         lift: how unscored entries are valued: ``"median"`` (:data:`DEFAULT_LIFT`; :func:`median_lift`, the
             screen on the exact scale by the calibration sample's typical under-rating), ``"envelope"``
             (:func:`envelope_lift`, a learned bound on the screen's under-rating) or ``"none"`` (:func:`no_lift`,
             the screen's value as it is).
+        tolerance: stop when the lifted optimum exceeds the incumbent (the best plan of scored entries) by at
+            most this fraction of the incumbent's objective; 0: only when the lifted optimum is all exact.
     """
     check_lift(lift, calibration)
+    check_tolerance(tolerance)
     lifted = LIFTS[lift]
     exact: dict[K, float] = dict(rescore(calibration_sample(screen, calibration, seed))) if calibration else {}
     sample = dict(exact)
@@ -91,9 +113,18 @@ def screened_values(screen: Mapping[K, float], rescore: Callable[[list[K]], Mapp
     while True:
         rounds += 1
         values = lifted(screen, exact, sample)
-        new = [k for k in dict.fromkeys(pick(values)) if k in screen and k not in exact]
+        keys, promised = pick(values)
+        new = [k for k in dict.fromkeys(keys) if k in screen and k not in exact]
         if not new:
             return ScreenedValues(values, exact, rounds)
+        if tolerance > 0 and exact:
+            settled = {k: exact.get(k, -math.inf) for k in screen}
+            try:
+                _, incumbent = pick(settled)
+            except InfeasibleBudgetError:  # no plan of scored entries meets the budget yet
+                incumbent = -math.inf
+            if math.isfinite(incumbent) and promised - incumbent <= tolerance * abs(incumbent):
+                return ScreenedValues(settled, exact, rounds, max(0.0, promised - incumbent))
         exact.update(rescore(new))
 
 
@@ -173,6 +204,13 @@ def check_lift(lift: str, calibration: int) -> None:
         raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use at least one "
                                  f"calibration entry (screen_calibration, default {DEFAULT_CALIBRATION}) or another "
                                  "lift")
+
+
+def check_tolerance(tolerance: float) -> None:
+    """Raise :class:`ConfigurationError` unless ``tolerance`` is a finite fraction ``>= 0``."""
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigurationError(f"screen_tolerance must be a finite fraction >= 0 (0: score until the plan is all "
+                                 f"exact; default {DEFAULT_TOLERANCE}), got {tolerance!r}")
 
 
 def calibration_sample(screen: Mapping[K, float], m: int, seed: int = 0) -> list[K]:

@@ -699,7 +699,7 @@ class ImportanceScorer:
         self.subsets = {c.key: representative(c) for c in candidates}
         self.candidates = {c.key: c for c in candidates}
         #: the entries that are scored (every candidate but the uncompressed single convs)
-        self.scored = {c.key: c for c in candidates if not (c.end - c.st == 1 and self.subsets[c.key] == (c.end,))}
+        self.scored = {c.key: c for c in candidates if not c.uncompressed}
         self._original: fx.GraphModule | None = None
         self._base: float | None = None
         self._values: dict[tuple, float] = {}  # what this scorer has seen (the cache may be in memory only)
