@@ -53,6 +53,11 @@ from .tables.latency import LatencyModel, build_latency_model, deploy_identity
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
 
+#: ``screen="auto"`` screens a table of at least this many compressing candidates. A screened search scores its
+#: calibration sample and the entries of its plans (on the reference workload 1-8 times the sample): on a smaller
+#: table that is a good part of it, for plans less certain than the complete table's (docs/selection.md).
+AUTO_SCREEN_MIN_ENTRIES = 160
+
 
 def default_cache_dir() -> Path:
     """Where tables are cached by default: ``$LM_PLUGIN_CACHE`` or ``~/.cache/lm_plugin``
@@ -140,9 +145,11 @@ class LayerMergePruner:
             :meth:`search` solves on its table and scores with ``importance`` only the entries the plans need
             (:mod:`lm_plugin.solve.screen`), instead of every entry. ``"auto"`` (default): the importance
             estimator's own choice (``distill`` is screened by ``tail_distill``, the cheap estimators by nothing)
-            when it has training and evaluation data; ``None``: search on the complete table. ``"tail_distill"``
-            runs with the screening settings of :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless
-            ``screen_settings`` says otherwise. With a name, the screen uses the importance estimator's data.
+            when it has training and evaluation data and the network has at least
+            :data:`AUTO_SCREEN_MIN_ENTRIES` compressing candidates; ``None``: search on the complete table.
+            ``"tail_distill"`` runs with the screening settings of
+            :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless ``screen_settings`` says otherwise. With a
+            name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
         screen_lift: how a screened search values the entries it has not scored: ``"median"`` (default: the
             screen on the exact scale by the calibration sample's typical under-rating; plans that fine-tune as
@@ -245,8 +252,10 @@ class LayerMergePruner:
         #: The screening estimator (None: every search uses the complete importance table).
         self.screen: ImportanceEstimator | None = None
         eval_data = getattr(self.estimator, "eval_data", None)
-        if screen == "auto":  # the estimator's own choice, when it has the data a screen needs
-            screen = self.estimator.default_screen if self.train_data is not None and eval_data is not None else None
+        if screen == "auto":  # the estimator's own choice, when it has the data a screen needs and the table is large
+            large = sum(not c.uncompressed for c in self.candidates) >= AUTO_SCREEN_MIN_ENTRIES
+            screen = (self.estimator.default_screen if self.train_data is not None and eval_data is not None and large
+                      else None)
         if screen is None and screen_settings is not None:
             raise ConfigurationError(f"screen_settings without a screen (the {self.estimator.name} estimator with "
                                      "this data is not screened by default): pass screen='tail_distill' (say) as well")

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+import torchvision
 from scipy.optimize import linprog
 from test_importance import trained  # noqa: F401 - the fixture
 
@@ -275,6 +276,22 @@ def test_a_screened_search_without_a_lift_or_with_the_median_one_scores_only_wha
     assert median.screen_summary(on_scale)["lift"] == "median" and 2 <= on_scale.scored_entries
 
 
+def test_auto_screens_distill_on_a_large_table_only(trained, tmp_path):  # noqa: F811
+    """A screened search of a small table scores a good part of it for a less certain plan: auto keeps it whole."""
+    from lm_plugin.pruner import AUTO_SCREEN_MIN_ENTRIES
+
+    model, train, test = trained
+    kwargs = dict(backend="macs", importance="distill", train_data=train, eval_data=test, cache_dir=tmp_path,
+                  progress=False)
+    small = LayerMergePruner(model, 0.6, torch.randn(1, 1, 8, 8), **kwargs)
+    assert sum(not c.uncompressed for c in small.candidates) < AUTO_SCREEN_MIN_ENTRIES and small.screen is None
+    large = LayerMergePruner(torchvision.models.mobilenet_v2(num_classes=10), 0.6, torch.randn(1, 3, 32, 32), **kwargs)
+    assert sum(not c.uncompressed for c in large.candidates) >= AUTO_SCREEN_MIN_ENTRIES
+    assert large.screen is not None and large.screen.name == "tail_distill"
+    forced = LayerMergePruner(model, 0.6, torch.randn(1, 1, 8, 8), screen="tail_distill", **kwargs)
+    assert forced.screen is not None
+
+
 def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(trained, tmp_path):  # noqa: F811
     model, train, test = trained
     pruner = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
@@ -316,7 +333,6 @@ def test_screen_table_without_a_screen_is_an_error(trained):  # noqa: F811
 
 def test_a_screened_search_on_torchvision_resnet18_is_exact_where_it_matters(tmp_path):
     """A zoo network: the plan's objective is the complete table's, never an optimistic value."""
-    import torchvision
     from torch.utils.data import DataLoader
     from torchvision.transforms import ToTensor
 

@@ -32,8 +32,8 @@ on which entries were scored first, and with some calibration samples it is much
 The search stops early once no plan can gain much by scoring more (``tolerance``): each round also solves on the
 scored entries alone (the best plan whose every entry is exact, the *incumbent*), and when the lifted optimum
 promises at most ``tolerance × |incumbent|`` more, the incumbent is the answer. The exact estimator cannot tell such
-plans apart anyway: ``distill``'s value of an entry varies over its seeds by 11-18 % of itself on the reference
-workload (docs/benchmarks.md), so plans whose summed values differ by a tenth are within its noise. With the
+plans apart anyway: the summed value of a plan varies over ``distill``'s seeds by 9-28 % of itself (standard
+deviation, reference workload, docs/selection.md), so plans a tenth apart are within its noise. With the
 ``envelope`` lift, whose values are bounds, this is a branch-and-bound stop with that guarantee.
 
 Every round scores at least one new entry, so a search takes at most as many rounds as there are entries; each
