@@ -10,6 +10,7 @@ weight decay 5e-4 and a OneCycle learning-rate schedule peaking at ``max_lr``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,7 +25,29 @@ from .errors import ArgumentTypeError, ConfigurationError, TrainingDivergedError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-__all__ = ["distillation_loss", "evaluate", "fit", "predict_logits", "split_batch"]
+__all__ = ["distillation_loss", "evaluate", "fit", "predict_logits", "seeded_shuffle", "split_batch"]
+
+
+@contextlib.contextmanager
+def seeded_shuffle(loader: Any, seed: int | None) -> Iterator[None]:
+    """Inside the block, a loader with its own ``torch.Generator`` (``DataLoader(..., generator=g)``) shuffles as
+    from ``seed``; the generator's state is put back afterwards.
+
+    Such a loader advances its generator every epoch, so without this a run would see other batches depending on
+    how many epochs the loader served before it in the process (a seeded run would not be reproducible, and the
+    run's effect would leak into the next one). Nothing happens without ``seed`` or without such a generator (a
+    loader that shuffles with the global RNG is seeded by :func:`fit`).
+    """
+    generator = getattr(loader, "generator", None)
+    if seed is None or not isinstance(generator, torch.Generator):
+        yield
+        return
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
@@ -162,7 +185,8 @@ def fit(
         device: Where to train; defaults to the device of the model's parameters.
         progress: Show a tqdm progress bar.
         seed: If given, seeds torch's global RNG first (loader shuffling that uses the global
-            generator, dropout), for reproducible runs.
+            generator, dropout) and the loader's own shuffling generator for the run
+            (:func:`seeded_shuffle`), for reproducible runs.
         on_epoch: Called as ``on_epoch(epoch, model)`` (epoch counted from 1, model in eval mode) after each
             full pass over ``loader`` and after the last step, e.g. to report intermediate accuracy.
 
@@ -205,6 +229,8 @@ def fit(
     was_training = model.training
     model.train()
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    stack = contextlib.ExitStack()
+    stack.enter_context(seeded_shuffle(loader, seed))
     try:
         for step, batch in enumerate(_cycle(loader)):
             if step >= total:
@@ -234,6 +260,7 @@ def fit(
                 on_epoch(math.ceil((step + 1) / per_epoch), model)
                 model.train()
     finally:
+        stack.close()
         bar.close()
         model.train(was_training)
         if teacher is not None:

@@ -69,6 +69,27 @@ def test_seed_makes_runs_reproducible():
         assert torch.equal(pa, pb)
 
 
+
+def test_a_seeded_run_does_not_depend_on_what_the_loader_served_before():
+    """A loader with its own shuffling generator (as the workload's) advances it every epoch: a seeded fit re-seeds
+    it for the run and puts it back, so the same seed trains alike whatever ran before, and leaves no trace."""
+    torch.manual_seed(1)
+    start = small_cnn()
+    loader = digits(64, seed=3)
+    assert isinstance(loader.generator, torch.Generator)
+    runs = []
+    for before in (0, 2):
+        for _ in range(before):  # other work on the same loader first (another run, an importance table ...)
+            for _batch in loader:
+                pass
+        state = loader.generator.get_state()
+        model = copy.deepcopy(start)
+        fit(model, loader, epochs=1.5, progress=False, seed=7)
+        assert torch.equal(loader.generator.get_state(), state)
+        runs.append(model)
+    for pa, pb in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(pa, pb)
+
 def test_distillation_moves_student_towards_teacher(trained_cnn):
     teacher = trained_cnn
     before = copy.deepcopy(teacher.state_dict())

@@ -52,7 +52,7 @@ from ..store import RecordStore, signed_store_path
 from ..trace.chain import Chain
 from ..trace.fxedit import set_submodule
 from ..trace.subgraph import extract, frontier, needed_nodes, trained_modules, unchanged_nodes
-from ..train import distillation_loss, evaluate, fit, metric_function, resolve_device, split_batch
+from ..train import distillation_loss, evaluate, fit, metric_function, resolve_device, seeded_shuffle, split_batch
 from .prefix import PrefixCache
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -110,25 +110,16 @@ class ImportanceEstimator:
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         """Train ``model`` (the network with one block compressed) in place; default: nothing."""
 
-    @contextlib.contextmanager
-    def same_batches(self) -> Iterator[None]:
+    def same_batches(self) -> contextlib.AbstractContextManager[None]:
         """Inside the block, iterating ``train_data`` yields the batches every other entry got.
 
         A ``DataLoader`` with its own ``generator`` advances it each epoch, so without this entry *k* would train on
         other batches than entry *k − 1*, and a score would depend on the order entries are built in (a resumed
         or sharded build would differ from an uninterrupted one). The generator is re-seeded with :attr:`seed`
-        and restored afterwards; a loader without one shuffles with the global RNG, which :func:`fit` seeds.
+        and restored afterwards (:func:`~lm_plugin.train.seeded_shuffle`); a loader without one shuffles with the
+        global RNG, which :func:`fit` seeds.
         """
-        generator = getattr(self.train_data, "generator", None)
-        if not isinstance(generator, torch.Generator):
-            yield
-            return
-        state = generator.get_state()
-        generator.manual_seed(self.seed)
-        try:
-            yield
-        finally:
-            generator.set_state(state)
+        return seeded_shuffle(self.train_data, self.seed)
 
     def score_entry(self, gm: fx.GraphModule, original: fx.GraphModule, chain: Chain, plan: Plan,
                     rewrite: RewriteOptions | None) -> float:
