@@ -311,11 +311,15 @@ class LayerMergePruner:
         if self._selectable is None:
             if self.skip_slower_blocks:
                 slower = slower_blocks(self._entries(self.candidates, None),
-                                       {c.key for c in self.candidates if c.uncompressed})
+                                       {c.key for c in self.candidates if c.uncompressed}, self._step_ms())
                 self._selectable = [c for c in self.candidates if c.key not in slower]
             else:
                 self._selectable = list(self.candidates)
         return self._selectable
+
+    def _step_ms(self) -> float:
+        """The DP's latency resolution in ms."""
+        return self.resolution * self.latency_model().original_ms
 
     def predict_latency(self, plan: Plan) -> float:
         """Predicted end-to-end latency (ms) of the network ``plan`` deploys to."""
@@ -423,7 +427,7 @@ class LayerMergePruner:
         fixed = lat.fixed_ms
 
         def solve_on(values: dict[tuple, float] | None) -> Solution:
-            return solve(self.entries(values), self.chain.length, budget_ms - fixed, self.resolution * lat.original_ms)
+            return solve(self.entries(values), self.chain.length, budget_ms - fixed, self._step_ms())
 
         scored = None
         try:

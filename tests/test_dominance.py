@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lm_plugin import LayerMergePruner
 from lm_plugin.solve import Entry, slower_blocks, solve
+from lm_plugin.solve.dp import to_bins
 from lm_plugin.tables.importance import ImportanceTable
 
 
@@ -26,6 +27,15 @@ def test_a_block_as_slow_as_its_layers_is_slower_and_a_faster_one_is_not():
               Entry(0, 1, (), 1.0, -1.0, "same span, one layer")]
     slower = slower_blocks(plain + blocks, {e.key for e in plain})
     assert slower == {"slow", "equal", "same span, one layer"}
+
+
+def test_latencies_are_compared_as_the_dp_counts_them():
+    """Rounded up to bins, two layers of 0.505 ms cost 2 x 51 bins of 0.01 ms and a block of 1.01 ms 101: slower in
+    ms, cheaper for the DP, so it stays; in exact ms it is dropped."""
+    plain = [single(0, 0.505), single(1, 0.505)]
+    block = Entry(0, 2, (2,), 1.01, -0.1, "rounding")
+    assert slower_blocks(plain + [block], {e.key for e in plain}) == {"rounding"}
+    assert slower_blocks(plain + [block], {e.key for e in plain}, step_ms=0.01) == set()
 
 
 def test_a_span_without_uncompressed_layers_keeps_its_blocks():
@@ -48,7 +58,7 @@ def test_without_the_slower_blocks_every_budget_has_the_same_optimum(seed):
         b = rng.randint(a + 1, min(length, a + 4))
         blocks.append(Entry(a, b, (b,), rng.uniform(0.0, 2.0 * (b - a)), -rng.expovariate(1.0), ("b", i)))
     entries = plain + blocks
-    slower = slower_blocks(entries, {e.key for e in plain})
+    slower = slower_blocks(entries, {e.key for e in plain}, step_ms=0.01)
     kept = [e for e in entries if e.key not in slower]
     total = sum(e.latency_ms for e in plain)
     for fraction in (0.3, 0.5, 0.7, 0.9, 1.0):
@@ -70,13 +80,14 @@ def test_the_pruner_never_scores_or_offers_a_block_slower_than_its_layers(mobile
     pruner = LayerMergePruner(mobilenet, 0.7, torch.randn(1, 3, 64, 64), backend="macs", importance="zero_shot",
                               cache_dir=tmp_path, progress=False)
     lat = pruner.latency_model()
+    step = pruner.resolution * lat.original_ms  # the DP's bins
     searched = pruner.selectable()
     skipped = [c for c in pruner.candidates if c not in searched]
     assert skipped, "MobileNetV2 has depthwise-pointwise merges that cost more MACs than the two convs"
-    single = {c.st: lat.cost(c.st, c.end, c.kept) for c in pruner.candidates if c.uncompressed}
+    single = {c.st: to_bins(lat.cost(c.st, c.end, c.kept), step) for c in pruner.candidates if c.uncompressed}
     for c in skipped:
         assert not c.uncompressed
-        assert lat.cost(c.st, c.end, c.kept) >= sum(single[j] for j in range(c.st, c.end))
+        assert to_bins(lat.cost(c.st, c.end, c.kept), step) >= sum(single[j] for j in range(c.st, c.end))
     assert not {c.key for c in skipped} & set(pruner.scorer.scored)
     assert {e.key for e in pruner.entries({c.key: -1.0 for c in searched})} == {c.key for c in searched}
     everything = LayerMergePruner(mobilenet, 0.7, torch.randn(1, 3, 64, 64), backend="macs", importance="zero_shot",

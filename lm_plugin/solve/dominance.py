@@ -13,35 +13,39 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 
-from .dp import Entry
+from .dp import Entry, to_bins
 
 
-def slower_blocks(entries: Sequence[Entry], uncompressed: Collection[tuple]) -> set[tuple]:
+def slower_blocks(entries: Sequence[Entry], uncompressed: Collection[tuple], step_ms: float | None = None
+                  ) -> set[tuple]:
     """Keys of the entries that are not faster than the uncompressed layers over their span.
 
     Args:
         entries: the DP's items with their latencies (importance is not read); negative latencies count as 0, as
             in :func:`~lm_plugin.solve.dp.solve`.
         uncompressed: keys of the entries that leave the network unchanged (they score 0 by definition).
+        step_ms: the DP's latency resolution: latencies are compared as the DP counts them, rounded up to bins
+            (:func:`~lm_plugin.solve.dp.to_bins`), so that no optimum of that DP changes (a block slower in ms can be
+            a bin cheaper than its layers, each rounded up). ``None``: exact milliseconds.
 
     Returns:
-        The keys of every other entry ``(st, end]`` whose latency is at least the smallest summed latency of a
-        path of ``uncompressed`` entries from ``st`` to ``end`` (none if there is no such path). ``O(P · U)`` for
-        ``P`` block starts and ``U`` uncompressed entries.
+        The keys of every other entry ``(st, end]`` whose cost is at least the smallest summed cost of a path of
+        ``uncompressed`` entries from ``st`` to ``end`` (none if there is no such path). ``O(P · U)`` for ``P``
+        block starts and ``U`` uncompressed entries.
     """
+    def cost(e: Entry) -> float:
+        return max(e.latency_ms, 0.0) if step_ms is None else float(to_bins(e.latency_ms, step_ms))
+
     plain = sorted((e for e in entries if e.key in uncompressed), key=lambda e: e.st)
-    fastest: dict[int, dict[int, float]] = {}  # start -> end -> fastest uncompressed path
+    fastest: dict[int, dict[int, float]] = {}  # start -> end -> cheapest uncompressed path
 
     def paths(st: int) -> dict[int, float]:
         if st not in fastest:
             best = {st: 0.0}
             for e in plain:  # sorted by start: every path into e.st is final before e is relaxed
-                if e.st in best:
-                    cost = best[e.st] + max(e.latency_ms, 0.0)
-                    if cost < best.get(e.end, math.inf):
-                        best[e.end] = cost
+                if e.st in best and best[e.st] + cost(e) < best.get(e.end, math.inf):
+                    best[e.end] = best[e.st] + cost(e)
             fastest[st] = best
         return fastest[st]
 
-    return {e.key for e in entries
-            if e.key not in uncompressed and max(e.latency_ms, 0.0) >= paths(e.st).get(e.end, math.inf)}
+    return {e.key for e in entries if e.key not in uncompressed and cost(e) >= paths(e.st).get(e.end, math.inf)}

@@ -53,6 +53,11 @@ class Solution:
     step_ms: float
 
 
+def to_bins(latency_ms: float, step_ms: float) -> int:
+    """What an entry costs the DP: its latency in bins of ``step_ms``, rounded up (negative latencies count as 0)."""
+    return max(0, math.ceil(max(latency_ms, 0.0) / step_ms - 1e-9))
+
+
 def min_latency(entries: Sequence[Entry], length: int) -> float:
     """Smallest achievable summed latency (exact ms): a shortest path over positions."""
     best = [math.inf] * (length + 1)
@@ -94,7 +99,7 @@ def solve(entries: Sequence[Entry], length: int, budget_ms: float, step_ms: floa
     if n_bins > 5_000_000:
         raise ConfigurationError(f"{n_bins} latency bins: use a coarser resolution")
     by_end: dict[int, list[int]] = {}
-    cost = np.array([max(0, math.ceil(max(e.latency_ms, 0.0) / step_ms - 1e-9)) for e in entries], dtype=np.int64)
+    cost = np.array([to_bins(e.latency_ms, step_ms) for e in entries], dtype=np.int64)
     for i, e in enumerate(entries):
         by_end.setdefault(e.end, []).append(i)
     neg = -np.inf
