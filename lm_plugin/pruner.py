@@ -467,6 +467,7 @@ class LayerMergePruner:
         cheap = self.screen_table().values
         screen = {k: cheap[k] for k in self.scorer.scored}
         seed = getattr(self.estimator, "seed", 0)
+
         def pick(values: dict[tuple, float]) -> tuple[list[tuple], float]:
             solution = solve_on(self._complete(values))
             return [e.key for e in solution.entries], solution.objective

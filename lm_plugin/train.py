@@ -228,43 +228,39 @@ def fit(
         per_epoch = total  # an unsized loader: one "epoch" is the whole run
     was_training = model.training
     model.train()
-    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
-    stack = contextlib.ExitStack()
-    stack.enter_context(seeded_shuffle(loader, seed))
-    try:
-        for step, batch in enumerate(_cycle(loader)):
-            if step >= total:
-                break
-            inputs, targets = split_batch(batch)
-            inputs, targets = _to_device(inputs, dev), _to_device(targets, dev)
-            outputs = _forward(model, inputs)
-            loss = task_loss(outputs, targets)
-            if teacher is not None and distill_alpha > 0:
-                with torch.no_grad():
-                    teacher_out = _forward(teacher, inputs)
-                kd = distillation_loss(outputs, teacher_out, temperature)
-                loss = (1.0 - distill_alpha) * loss + distill_alpha * kd
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"training loss became {loss.item()} at step {step}; lower max_lr or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if on_epoch is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
-                model.eval()
-                on_epoch(math.ceil((step + 1) / per_epoch), model)
-                model.train()
-    finally:
-        stack.close()
-        bar.close()
-        model.train(was_training)
-        if teacher is not None:
-            teacher.train(teacher_was_training)
+    with seeded_shuffle(loader, seed), tqdm(total=total, desc="train", disable=not progress, leave=False) as bar:
+        try:
+            for step, batch in enumerate(_cycle(loader)):
+                if step >= total:
+                    break
+                inputs, targets = split_batch(batch)
+                inputs, targets = _to_device(inputs, dev), _to_device(targets, dev)
+                outputs = _forward(model, inputs)
+                loss = task_loss(outputs, targets)
+                if teacher is not None and distill_alpha > 0:
+                    with torch.no_grad():
+                        teacher_out = _forward(teacher, inputs)
+                    kd = distillation_loss(outputs, teacher_out, temperature)
+                    loss = (1.0 - distill_alpha) * loss + distill_alpha * kd
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"training loss became {loss.item()} at step {step}; lower max_lr or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if on_epoch is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
+                    model.eval()
+                    on_epoch(math.ceil((step + 1) / per_epoch), model)
+                    model.train()
+        finally:
+            model.train(was_training)
+            if teacher is not None:
+                teacher.train(teacher_was_training)
     return model
 
 

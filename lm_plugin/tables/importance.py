@@ -166,6 +166,11 @@ class _Sliced:
     def __init__(self, loader: Iterable[Any], size: int) -> None:
         self.loader, self.size = loader, size
 
+    @property
+    def generator(self) -> Any:
+        """The loader's shuffling generator, which :func:`~lm_plugin.train.fit` re-seeds for a seeded run."""
+        return getattr(self.loader, "generator", None)
+
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
         for batch in self.loader:
             inputs, targets = split_batch(batch)
@@ -556,9 +561,9 @@ class FinetuneImportance(ImportanceEstimator):
     name = "finetune"
 
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
-        with self.same_batches():
-            fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
-                device=self.device, progress=False, seed=self.seed)
+        # fit re-seeds the loader's generator with the seed: every entry trains on the same batches
+        fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, loss_fn=self.loss_fn,
+            device=self.device, progress=False, seed=self.seed)
 
 
 @dataclass
@@ -574,9 +579,9 @@ class DistillImportance(ImportanceEstimator):
     def adapt(self, model: nn.Module, original: nn.Module) -> None:
         if self._teacher is None or self._teacher.teacher is not original:  # a new table, a new memory
             self._teacher = MemoTeacher(original, capacity=2 * self.steps)
-        with self.same_batches():
-            fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, teacher=self._teacher,
-                distill_alpha=1.0, temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
+        # fit re-seeds the loader's generator with the seed: every entry trains on the same batches
+        fit(model, self.training_batches(), steps=self.steps, max_lr=self.max_lr, teacher=self._teacher,
+            distill_alpha=1.0, temperature=self.temperature, device=self.device, progress=False, seed=self.seed)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "temperature": self.temperature}
