@@ -57,6 +57,8 @@ def main() -> None:
                          "exact)")
     ap.add_argument("--keep-slower", action="store_true",
                     help="skip_slower_blocks=False: search and score every candidate, as before 2026-12-06")
+    ap.add_argument("--output", default=None,
+                    help="results file (default results/screened_search_<model><settings>.json)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[],
                     help="fine-tune each plan with the workload recipe over these seeds (runs shared with "
                          "importance_quality.py)")
@@ -169,7 +171,7 @@ def main() -> None:
     # runs before screen_tolerance and skip_slower_blocks existed had neither
     suffix += "" if args.keep_slower and args.tolerance == 0 else f"_tolerance{args.tolerance}"
     suffix += "_keepslower" if args.keep_slower else ""
-    out = RESULTS / f"screened_search_{args.model}{suffix}.json"
+    out = Path(args.output) if args.output else RESULTS / f"screened_search_{args.model}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.model}: screen table {screen_s:.0f} s; exact {mean_entry:.2f} s per entry (mean of "

@@ -477,7 +477,8 @@ class TailDistillImportance(LocalImportance):
             already moves them toward the compressed network's).
         eval_images: as :class:`LocalImportance`'s. ``steps=5, fit_batch_size=16, eval_images=250`` builds
             ``mbv2_fm``'s table at about a fifteenth of ``distill``'s (10 steps) cost, with plans about 0.3 %p less
-            accurate after fine-tuning (docs/benchmarks.md).
+            accurate after fine-tuning; ``steps=3`` (:data:`SCREEN_SETTINGS`, the screen of a search) at about a
+            twentieth (docs/benchmarks.md).
     """
 
     steps: int = 10
@@ -623,9 +624,11 @@ def _tensor_key(x: torch.Tensor) -> tuple:
 
 #: The estimator every entry point uses unless told otherwise.
 DEFAULT_ESTIMATOR = "distill"
-#: Settings a screen runs with by name (``LayerMergePruner(screen="tail_distill")``): few fitting steps on few
-#: images, scored on the first 250 evaluation images (docs/selection.md, "Screened search", for the measurements).
-SCREEN_SETTINGS: dict[str, dict[str, Any]] = {"tail_distill": {"steps": 5, "fit_batch_size": 16, "eval_images": 250}}
+#: Settings a screen runs with by name (``LayerMergePruner(screen="tail_distill")``): 3 fitting steps of 16 images,
+#: scored on the first 250 evaluation images. A screen only has to rank entries well enough for the search to pick
+#: what to score exactly: on ``mbv2_fm`` 3 steps cost two thirds of 5 and the search scores fewer entries with plans
+#: as good (docs/selection.md, "Screened search", for the measurements).
+SCREEN_SETTINGS: dict[str, dict[str, Any]] = {"tail_distill": {"steps": 3, "fit_batch_size": 16, "eval_images": 250}}
 
 ESTIMATORS: dict[str, type[ImportanceEstimator]] = {
     "zero_shot": ZeroShotImportance,
