@@ -299,7 +299,7 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
                               cache_dir=tmp_path, progress=False)
     settings = pruner.screen.settings()
     assert all(settings[k] == v for k, v in SCREEN_SETTINGS["tail_distill"].items() if k in settings)
-    assert pruner.screen.steps == 5 and pruner.screen.eval_images == 250
+    assert pruner.screen.steps == 3 and pruner.screen.eval_images == 250 and pruner.screen.fit_batch_size == 16
     assert pruner.screen.train_data is train and pruner.screen.eval_data is test
     custom = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
                               importance="zero_shot", train_data=train, eval_data=test, screen="tail_distill",
