@@ -626,7 +626,7 @@ def _tensor_key(x: torch.Tensor) -> tuple:
 DEFAULT_ESTIMATOR = "distill"
 #: Settings a screen runs with by name (``LayerMergePruner(screen="tail_distill")``): 3 fitting steps of 16 images,
 #: scored on the first 250 evaluation images. A screen only has to rank entries well enough for the search to pick
-#: what to score exactly: on ``mbv2_fm`` 3 steps cost two thirds of 5 and the search scores fewer entries with plans
+#: what to score exactly: on ``mbv2_fm`` 3 steps cost about 80 % of 5 and the search scores fewer entries with plans
 #: as good (docs/selection.md, "Screened search", for the measurements).
 SCREEN_SETTINGS: dict[str, dict[str, Any]] = {"tail_distill": {"steps": 3, "fit_batch_size": 16, "eval_images": 250}}
 
