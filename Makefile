@@ -28,8 +28,11 @@ data:
 	    (sudo sh -c '$(APT_INSTALL)') || true; fi; \
 	fi
 
+# One pytest worker per core of the CI machine (2); most tests run one intra-op thread, so a single process would
+# leave a core idle. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
 
 lint: $(STAMP)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # ``make test`` runs one worker per core (pytest-xdist): a worker with several intra-op threads would contend
+    # with the others for the same cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
