@@ -69,7 +69,6 @@ def test_seed_makes_runs_reproducible():
         assert torch.equal(pa, pb)
 
 
-
 def test_a_seeded_run_does_not_depend_on_what_the_loader_served_before():
     """A loader with its own shuffling generator (as the workload's) advances it every epoch: a seeded fit re-seeds
     it for the run and puts it back, so the same seed trains alike whatever ran before, and leaves no trace."""

@@ -43,8 +43,8 @@ def slower_blocks(entries: Sequence[Entry], uncompressed: Collection[tuple], ste
         if st not in fastest:
             best = {st: 0.0}
             for e in plain:  # sorted by start: every path into e.st is final before e is relaxed
-                if e.st in best and best[e.st] + cost(e) < best.get(e.end, math.inf):
-                    best[e.end] = best[e.st] + cost(e)
+                if e.st in best:
+                    best[e.end] = min(best.get(e.end, math.inf), best[e.st] + cost(e))
             fastest[st] = best
         return fastest[st]
 
