@@ -24,6 +24,9 @@ Each run also reports ``incumbent_optimal_after``: the entries re-scored when th
 alone first reached ``distill``'s optimum (what a branch-and-bound stop on the gap between it and the optimistic
 optimum could at best save).
 
+It also reports how the screen ranks the entries: Spearman ρ against the exact table and, where
+``importance_agreement.py`` saved a ``finetune`` reference for the model, against that reference's mean over seeds.
+
 Reports, per rule and budget, the entries re-scored, the final plan's objective under ``distill``'s values against
 ``distill``'s own optimum, and whether the plans are the same. ``--finetune-seeds`` fine-tunes the final plans of
 ``--finetune-rules`` with the workload recipe (the runs of ``importance_quality.py``, shared through its results
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import torch
 from importance_quality import _save, parse_settings, plan_id
+from scipy.stats import spearmanr
 
 from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.solve import InfeasibleBudgetError
@@ -148,6 +152,9 @@ def main() -> None:
         gaps = [d[k] - s[k] for k in scored]
         under_rating = {"mean": statistics.mean(gaps), "sd": statistics.stdev(gaps)}
         print(f"screen under-rates by {under_rating['mean']:.1f} %p on average (sd {under_rating['sd']:.1f})")
+    ranking = _ranking(args.model, s, d if not args.partial else None)
+    print("Spearman of the screen: " + ", ".join(f"{k} {v:.3f}" for k, v in ranking.items() if k != "finetune_entries"),
+          f"({ranking.get('finetune_entries', 0)} finetune reference entries)")
     runs = []
     for rule in args.rules:
         kind, _, m = rule.partition(":")
@@ -173,7 +180,7 @@ def main() -> None:
     out = Path(args.output) if args.output else RESULTS / f"importance_refine_{args.model}.json"
     out.write_text(json.dumps({"model": args.model, "screen": args.screen, "exact": args.exact,
                                "tolerance": args.tolerance, "skip_slower_blocks": not args.keep_slower,
-                               "under_rating": under_rating, "rows": runs}, indent=1))
+                               "under_rating": under_rating, "ranking": ranking, "rows": runs}, indent=1))
     print(f"{args.model}: screen {args.screen}, re-scored with {args.exact}")
     print(f"{'rule':<14} {'sample':>6} {'budget':>6} {'rounds':>6} {'re-scored':>11} {'objective':>9} {'optimum':>8} "
           "same plan  plan          incumbent  fine-tuned")
@@ -185,6 +192,32 @@ def main() -> None:
               f"{r['same_plan']!s:<10} {r['plan']}  {r['incumbent_optimal_after']!s:>9}  "
               f"{tuned}")
     print(f"wrote {out}")
+
+
+def _ranking(model: str, screen: dict[Key, float], exact: dict[Key, float] | None) -> dict[str, float | int]:
+    """Spearman rho of the screen against the exact table (every entry searched) and, where
+    ``importance_agreement.py`` saved its ``finetune`` reference for ``model``, against the mean of its seeds."""
+    out = {}
+    if exact is not None:
+        keys = sorted(screen, key=repr)
+        out["exact"] = float(spearmanr([screen[k] for k in keys], [exact[k] for k in keys])[0])
+    saved = RESULTS / f"importance_agreement_{model}.json"
+    if saved.is_file():
+        values = json.loads(saved.read_text())["values"]
+        seeds = [v for name, v in values.items() if name.split("@")[0] == "finetune"]
+        keys = [k for k in seeds[0] if _key(k) in screen]
+        out["finetune_entries"] = len(keys)
+        if len(keys) >= 5:  # fewer ranks nothing (e.g. the reference's entries among the searched blocks only)
+            reference = [statistics.mean(v[k] for v in seeds) for k in keys]
+            out["finetune"] = float(spearmanr([screen[_key(k)] for k in keys], reference)[0])
+            if exact is not None:
+                out["exact_vs_finetune"] = float(spearmanr([exact[_key(k)] for k in keys], reference)[0])
+    return out
+
+
+def _key(text: str) -> Key:
+    """A candidate key as ``importance_agreement.py`` saves it (its repr)."""
+    return tuple(int(x) for x in text.strip("()").split(","))
 
 
 class _Exact(dict):
