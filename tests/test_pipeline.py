@@ -119,7 +119,13 @@ def test_ignored_merged_conv_keeps_its_width_when_pruning_the_trainable_form(for
                           layermerge=LayerMergeHandoff(pruner, plan, trainable, lm.model))
     out = channel_prune_tp_stage(lm.model, ctx, macs_ratio=0.6, ignored_layers=[name], epochs=0)
     pruned = {n: m.out_channels for n, m in out.model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert pruned[name] == widths[name] and min(pruned[n] - widths[n] for n in widths) < 0
+    assert pruned[name] == widths[name]
+    # Channels were pruned: counted on the trainable form, since a block can merge every pruned conv away (the plan
+    # follows measured latencies, so which convs survive merging differs from run to run).
+    before, after = ({n: m.out_channels for n, m in t.named_modules() if isinstance(m, nn.Conv2d)}
+                     for t in (trainable, out.extras["trainable"]))
+    assert min(after[n] - before[n] for n in before) < 0, plan.to_dict()
+    assert all(after[pruner.chain.conv(j).name] == before[pruner.chain.conv(j).name] for j in kept)
     assert out.notes["path"] == "trainable" and exact_wrt_trainable(out.model, out.extras) <= 1e-10
     assert ctx.layermerge.merged is out.model  # a further channel-pruning stage would prune the trainable form
 
