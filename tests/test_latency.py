@@ -90,12 +90,13 @@ def test_cpu_backend_evicts_private_caches_before_each_timed_run(monkeypatch):
         original(self)
 
     monkeypatch.setattr(EagerCPUProfiler, "_before_timed_run", spy)
-    profiler = cpu_profiler(flush_bytes=4096, repeats=5)
+    # In this process, where the spy is: the protocol is the same inside the measurement worker.
+    profiler = cpu_profiler(flush_bytes=4096, repeats=5, worker=None)
     profiler.measure(small_conv(), (1, 4, 8, 8))
     assert seen == [1024] * 5
     assert profiler._flush_buffer is None, "the buffer lives only while measuring"
     seen.clear()
-    off = cpu_profiler(flush_bytes=0)
+    off = cpu_profiler(flush_bytes=0, worker=None)
     off.measure(small_conv(), (1, 4, 8, 8))
     assert seen == [None] * FAST["repeats"]
     # Flushing changes what is measured, so it is part of the signature (caches are not shared across it).
@@ -135,7 +136,9 @@ def test_side_by_side_timing_alternates_single_runs(backend, no_warnings):
     log: list[str] = []
     models = {"a": _Logged("a", log).eval(), "b": _Logged("b", log).train()}  # modes are restored
     threads = torch.get_num_threads()
-    profiler = get_profiler(backend, batch_size=BATCH, **({**FAST, "warmup": 2} if backend == "cpu" else {}))
+    # worker=None: the log is kept in this process (the protocol is the same inside the measurement worker)
+    profiler = get_profiler(backend, batch_size=BATCH,
+                            **({**FAST, "warmup": 2, "worker": None} if backend == "cpu" else {}))
     together = profiler.measure_together(models, (1, 4, 8, 8))
     assert list(together) == ["a", "b"] and all(m.median_ms > 0 for m in together.values())
     if backend == "cpu":
@@ -209,7 +212,7 @@ class Jittery(nn.Module):
 
 def test_noisy_measurement_is_remeasured_then_flagged():
     module = Jittery()
-    profiler = cpu_profiler(repeats=6, retries=2, max_spread=0.5)
+    profiler = cpu_profiler(repeats=6, retries=2, max_spread=0.5, worker=None)  # the call count is read here
     with pytest.warns(UnstableMeasurementWarning, match="max_spread"):
         m = profiler.measure(module, (1, 1))
     assert not m.stable and m.attempts == 3

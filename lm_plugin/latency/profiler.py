@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from .errors import BackendUnavailableError, UnstableMeasurementWarning
 from .inputs import InputsLike, effective_shapes, materialize
 from .measurement import Measurement, RunStats, summarize
+from .worker import MeasurementWorker, default_worker, worker_disabled
 
 #: Untimed runs before timing starts (caches, allocator, lazy initialisation, cuDNN autotuning).
 DEFAULT_WARMUP = 10
@@ -33,6 +34,8 @@ DEFAULT_MAX_SPREAD = 0.25
 DEFAULT_RETRIES = 2
 
 RunFn = Callable[[], object]
+#: ``worker=AUTO_WORKER``: the process-wide measurement worker for backends that need one (:attr:`Profiler.isolate`).
+AUTO_WORKER = "auto"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -58,6 +61,11 @@ class Profiler(abc.ABC):
         max_spread: largest acceptable ``IQR / median`` of a round.
         retries: extra rounds to time when a round exceeds ``max_spread``; the least noisy round is reported.
         dtype: floating type of weights and inputs.
+        worker: where modules are timed. ``"auto"`` (default): in the process-wide
+            :class:`~lm_plugin.latency.MeasurementWorker` for backends whose timings depend on the state of the
+            process (:attr:`isolate`: the CPU backends), in this process otherwise; a
+            :class:`~lm_plugin.latency.MeasurementWorker` (or :class:`~lm_plugin.latency.RemoteWorker`): in that
+            one; None: in this process, whatever it did before (not recommended for tables on the CPU).
 
     Raises:
         BackendUnavailableError: if this backend cannot run on this machine (the message says why).
@@ -68,6 +76,9 @@ class Profiler(abc.ABC):
     name: ClassVar[str] = ""
     #: True for analytic backends whose numbers never change between measurements (no drift to check).
     deterministic: ClassVar[bool] = False
+    #: True for backends whose timings depend on the allocator state of the process that runs them (the CPU ones):
+    #: ``worker="auto"`` times them in a measurement worker.
+    isolate: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -78,6 +89,7 @@ class Profiler(abc.ABC):
         max_spread: float = DEFAULT_MAX_SPREAD,
         retries: int = DEFAULT_RETRIES,
         dtype: torch.dtype = torch.float32,
+        worker: MeasurementWorker | str | None = AUTO_WORKER,
     ) -> None:
         reason = self.unavailable_reason()
         if reason is not None:
@@ -98,6 +110,7 @@ class Profiler(abc.ABC):
         self.max_spread = max_spread
         self.retries = retries
         self.dtype = dtype
+        self.worker = _resolve_worker(worker, type(self).isolate)
 
     # ------------------------------------------------------------------------------------ backend facts
     @classmethod
@@ -144,6 +157,9 @@ class Profiler(abc.ABC):
             "batch_size": self.batch_size,
             "channels_last": self.channels_last,
             "torch": torch.__version__,
+            # Where it was timed changes the number (allocator state): tables timed in the caller's process are
+            # not reused by a worker-timed profiler, nor the other way round.
+            "timed_in": self.worker.describe() if self.worker is not None else {"process": "caller"},
             **self._extra_signature(),
         }
 
@@ -168,7 +184,20 @@ class Profiler(abc.ABC):
 
         Returns:
             Statistics of the least noisy round; ``stable`` is False if even that round was too noisy.
+
+        Raises:
+            LatencyError: the module could not be timed (in the worker: with the worker's message).
         """
+        if self.worker is not None:
+            effective_shapes(inputs, self.batch_size)  # bad inputs are refused here, not in the worker
+            result = self.worker.measure(self, module, inputs)
+        else:
+            result = self._measure_here(module, inputs)
+        if not result.stable and warn_unstable:
+            warnings.warn(unstable_message(result, self.max_spread), UnstableMeasurementWarning, stacklevel=2)
+        return result
+
+    def _measure_here(self, module: nn.Module, inputs: InputsLike) -> Measurement:
         tensors = materialize(
             inputs, self.batch_size, dtype=self.dtype, device=self.device, channels_last=self.channels_last
         )
@@ -185,10 +214,7 @@ class Profiler(abc.ABC):
                 if best.spread <= self.max_spread:
                     break
         assert best is not None
-        result = self._measurement(best, attempts, tensors)
-        if not result.stable and warn_unstable:
-            warnings.warn(unstable_message(result, self.max_spread), UnstableMeasurementWarning, stacklevel=2)
-        return result
+        return self._measurement(best, attempts, tensors)
 
     def measure_together(self, modules: Mapping[str, nn.Module], inputs: InputsLike, *,
                          chunk: int = 5) -> dict[str, Measurement]:
@@ -206,6 +232,8 @@ class Profiler(abc.ABC):
             raise ConfigurationError(f"chunk must be >= 1, got {chunk}")
         if self.deterministic:
             return {name: self.measure(module, inputs, warn_unstable=False) for name, module in modules.items()}
+        if self.worker is not None:
+            return self.worker.measure_together(self, modules, inputs, chunk)
         tensors = materialize(
             inputs, self.batch_size, dtype=self.dtype, device=self.device, channels_last=self.channels_last
         )
@@ -272,6 +300,14 @@ class Profiler(abc.ABC):
             }.items()
         )
         return f"{type(self).__name__}({settings})"
+
+
+def _resolve_worker(worker: MeasurementWorker | str | None, isolate: bool) -> MeasurementWorker | None:
+    if worker is None or isinstance(worker, MeasurementWorker):
+        return worker
+    if worker != AUTO_WORKER:
+        raise ConfigurationError(f"worker must be 'auto', None or a MeasurementWorker, got {worker!r}")
+    return default_worker() if isolate and not worker_disabled() else None
 
 
 def unstable_message(result: Measurement, max_spread: float) -> str:

@@ -1,4 +1,4 @@
-"""PyTorch eager mode on an NVIDIA GPU, timed with CUDA events."""
+"""PyTorch eager mode on an NVIDIA GPU, timed with CUDA events (optionally replayed from a CUDA graph)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,23 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigurationError
+from ..errors import LatencyError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
+
+#: Bytes written before each timed run when the card's L2 size cannot be read (what Triton's ``do_bench`` uses).
+FALLBACK_FLUSH_BYTES = 256 * 1024**2
+#: Runs of the module on a side stream before a CUDA graph captures it (the count of the PyTorch docs' example).
+GRAPH_WARMUP = 3
+
+
+def l2_flush_bytes(l2_cache_size: int | None) -> int:
+    """Size of the buffer that evicts a card's L2 cache: twice the L2 (writes are not guaranteed to replace every
+    line once, and part of the L2 may be reserved for persisting accesses), or :data:`FALLBACK_FLUSH_BYTES` when the
+    size is unknown (None or 0, as some drivers and older torch releases report)."""
+    if l2_cache_size is not None and l2_cache_size > 0:
+        return 2 * int(l2_cache_size)
+    return FALLBACK_FLUSH_BYTES
 
 
 @register_backend
@@ -21,13 +36,33 @@ class CUDAProfiler(Profiler):
     Each run is bracketed by CUDA events on the current stream, so the numbers are device time between launch
     points rather than host time; the host synchronises once per round.
 
+    Before every timed run, outside the bracketed interval, the profiler writes a buffer twice the size of the
+    card's L2 cache (``buffer.zero_()``, as Triton's ``do_bench`` does). A module timed alone in a tight loop
+    otherwise finds its weights and input still in L2 from the previous run — at batch 1 a whole block fits in an
+    H100's 50 MiB — while inside a network the layers run before it have replaced them; a latency table of
+    warm-L2 entries under-credits every block a plan removes, as the CPU backend's private-cache flush explains
+    (:class:`~lm_plugin.latency.EagerCPUProfiler`). The flush errs the other way for the input, which the previous
+    layer has just written and may still be in L2; weights, the larger part for most convs at small batch, are
+    cold in both.
+
     Args:
         device: CUDA device (index, ``"cuda:1"`` or :class:`torch.device`); None uses the current device.
         cudnn_benchmark: value of ``torch.backends.cudnn.benchmark`` while timing (restored afterwards); with
             True, cuDNN picks the fastest algorithm during warm-up, as deployed inference usually does.
         channels_last: convert weights and 4-D inputs to the channels-last memory format.
+        flush_l2: evict the L2 cache before every timed run (see above); False times warm-L2, tight-loop runs.
+        cuda_graphs: capture one run in a CUDA graph (``torch.cuda.CUDAGraph``) and time its replays. Small
+            modules at small batch are launch-bound in eager PyTorch (the host takes longer to launch the kernels
+            than the GPU to run them), so eager timings measure the Python and launch overhead; a graph replays
+            every kernel with one launch, as deployments that use graphs (TensorRT, ``torch.compile`` with
+            ``mode="reduce-overhead"``) do. Off by default: it times a different deployment than eager PyTorch,
+            and modules that synchronise with the host (``.item()``, data-dependent shapes) cannot be captured.
         **settings: common settings, see :class:`~lm_plugin.latency.Profiler`; pass
             ``dtype=torch.float16`` to time in half precision.
+
+    Raises:
+        LatencyError: (when timing, with ``cuda_graphs=True``) the module could not be captured in a CUDA graph;
+            the message names the module's error.
     """
 
     name = "cuda"
@@ -38,6 +73,8 @@ class CUDAProfiler(Profiler):
         device: int | str | torch.device | None = None,
         cudnn_benchmark: bool = True,
         channels_last: bool = False,
+        flush_l2: bool = True,
+        cuda_graphs: bool = False,
         **settings: Any,
     ) -> None:
         super().__init__(**settings)
@@ -52,6 +89,12 @@ class CUDAProfiler(Profiler):
         self._device = torch.device("cuda", index)
         self.cudnn_benchmark = cudnn_benchmark
         self._channels_last = channels_last
+        self.flush_l2 = bool(flush_l2)
+        self.cuda_graphs = bool(cuda_graphs)
+        l2 = getattr(torch.cuda.get_device_properties(self._device), "L2_cache_size", None)
+        #: Bytes written before every timed run (0 with ``flush_l2=False``).
+        self.flush_bytes = l2_flush_bytes(l2) if self.flush_l2 else 0
+        self._flush_buffer: Tensor | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -82,6 +125,8 @@ class CUDAProfiler(Profiler):
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
             "cudnn_benchmark": self.cudnn_benchmark,
+            "flush_l2": self.flush_l2,
+            "cuda_graphs": self.cuda_graphs,
         }
 
     def _compile(self, model: nn.Module, inputs: tuple[Tensor, ...]) -> RunFn:
@@ -96,18 +141,72 @@ class CUDAProfiler(Profiler):
             with (
                 torch.cuda.device(self._device),
                 prepared_module(module, self._device, self.dtype, channels_last=self._channels_last) as model,
+                self._l2_flush(),
             ):
                 run = self._compile(model, inputs)  # outside inference mode: compilers may need autograd state
                 with torch.inference_mode():
+                    if self.cuda_graphs:
+                        run = self._graphed(run, type(module).__name__)
                     yield run
                     torch.cuda.synchronize(self._device)
         finally:
             torch.backends.cudnn.benchmark = previous
 
+    @contextlib.contextmanager
+    def _l2_flush(self) -> Iterator[None]:
+        """Holds the flush buffer while a session is open. Sessions nest (:meth:`measure_together` opens one per
+        module) and share one buffer, freed when the outermost closes: a second 100 MiB buffer would evict no
+        more."""
+        owner = self.flush_bytes > 0 and self._flush_buffer is None
+        if owner:
+            self._flush_buffer = torch.empty(max(1, self.flush_bytes // 4), dtype=torch.float32,
+                                             device=self._device)
+        try:
+            yield
+        finally:
+            if owner:
+                self._flush_buffer = None
+
+    def _graphed(self, run: RunFn, what: str) -> RunFn:
+        """``run`` captured in a CUDA graph; the returned callable replays it on the current stream.
+
+        As the PyTorch docs require, the module first runs a few times on a side stream, so that lazy
+        initialisation, cuDNN autotuning (``cudnn_benchmark``) and allocator growth happen before capture: none of
+        them may happen inside it.
+
+        Raises:
+            LatencyError: capture failed (the module synchronises with the host, uses an operation CUDA graphs do
+                not support, or the compiled engine manages its own streams).
+        """
+        try:
+            side = torch.cuda.Stream(self._device)
+            side.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    run()
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+        except Exception as exc:  # capture errors surface as RuntimeError, AcceleratorError or a compiler's own
+            raise LatencyError(
+                f"could not capture {what} in a CUDA graph on {self._device} ({type(exc).__name__}: {exc}). "
+                "Modules that synchronise with the host (.item(), data-dependent shapes, CPU tensors) or engines "
+                "that manage their own streams cannot be captured; time it with cuda_graphs=False."
+            ) from exc
+        return graph.replay
+
+    def _before_timed_run(self) -> None:
+        """Evicts the L2 cache: the write is queued on the current stream before the run's start event, so it is
+        outside the timed interval but finished before the run begins."""
+        if self._flush_buffer is not None:
+            self._flush_buffer.zero_()
+
     def _timed_runs(self, run: RunFn, count: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
         for start, end in zip(starts, ends):
+            self._before_timed_run()
             start.record()
             run()
             end.record()

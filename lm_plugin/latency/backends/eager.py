@@ -42,6 +42,7 @@ class EagerCPUProfiler(Profiler):
     """
 
     name = "cpu"
+    isolate = True
 
     def __init__(self, *, threads: int | None = None, flush_bytes: int | None = None, **settings: Any) -> None:
         super().__init__(**settings)

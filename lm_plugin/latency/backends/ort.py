@@ -57,6 +57,7 @@ class OnnxRuntimeProfiler(Profiler):
     """
 
     name = "onnxruntime"
+    isolate = True
 
     def __init__(
         self,
