@@ -86,6 +86,8 @@ class CompressionResult:
         latency_settings: The profiler's signature (backend, device, threads, batch, torch version).
         screen: With a screened search: the screen's settings and the entries scored with the importance
             estimator (``{"estimator": {...}, "scored_entries": n, "table_entries": m}``); empty otherwise.
+        latency_check: The latency model's self-check (:meth:`LatencyCheck.to_dict`): predicted vs measured
+            deployed networks, out of sample; empty for analytic backends.
     """
 
     plan: Plan
@@ -103,6 +105,7 @@ class CompressionResult:
     seconds: dict[str, float] = field(default_factory=dict)
     latency_settings: dict[str, Any] = field(default_factory=dict)
     screen: dict[str, Any] = field(default_factory=dict)
+    latency_check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -138,6 +141,8 @@ class CompressionResult:
             "seconds": self.seconds,
             "latency_settings": self.latency_settings,
             "screen": self.screen,
+            "latency_check": self.latency_check,
+            "warnings": self.warnings(),
         }
 
     def rows(self, accuracy_split: str = "test") -> list[tuple[str, str, str]]:
@@ -164,6 +169,26 @@ class CompressionResult:
                      ("conv layers", str(o.convs), str(c.convs))]
         return rows
 
+    def warnings(self) -> list[str]:
+        """What a user must not miss: the compressed network measured no faster than the original in a runtime
+        that timed it, or the latency model predicting deployed networks worse than its tolerance."""
+        out = []
+        timed = {"the table's backend": self.measured_ms, **self.runtime_ms}
+        backend = self.latency_settings.get("backend", "the table's backend")
+        for name, ms in timed.items():
+            if ms["compressed"] >= ms["original"]:
+                where = f"{backend} (the table's backend)" if name == "the table's backend" else name
+                advice = ("build the table with this runtime (backend=" + repr(name) + ")"
+                          if name != "the table's backend" else "rebuild the table on a quiet machine")
+                out.append(f"SLOWER THAN THE ORIGINAL in {where}: {ms['compressed']:.3f} ms vs {ms['original']:.3f} "
+                           f"ms. The plan was chosen for {backend}'s latencies; {advice}, or ask for a milder "
+                           "budget.")
+        check = self.latency_check
+        if check and check.get("ms_error_max", 0.0) > check.get("tolerance", float("inf")):
+            out.append(f"the latency model predicted deployed networks within {check['ms_error_max']:.0%} only "
+                       f"(tolerance {check['tolerance']:.0%}): the budget is met only that closely.")
+        return out
+
     def headline(self) -> str:
         """One line: measured speed-up(s), accuracy change, merge check."""
         tail = f"measured speed-up {self.speedup:.2f}x (budget {self.budget}, {self.budget_ms:.3f} ms)"
@@ -178,7 +203,7 @@ class CompressionResult:
         rows = [("", "original", "compressed"), *self.rows(accuracy_split)]
         width = max(len(r[0]) for r in rows)
         lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
-        return "\n".join([*lines, self.headline()])
+        return "\n".join([*lines, self.headline(), *(f"WARNING: {w}" for w in self.warnings())])
 
 
 def compress(
@@ -291,7 +316,8 @@ def compress(
         predicted_ms={"original": found.original_ms, "compressed": found.predicted_ms}, measured_ms=measured,
         runtime_ms=runtime_ms,
         accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
-        latency_settings=dict(pruner.profiler.signature()), screen=screen)
+        latency_settings=dict(pruner.profiler.signature()), screen=screen,
+        latency_check=lat.check.to_dict() if lat.check is not None else {})
 
 
 

@@ -28,6 +28,7 @@ from .errors import (
     LatencyCacheWarning,
     LatencyDriftWarning,
     LatencyError,
+    LatencyModelWarning,
     UnstableMeasurementWarning,
 )
 from .inputs import InputsLike
@@ -44,6 +45,7 @@ from .registry import (
     resolve_backend,
 )
 from .table import LatencyTable, ModuleSpec, TimingSpec
+from .worker import MeasurementWorker, RemoteWorker, WorkerConfig, default_worker
 
 __all__ = [
     "AUTO",
@@ -60,19 +62,24 @@ __all__ = [
     "LatencyCacheWarning",
     "LatencyDriftWarning",
     "LatencyError",
+    "LatencyModelWarning",
+    "MeasurementWorker",
     "LatencyTable",
     "MacsProfiler",
     "Measurement",
     "ModuleSpec",
     "OnnxRuntimeProfiler",
     "Profiler",
+    "RemoteWorker",
     "TensorRTProfiler",
     "TimingSpec",
     "UnstableMeasurementWarning",
+    "WorkerConfig",
     "available_backends",
     "backend_class",
     "backend_names",
     "compare_latency",
+    "default_worker",
     "get_profiler",
     "latency_cache_path",
     "measure",

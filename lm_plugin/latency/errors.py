@@ -29,3 +29,7 @@ class LatencyDriftWarning(UserWarning):
     host, frequency scaling, a job on the other core. Predicted milliseconds are then off by about the drift;
     plans compared against each other, and speed-ups measured side by side, are much less affected.
     """
+
+
+class LatencyModelWarning(UserWarning):
+    """The latency model's self-check predicted deployed networks less well than its tolerance."""

@@ -105,6 +105,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _check_line(check: dict[str, Any]) -> str:
+    plans = check["plans"]
+    return (f"predicted vs measured on {len(plans)} deployed networks (the original and seeded random plans, each "
+            f"predicted by a fit without it): error median {check['ms_error_median']:.1%}, max "
+            f"{check['ms_error_max']:.1%}; speed-ups max {check['speedup_error_max']:.1%}; part outside the chain "
+            f"{check['rest_ms']:.3f} ms, scale on summed blocks {check['scale']:.3f}")
+
+
 def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
     """The report as Markdown: summary table, the plan, figures, how it was measured."""
     ctx = report.get("context", {})
@@ -117,6 +125,7 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
     lines += ["## Summary", "", "| | original | compressed |", "|---|---:|---:|"]
     lines += [f"| {name} | {o} | {c} |" for name, o, c in result.rows(ctx.get("accuracy_split", "test"))]
     lines += ["", f"**{result.headline()}**.", ""]
+    lines += [f"> **Warning:** {w}" for w in result.warnings()] + ([""] if result.warnings() else [])
     ort = report.get("onnx_error")
     lines += [f"Merge check: float64 relative error {result.merge_error:.1e} "
               f"({'exact' if result.exact else 'NOT EXACT — please report this'}); the float32 deploy form "
@@ -132,6 +141,7 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
               f"- Latency: backend `{lat.get('backend')}` on {lat.get('device_name')}, threads {lat.get('threads')}, "
               f"batch {lat.get('batch_size')}, {lat.get('dtype')}, torch {lat.get('torch')}; original = the "
               "uncompressed network with BN folded; both measured side by side in interleaved rounds (medians).",
+              *([f"- Latency model: {_check_line(result.latency_check)}."] if result.latency_check else []),
               f"- Importance: `{report['importance'].get('estimator')}` "
               f"({', '.join(f'{k}={v}' for k, v in report['importance'].items() if k != 'estimator')})"
               + (f"; screened search with `{report['screen']['estimator'].get('estimator')}`: "

@@ -13,6 +13,13 @@ folding a residual removes them. The rest of the network (stem pooling, head, ..
 so that ``predict(plan) = rest + Σ T(plan's blocks) + Σ T(its unfolded projection skips)`` is an end-to-end
 latency, and budgets can be stated as a fraction of the original network's measured latency.
 
+The model checks itself: a few seeded random plans are deployed and timed end to end in the same measurement
+worker as the table (cached with it). ``rest`` and one scale factor on the block sums are fitted to those
+networks and the original (least squares on relative errors, ``rest >= 0``: the part outside the chain is never
+negative), which absorbs what summing isolated blocks misses — per-call overheads a network pays once, operator
+fusion across blocks in ONNX Runtime. Each plan's error is reported *out of sample* (the fit without that plan),
+recorded with the model (:class:`LatencyCheck`) and warned about beyond ``check_tolerance``.
+
 "The original network" is timed in its deploy form — the identity plan merged, i.e. every BN folded — because
 that is what a deployment of the uncompressed network runs, and because blocks are timed BN-free: timing the
 unfolded original would charge all BatchNorms to ``rest`` and overstate every prediction.
@@ -22,9 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,14 @@ import torch.nn as nn
 from ..blocks import block_geometry
 from ..candidates import Candidate
 from ..errors import UnknownNameError
-from ..latency import LatencyDriftWarning, LatencyTable, ModuleSpec, Profiler, latency_cache_path
+from ..latency import (
+    LatencyDriftWarning,
+    LatencyModelWarning,
+    LatencyTable,
+    ModuleSpec,
+    Profiler,
+    latency_cache_path,
+)
 from ..plan import Plan
 from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
@@ -43,6 +58,118 @@ from .conv_block import conv_block_key, conv_block_module
 
 #: Relative change of the original network's latency, table vs now, beyond which a warning is given.
 DEFAULT_DRIFT_TOLERANCE = 0.15
+#: Random plans deployed and timed end to end to fit and check the latency model.
+DEFAULT_CHECK_PLANS = 4
+#: Largest out-of-sample error of a checked plan's predicted latency before the model warns.
+DEFAULT_CHECK_TOLERANCE = 0.10
+# How strongly the check plans compress: a spread from mild to aggressive, so the fit sees the whole budget range.
+_CHECK_MERGE = (0.35, 0.55, 0.75, 0.95, 0.45, 0.65, 0.85, 0.25)
+_CHECK_SEED = 20241
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """One network of the self-check: predicted (out of sample) vs measured end-to-end latency.
+
+    Attributes:
+        label: ``"original"`` or ``"sample<i>"``.
+        blocks: how many blocks the plan deploys (the original: one per conv).
+        summed_ms: the plan's measured blocks and skips summed (before the fit).
+        predicted_ms: the model's prediction for the plan with the fit made *without* it.
+        measured_ms: the deployed network timed end to end.
+    """
+
+    label: str
+    blocks: int
+    summed_ms: float
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """``predicted / measured − 1``."""
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """How well the latency model predicts whole networks, measured when the table was built.
+
+    Attributes:
+        plans: the original and the sample plans, each predicted out of sample.
+        rest_ms: fitted latency of the part of the network outside the chain (>= 0).
+        scale: fitted factor on the summed block latencies.
+        tolerance: the error beyond which the model warned.
+    """
+
+    plans: tuple[PlanCheck, ...]
+    rest_ms: float
+    scale: float
+    tolerance: float = DEFAULT_CHECK_TOLERANCE
+
+    @property
+    def ms_errors(self) -> list[float]:
+        """|predicted − measured| / measured of each checked network."""
+        return [abs(p.error) for p in self.plans]
+
+    @property
+    def speedup_errors(self) -> list[float]:
+        """|predicted − measured speed-up| / measured of each sample plan over the original."""
+        base = self.plans[0]
+        out = []
+        for p in self.plans[1:]:
+            measured = base.measured_ms / p.measured_ms
+            out.append(abs(base.predicted_ms / p.predicted_ms - measured) / measured)
+        return out
+
+    @property
+    def max_error(self) -> float:
+        """The largest out-of-sample ms error."""
+        return max(self.ms_errors, default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        """True if every checked network was predicted within the tolerance."""
+        return self.max_error <= self.tolerance
+
+    def summary(self) -> str:
+        """One line for reports."""
+        ms, sp = self.ms_errors, self.speedup_errors
+        text = (f"latency model checked on {len(self.plans)} deployed networks: ms error median "
+                f"{statistics.median(ms):.1%}, max {max(ms):.1%}")
+        if sp:
+            text += f"; speed-up error median {statistics.median(sp):.1%}, max {max(sp):.1%}"
+        return text + f" (rest {self.rest_ms:.3f} ms, scale {self.scale:.3f})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for reports."""
+        return {"rest_ms": self.rest_ms, "scale": self.scale, "tolerance": self.tolerance,
+                "ms_error_median": statistics.median(self.ms_errors), "ms_error_max": self.max_error,
+                "speedup_error_max": max(self.speedup_errors, default=0.0),
+                "plans": [{"label": p.label, "blocks": p.blocks, "summed_ms": p.summed_ms,
+                           "predicted_ms": p.predicted_ms, "measured_ms": p.measured_ms} for p in self.plans]}
+
+
+def fit_rest_and_scale(summed: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """``(rest, scale)`` minimising Σ ((rest + scale·summed_i − measured_i) / measured_i)² with ``rest >= 0``.
+
+    Relative errors, because budgets and speed-ups are ratios. With one network only, the scale is 1 and rest
+    what remains (at least 0).
+    """
+    if len(summed) < 2 or max(summed) - min(summed) <= 1e-9 * max(summed):
+        return max(0.0, measured[0] - summed[0]), 1.0
+    w = [1.0 / (m * m) for m in measured]
+    sw = sum(w)
+    sx = sum(wi * x for wi, x in zip(w, summed))
+    sy = sum(wi * y for wi, y in zip(w, measured))
+    sxx = sum(wi * x * x for wi, x in zip(w, summed))
+    sxy = sum(wi * x * y for wi, x, y in zip(w, summed, measured))
+    det = sw * sxx - sx * sx
+    rest = (sxx * sy - sx * sxy) / det
+    scale = (sw * sxy - sx * sy) / det
+    if rest < 0 or scale <= 0:  # the constrained optimum is on rest = 0
+        rest, scale = 0.0, sxy / sxx
+    return rest, scale
 
 
 class _ConvAddAct(nn.Module):
@@ -103,6 +230,8 @@ class LatencyModel:
         skip_ms: residual target -> ms of its projection skip.
         signature: the profiler signature every number was measured with.
         check_ms: the original network measured again after the table was built or loaded (None: not checked).
+        scale: factor on every block and skip latency (fitted with ``rest_ms`` by the self-check; 1 without it).
+        check: the self-check of the model on deployed networks (None: not checked).
     """
 
     chain: Chain
@@ -112,6 +241,8 @@ class LatencyModel:
     skip_ms: dict[int, float]
     signature: dict[str, Any]
     check_ms: float | None = None
+    scale: float = 1.0
+    check: LatencyCheck | None = field(default=None, repr=False)
 
     @property
     def drift(self) -> float | None:
@@ -138,24 +269,37 @@ class LatencyModel:
     @property
     def fixed_ms(self) -> float:
         """What every plan pays outside its blocks: the rest of the network and every projection skip."""
-        return self.rest_ms + sum(self.skip_ms.values())
+        return self.rest_ms + self.scale * sum(self.skip_ms.values())
 
     def cost(self, st: int, end: int, kept) -> float:
         """What choosing block ``(st, end]`` adds to :attr:`fixed_ms`: its latency, minus the projection skips it
         folds (they disappear from the deployed network)."""
         saved = sum(self.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(st, end))
-        return self.block(st, end, kept) - saved
+        return self.scale * (self.block(st, end, kept) - saved)
+
+    def summed(self, plan: Plan) -> float:
+        """The plan's measured blocks and unfolded projection skips, summed (no rest, no scale)."""
+        plan.validate(self.chain)
+        folded = sum(self.skip_ms.get(r.target, 0.0) for st, end in plan.blocks()
+                     for r in self.chain.residuals_within(st, end))
+        return (sum(self.block(st, end, plan.kept_convs) for st, end in plan.blocks())
+                + sum(self.skip_ms.values()) - folded)
 
     def predict(self, plan: Plan) -> float:
         """Predicted end-to-end latency of ``plan`` in ms."""
-        plan.validate(self.chain)
-        return self.fixed_ms + sum(self.cost(st, end, plan.kept_convs) for st, end in plan.blocks())
+        return self.rest_ms + self.scale * self.summed(plan)
+
+    def covers(self, plan: Plan) -> bool:
+        """True if every block of ``plan`` is in the table."""
+        return all(self.entry_key(st, end, plan.kept_convs) in self.block_ms for st, end in plan.blocks())
 
 
 def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
                         example_inputs: Sequence[torch.Tensor], profiler: Profiler, *,
                         cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-                        drift_tolerance: float | None = DEFAULT_DRIFT_TOLERANCE) -> LatencyModel:
+                        drift_tolerance: float | None = DEFAULT_DRIFT_TOLERANCE,
+                        check_plans: int = DEFAULT_CHECK_PLANS,
+                        check_tolerance: float = DEFAULT_CHECK_TOLERANCE) -> LatencyModel:
     """Time every candidate, the projection skips and the whole network; return the latency model.
 
     Args:
@@ -173,6 +317,12 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
             more; if that differs from the table's figure by more than this fraction, a
             :class:`~lm_plugin.latency.LatencyDriftWarning` says so (the machine changed speed while or since the
             table was built). None skips the check; analytic backends never need it.
+        check_plans: seeded random plans deployed and timed end to end (cached with the table) to fit ``rest`` and
+            the scale and to check the model out of sample; 0 keeps the plain sum (rest = what the original
+            leaves, at least 0). Analytic backends are never checked.
+        check_tolerance: out-of-sample error of a checked network beyond which a
+            :class:`~lm_plugin.latency.LatencyModelWarning` is given (when the check is measured, not when it is
+            read from the cache).
     """
     entries: list[tuple[Any, ModuleSpec]] = [(("block",) + c.key, candidate_spec(c)) for c in candidates]
     skips = [r for r in chain.residuals if r.projection is not None]
@@ -180,17 +330,66 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     deployed = deploy_identity(gm, chain)
     entries.append((("network",), ModuleSpec(lambda: deployed, tuple(tuple(t.shape) for t in example_inputs),
                                               network_key(gm, example_inputs))))
+    block_ms = {c.key: None for c in candidates}
+    model = LatencyModel(chain, 0.0, 0.0, block_ms, {}, {})  # the plans' blocks are known before any timing
+    samples = [] if profiler.deterministic else check_samples(model, check_plans)
+    net = network_key(gm, example_inputs)
+    shapes = tuple(tuple(t.shape) for t in example_inputs)
+    entries += [(("check", i), ModuleSpec(lambda p=p: deploy_plan(gm, chain, p), shapes,
+                                          {**net, "op": "network-plan", "plan": p.to_dict()}))
+                for i, p in enumerate(samples)]
     cache = cache_path(cache_dir, profiler) if cache_dir is not None else None
     table = LatencyTable.build(entries, profiler, cache=cache, progress=progress, description="latency table")
-    block_ms = {c.key: table.ms(("block",) + c.key) for c in candidates}
-    skip_ms = {r.target: table.ms(("skip", r.target)) for r in skips}
-    original = table.ms(("network",))
-    model = LatencyModel(chain, original, 0.0, block_ms, skip_ms, dict(table.signature))
-    model.rest_ms = original - model.predict(Plan.identity(chain))  # rest is 0 here: this is what remains
+    model.block_ms = {c.key: table.ms(("block",) + c.key) for c in candidates}
+    model.skip_ms = {r.target: table.ms(("skip", r.target)) for r in skips}
+    model.original_ms = table.ms(("network",))
+    model.signature = dict(table.signature)
+    _fit(model, [Plan.identity(chain), *samples],
+         [model.original_ms, *(table.ms(("check", i)) for i in range(len(samples)))], check_tolerance,
+         warn=table.measured > 0)
     if drift_tolerance is not None and not profiler.deterministic:
         _check_drift(model, deployed, example_inputs, profiler, drift_tolerance, cache)
     return model
 
+
+
+def check_samples(model: LatencyModel, count: int) -> list[Plan]:
+    """``count`` seeded random plans from mild to aggressive whose every block is in the table (fewer if the chain
+    has no such plans, e.g. nothing to merge). Deterministic, so a cached check is found again."""
+    chain, plans, seen = model.chain, [], {Plan.identity(model.chain)}
+    largest = max((max(key[2], key[3]) for key in model.block_ms), default=1)
+    for attempt in range(20 * count):
+        if len(plans) == count:
+            break
+        p_merge = _CHECK_MERGE[len(plans) % len(_CHECK_MERGE)]
+        plan = Plan.sample(chain, _CHECK_SEED + attempt, p_merge=p_merge, p_drop=p_merge / 2, max_kernel=largest)
+        if plan not in seen and model.covers(plan):
+            seen.add(plan)
+            plans.append(plan)
+    return plans
+
+
+def _fit(model: LatencyModel, plans: list[Plan], measured: list[float], tolerance: float, *, warn: bool) -> None:
+    """Fit ``rest`` and the scale on every checked network; check each out of sample; warn if one is off."""
+    summed = [model.summed(p) for p in plans]
+    model.rest_ms, model.scale = fit_rest_and_scale(summed, measured)
+    checks = []
+    for i, (plan, s, m) in enumerate(zip(plans, summed, measured)):
+        others = [j for j in range(len(plans)) if j != i]
+        if len(others) >= 2:
+            rest, scale = fit_rest_and_scale([summed[j] for j in others], [measured[j] for j in others])
+        else:
+            rest, scale = model.rest_ms, model.scale
+        checks.append(PlanCheck("original" if i == 0 else f"sample{i}", len(plan.blocks()), s, rest + scale * s, m))
+    model.check = LatencyCheck(tuple(checks), model.rest_ms, model.scale, tolerance)
+    if warn and len(plans) > 1 and not model.check.ok:
+        worst = max(checks, key=lambda c: abs(c.error))
+        warnings.warn(
+            f"the latency model predicts deployed networks less well than {tolerance:.0%}: {model.check.summary()}; "
+            f"worst {worst.label}: predicted {worst.predicted_ms:.3f} ms, measured {worst.measured_ms:.3f} ms. "
+            "Budgets are met only that closely. Rebuild the table on a quieter machine (delete the cache file), "
+            "pin the measurement worker to an idle core (WorkerConfig(cpus=...)), or time on the runtime you "
+            "deploy with.", LatencyModelWarning, stacklevel=3)
 
 
 def _check_drift(model: LatencyModel, deployed: nn.Module, example_inputs: Sequence[torch.Tensor],
@@ -211,11 +410,18 @@ def _check_drift(model: LatencyModel, deployed: nn.Module, example_inputs: Seque
             "the process to an idle core.", LatencyDriftWarning, stacklevel=3)
 
 
-def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
-    """The uncompressed network as deployed: the identity plan merged (every BN folded)."""
+def deploy_plan(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
+    """The network ``plan`` deploys to (rewritten and merged, every BN folded)."""
     from ..merge import merge  # local: merge imports the rewrite stage, which imports tables' neighbours
 
-    return merge(to_trainable(gm, chain, Plan.identity(chain)), chain)
+    return merge(to_trainable(gm, chain, plan), chain)
 
 
-__all__ = ["DEFAULT_DRIFT_TOLERANCE", "LatencyModel", "build_latency_model", "cache_path", "candidate_spec"]
+def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
+    """The uncompressed network as deployed: the identity plan merged (every BN folded)."""
+    return deploy_plan(gm, chain, Plan.identity(chain))
+
+
+__all__ = ["DEFAULT_CHECK_PLANS", "DEFAULT_CHECK_TOLERANCE", "DEFAULT_DRIFT_TOLERANCE", "LatencyCheck",
+           "LatencyModel", "PlanCheck", "build_latency_model", "cache_path", "candidate_spec", "check_samples",
+           "fit_rest_and_scale"]
