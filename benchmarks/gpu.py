@@ -7,14 +7,15 @@ the latency table with the ``cuda`` backend (CUDA events, L2 flushed before ever
 solves the DP at budgets 0.5 / 0.6 / 0.7 of the original latency, merges each plan, and measures every deployed
 network side by side with the BN-folded original (:func:`lm_plugin.latency.compare_latency`, 3 rounds of alternating
 chunks). Each row gives the predicted and measured latency, their relative error, and the predicted and measured
-speed-up. The identity plan is a row too: its measured speed-up should be 1.00x and its prediction the table's own
-figure for the original (a check of the protocol, not of the model).
+speed-up (the table's figure for the original over the prediction, as ``SearchResult.predicted_speedup``). The
+identity plan is a row too: its measured speed-up should be 1.00x (a check of the side-by-side protocol), and its
+prediction is the latency model's for the uncompressed network.
 
 Importance is a fixed structural proxy, not an estimator: a candidate block is worth ``-(activations it removes +
 convs it removes)``, so the DP compresses as little as the budget allows and each budget gives another plan. This
 benchmark measures the latency side (does the table predict what the merged network runs at?); the plans are
-valid LayerMerge plans, not accuracy-optimal ones. The DP is :func:`lm_plugin.solve.solve` on the pruner's entries
-exactly as :meth:`LayerMergePruner.search` runs it. A budget no plan meets gives a row with ``infeasible`` set.
+valid LayerMerge plans, not accuracy-optimal ones. The DP is :meth:`LayerMergePruner.search` itself, with the proxy
+as its importance table (``ProxyPruner``). A budget no plan meets gives a row with ``infeasible`` set.
 
 TensorRT: when ``torch_tensorrt`` imports, the plans of every ``fp16_cl`` configuration (found with the ``cuda``
 table) are also measured side by side in TensorRT (backend ``tensorrt``, one engine per network; rows with
@@ -67,8 +68,10 @@ from lm_plugin import LayerMergePruner, Plan
 from lm_plugin.candidates import Candidate
 from lm_plugin.latency import compare_latency, get_profiler
 from lm_plugin.latency.system import cpu_name, package_version
-from lm_plugin.solve import InfeasibleBudgetError, solve
+from lm_plugin.pruner import SearchResult
+from lm_plugin.solve import InfeasibleBudgetError
 from lm_plugin.tables.importance import representative
+from lm_plugin.tables.latency import LatencyModel
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.7, 0.6, 0.5)
@@ -108,7 +111,7 @@ class Measured:
     """What a finished configuration leaves for the TensorRT rows: its deployed networks and predictions."""
 
     config: Config
-    pruner: LayerMergePruner
+    pruner: ProxyPruner
     deployed: dict[str, nn.Module]
     plans: dict[str, tuple[Plan, float | None]]
 
@@ -119,20 +122,28 @@ def proxy_importance(c: Candidate) -> float:
     return -float((span - 1) + (span - len(representative(c))))
 
 
-def dp_plan(pruner: LayerMergePruner, budget: float) -> Plan:
-    """The DP's plan at ``budget`` (fraction of the original latency) with the proxy importance, solved as
-    :meth:`LayerMergePruner.search` does (same entries, fixed cost, resolution and plan construction)."""
-    lat = pruner.latency_model()
-    values = {c.key: proxy_importance(c) for c in pruner.selectable()}
-    budget_ms = budget * lat.original_ms
-    try:
-        solution = solve(pruner.entries(values), pruner.chain.length, budget_ms - lat.fixed_ms,
-                         pruner.resolution * lat.original_ms)
-    except InfeasibleBudgetError as exc:
-        raise InfeasibleBudgetError(str(exc), exc.min_latency_ms + lat.fixed_ms) from None
-    kept_acts = {e.end for e in solution.entries} - {pruner.chain.length}
-    kept_convs = {j for e in solution.entries for j in e.kept}
-    return Plan(pruner.chain.length, kept_acts, kept_convs, pruner.chain.fingerprint())
+@dataclass(frozen=True)
+class ProxyImportance:
+    """What :meth:`LayerMergePruner.search` reads of an importance table: the value of every selectable entry."""
+
+    values: dict[tuple, float]
+
+
+class ProxyPruner(LayerMergePruner):
+    """A pruner whose importance table is the fixed proxy, so that :meth:`search` runs the library's own DP (entries,
+    fixed cost, resolution, plan construction) with no estimator and no data."""
+
+    def importance_table(self, *, shard: tuple[int, int] | None = None) -> ProxyImportance:  # type: ignore[override]
+        return ProxyImportance({c.key: proxy_importance(c) for c in self.selectable()})
+
+
+def dp_plan(pruner: ProxyPruner, budget: float) -> SearchResult:
+    """The DP's plan at ``budget`` (fraction of the original network's latency in the table).
+
+    Raises:
+        InfeasibleBudgetError: no plan meets the budget (``min_latency_ms``: the smallest achievable prediction).
+    """
+    return pruner.search(budget)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -257,16 +268,23 @@ class TimeGuard:
                 "stopped_early": bool(self.skipped), "skipped": self.skipped}
 
 
-def plan_row(config: Config, measure_backend: str, label: str, plan: Plan, budget: float | None, predicted: float,
-             original_predicted: float, measured: dict[str, float]) -> dict[str, Any]:
-    measured_ms, original_ms = measured[label], measured["original"]
-    predicted_speedup, measured_speedup = original_predicted / predicted, original_ms / measured_ms
+def plan_row(config: Config, measure_backend: str, label: str, plan: Plan, budget: float | None, lat: LatencyModel,
+             measured: dict[str, float]) -> dict[str, Any]:
+    """One plan: the table's prediction against the deployed network measured side by side with the original.
+
+    The predicted speed-up is the table's figure for the original over the plan's prediction, as
+    :attr:`SearchResult.predicted_speedup` states it; the measured one is the original over the plan, both timed in
+    the same rounds.
+    """
+    predicted, measured_ms, original_ms = lat.predict(plan), measured[label], measured["original"]
+    predicted_speedup, measured_speedup = lat.original_ms / predicted, original_ms / measured_ms
     return {**config.label(), "table_backend": config.backend, "measure_backend": measure_backend, "plan": label,
-            "budget": budget, "blocks": len(plan.blocks()), "kept_convs": len(plan.kept_convs),
-            "kept_activations": len(plan.kept_acts), "chain_length": plan.length,
-            "predicted_ms": predicted, "measured_ms": measured_ms, "rel_error": (predicted - measured_ms) / measured_ms,
-            "original_predicted_ms": original_predicted, "original_measured_ms": original_ms,
-            "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
+            "budget": budget, "budget_ms": None if budget is None else budget * lat.original_ms,
+            "blocks": len(plan.blocks()), "kept_convs": len(plan.kept_convs), "kept_activations": len(plan.kept_acts),
+            "chain_length": plan.length, "predicted_ms": predicted, "measured_ms": measured_ms,
+            "rel_error": (predicted - measured_ms) / measured_ms, "original_table_ms": lat.original_ms,
+            "original_measured_ms": original_ms, "predicted_speedup": predicted_speedup,
+            "measured_speedup": measured_speedup,
             "speedup_rel_error": (predicted_speedup - measured_speedup) / measured_speedup}
 
 
@@ -274,9 +292,9 @@ def run_config(config: Config, args: argparse.Namespace, cache_dir: str) -> tupl
     """Table, DP plans, merge, side-by-side measurement of one configuration."""
     torch.manual_seed(args.seed)
     model = MODELS[config.model]().eval()
-    pruner = LayerMergePruner(model, example_inputs=torch.randn(1, 3, args.size, args.size), backend=config.backend,
-                              batch_size=config.batch, profiler_settings=profiler_settings(args, config.variant),
-                              max_kernel=args.max_kernel, cache_dir=cache_dir, progress=False)
+    pruner = ProxyPruner(model, example_inputs=torch.randn(1, 3, args.size, args.size), backend=config.backend,
+                         batch_size=config.batch, profiler_settings=profiler_settings(args, config.variant),
+                         max_kernel=args.max_kernel, cache_dir=cache_dir, progress=False, screen=None)
     t0 = time.perf_counter()
     lat = pruner.latency_model()
     table_s = time.perf_counter() - t0
@@ -285,7 +303,7 @@ def run_config(config: Config, args: argparse.Namespace, cache_dir: str) -> tupl
     for budget in args.budgets:
         label = f"budget{budget:g}"
         try:
-            plans[label] = (dp_plan(pruner, budget), budget)
+            plans[label] = (dp_plan(pruner, budget).plan, budget)
         except InfeasibleBudgetError as exc:
             infeasible[label] = {**config.label(), "table_backend": config.backend, "measure_backend": config.backend,
                                  "plan": label, "budget": budget, "infeasible": True,
@@ -299,12 +317,13 @@ def run_config(config: Config, args: argparse.Namespace, cache_dir: str) -> tupl
     t0 = time.perf_counter()
     measured = compare_latency(pruner.profiler, deployed, pruner.example_inputs, rounds=args.rounds)
     measure_s = time.perf_counter() - t0
-    rows = [plan_row(config, config.backend, label, plan, budget, pruner.predict_latency(plan), lat.original_ms,
-                     measured) for label, (plan, budget) in plans.items()]
+    rows = [plan_row(config, config.backend, label, plan, budget, lat, measured)
+            for label, (plan, budget) in plans.items()]
     rows += infeasible.values()
     summary = {**config.label(), "input": [3, args.size, args.size], "max_kernel": args.max_kernel,
                "candidates": len(pruner.candidates), "chain_length": pruner.chain.length,
-               "original_ms": lat.original_ms, "rest_ms": lat.rest_ms, "check_ms": lat.check_ms, "drift": lat.drift,
+               "original_ms": lat.original_ms, "rest_ms": lat.rest_ms, "scale": getattr(lat, "scale", 1.0),
+               "check_ms": lat.check_ms, "drift": lat.drift, "latency_check": _check_dict(lat),
                "table_s": round(table_s, 2), "merge_s": round(merge_s, 2), "measure_s": round(measure_s, 2),
                "signature": lat.signature}
     return summary, rows, Measured(config, pruner, deployed, plans)
@@ -316,8 +335,14 @@ def run_tensorrt(done: Measured, args: argparse.Namespace) -> list[dict[str, Any
     profiler = get_profiler(TENSORRT_BACKEND, batch_size=config.batch, **profiler_settings(args, config.variant))
     measured = compare_latency(profiler, done.deployed, pruner.example_inputs, rounds=1)  # engines take seconds each
     lat = pruner.latency_model()
-    return [plan_row(config, "tensorrt", label, plan, budget, pruner.predict_latency(plan), lat.original_ms, measured)
+    return [plan_row(config, "tensorrt", label, plan, budget, lat, measured)
             for label, (plan, budget) in done.plans.items()]
+
+
+def _check_dict(lat: LatencyModel) -> dict[str, Any] | None:
+    """The latency model's own check on deployed networks, where this version of the library makes one."""
+    check = getattr(lat, "check", None)
+    return check.to_dict() if check is not None and hasattr(check, "to_dict") else None
 
 
 def _caught(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -336,7 +361,8 @@ def errors_summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 def print_table(result: dict[str, Any]) -> None:
     head = (f"{'table/meas':<17} {'model':<13} {'batch':>5} {'variant':<8} {'plan':<10} {'blocks':>6} {'pred ms':>9} "
             f"{'meas ms':>9} {'err':>7} {'speed-up pred':>13} {'meas':>6} {'err':>7}")
-    print(f"\n{result['machine']['device_name']} — torch {result['machine']['torch']}, CUDA {result['machine']['cuda']}")
+    machine = result["machine"]
+    print(f"\n{machine['device_name']} — torch {machine['torch']}, CUDA {machine['cuda']}")
     print(head)
     for r in result["rows"]:
         where = f"{r['table_backend']}/{r['measure_backend']}"
