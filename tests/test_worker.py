@@ -119,3 +119,35 @@ def test_a_worker_killed_mid_table_is_restarted_and_the_build_resumes(tmp_path):
     assert killed and worker.starts == 2 and worker.pid not in killed
     assert sorted(table.keys()) == [1, 3, 5] and all(table.ms(k) > 0 for k in (1, 3, 5))
     worker.close()
+
+
+def test_remote_worker_over_tcp(tmp_path):
+    """A worker started by hand (as on a deployment machine) and reached by address and key."""
+    import socket
+    import subprocess
+    import sys
+
+    from lm_plugin.latency import RemoteWorker
+    from lm_plugin.latency.worker import AUTHKEY_ENV
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "00112233445566778899aabbccddeeff"
+    env = {**os.environ, AUTHKEY_ENV: key, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen([sys.executable, "-m", "lm_plugin.latency", "--listen", f"127.0.0.1:{port}",
+                               "--no-lock"], env=env, stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().strip() == b"ready"
+        remote = RemoteWorker(f"127.0.0.1:{port}", key, description="test box")
+        profiler = get_profiler("cpu", **FAST, worker=remote)
+        assert profiler.signature()["timed_in"] == {"process": "remote worker", "at": "test box"}
+        assert profiler.measure(WhereAmI(), (1, 3, 8, 8)).median_ms > 0
+        with pytest.raises(LatencyError, match="refuses to run"):
+            profiler.measure(WhereAmI(fail=True), (1, 3, 8, 8))
+        remote.close()
+    finally:
+        server.kill()
+        server.wait()
+    with pytest.raises(LatencyError, match="cannot reach"):
+        get_profiler("cpu", **FAST, worker=RemoteWorker(f"127.0.0.1:{port}", key)).measure(WhereAmI(), (1, 3, 8, 8))

@@ -14,7 +14,7 @@ timing. A machine-wide lock around each measurement keeps two workers (two table
 at once. The profiler's own protocol (warm-up, flushes, rounds) runs unchanged inside the worker.
 
 The worker speaks :mod:`multiprocessing.connection` (authenticated, pickles as ``torch.save`` bytes, so it crosses
-machines): :class:`RemoteWorker` connects to one started elsewhere with ``python -m lm_plugin.latency.worker
+machines): :class:`RemoteWorker` connects to one started elsewhere with ``python -m lm_plugin.latency
 --listen HOST:PORT`` — the deployment box timing for a search that runs on a training machine.
 """
 
@@ -181,8 +181,7 @@ class MeasurementWorker:
         self._tmp = tempfile.TemporaryDirectory(prefix="lm_plugin-worker-")
         address = str(Path(self._tmp.name) / "socket")
         authkey = secrets.token_bytes(16)
-        command = [sys.executable, "-c", "from lm_plugin.latency.worker import main; main()",
-                   "--listen", f"unix:{address}", "--once"]
+        command = [sys.executable, "-m", "lm_plugin.latency", "--listen", f"unix:{address}", "--once"]
         if self.config.cpus is not None:
             command += ["--cpus", ",".join(map(str, self.config.cpus))]
         if not self.config.lock:
@@ -196,7 +195,7 @@ class MeasurementWorker:
             self._kill()
             raise LatencyError(
                 f"the measurement worker did not start (exit code {code}, said {line[:200]!r}); run "
-                "`python -m lm_plugin.latency.worker --check` to see its error, or time in this process with "
+                "`python -m lm_plugin.latency --check` to see its error, or time in this process with "
                 "worker=None (timings then depend on what this process did before)."
             )
         self._conn = Client(address, family="AF_UNIX", authkey=authkey)
@@ -300,7 +299,7 @@ class MeasurementWorker:
 
 
 class RemoteWorker(MeasurementWorker):
-    """A worker started elsewhere (``python -m lm_plugin.latency.worker --listen HOST:PORT`` on the deployment
+    """A worker started elsewhere (``python -m lm_plugin.latency --listen HOST:PORT`` on the deployment
     machine, with the key in ``$LM_PLUGIN_WORKER_AUTHKEY``): this process only connects to it.
 
     The worker must run the same lm_plugin and torch versions, and import the modules' classes. It serves one
@@ -469,8 +468,8 @@ def serve(address: str, authkey: bytes, *, once: bool = False, lock: bool = True
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lm_plugin.latency.worker --listen ADDRESS``: the worker process."""
-    ap = argparse.ArgumentParser(prog="python -m lm_plugin.latency.worker", description=__doc__.split("\n")[0])
+    """``python -m lm_plugin.latency --listen ADDRESS``: the worker process."""
+    ap = argparse.ArgumentParser(prog="python -m lm_plugin.latency", description=__doc__.split("\n")[0])
     ap.add_argument("--listen", help="'host:port' or 'unix:/path'; the key is read from $" + AUTHKEY_ENV)
     ap.add_argument("--once", action="store_true", help="exit when the first client leaves (local workers)")
     ap.add_argument("--cpus", help="comma-separated cores to pin the worker to")
@@ -493,6 +492,3 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"set the worker's key (hex) in ${AUTHKEY_ENV}")
     serve(args.listen, bytes.fromhex(key), once=args.once, lock=not args.no_lock)
 
-
-if __name__ == "__main__":
-    main()

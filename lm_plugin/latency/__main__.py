@@ -1,0 +1,5 @@
+"""``python -m lm_plugin.latency --listen HOST:PORT``: run a measurement worker (see :mod:`lm_plugin.latency.worker`)."""
+
+from .worker import main
+
+main()
