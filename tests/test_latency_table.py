@@ -78,14 +78,22 @@ def test_latency_model_predicts_end_to_end_and_resumes_from_cache(tmp_path):
     blocks = sum(model.block(s, e, plan.kept_convs) for s, e in plan.blocks())
     folded = {r.target for s, e in plan.blocks() for r in pruner.chain.residuals_within(s, e)}
     skips = sum(ms for target, ms in model.skip_ms.items() if target not in folded)
-    assert pruner.predict_latency(plan) == pytest.approx(model.rest_ms + blocks + skips)
+    # the fitted part outside the chain plus the fitted scale on what the plan's blocks and skips measured
+    assert pruner.predict_latency(plan) == pytest.approx(model.rest_ms + model.scale * (blocks + skips))
+    assert model.rest_ms >= 0 and model.scale > 0
+    check = model.check  # the self-check: the original and sample plans, deployed and measured in the worker
+    assert check is not None and check.plans[0].label == "original" and len(check.plans) >= 2
+    assert check.plans[0].measured_ms == model.original_ms
+    assert all(p.measured_ms > 0 and p.predicted_ms > 0 for p in check.plans)
+    assert {"ms_error_max", "speedup_error_max", "rest_ms", "scale"} <= set(check.to_dict())
     assert pruner.measure_latency(pruner.merge(pruner.apply(plan))) > 0
     assert pruner.budget_ms() == pytest.approx(0.5 * model.original_ms)
 
     again = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
                              cache_dir=tmp_path, progress=False)
     reloaded = again.latency_model()
-    assert reloaded.block_ms == model.block_ms  # everything came from the cache
+    assert reloaded.block_ms == model.block_ms  # everything came from the cache, the self-check included
+    assert reloaded.check.to_dict() == model.check.to_dict()
     assert list(tmp_path.glob("latency-cpu-*.sqlite"))
 
 
@@ -208,3 +216,17 @@ def test_a_machine_that_changed_speed_since_the_table_is_reported(tmp_path, recw
     macs = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="macs", cache_dir=None,
                             progress=False).latency_model()
     assert macs.check_ms is None and macs.drift is None
+
+
+def test_rest_and_scale_fit_through_the_original():
+    from lm_plugin.tables.latency import fit_rest_and_scale
+
+    # networks that cost 2 ms outside the chain plus 0.8x their summed blocks: recovered exactly
+    summed = [10.0, 7.0, 5.0, 3.0]
+    measured = [2 + 0.8 * s for s in summed]
+    rest, scale = fit_rest_and_scale(summed, measured)
+    assert rest == pytest.approx(2.0) and scale == pytest.approx(0.8)
+    # the original is always predicted as measured, and the part outside the chain is never negative
+    rest, scale = fit_rest_and_scale([10.0, 5.0], [4.0, 1.0])
+    assert rest == 0.0 and rest + scale * 10.0 == pytest.approx(4.0)
+    assert fit_rest_and_scale([10.0], [12.0]) == (2.0, 1.0)

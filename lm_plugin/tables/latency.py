@@ -15,8 +15,8 @@ latency, and budgets can be stated as a fraction of the original network's measu
 
 The model checks itself: a few seeded random plans are deployed and timed end to end in the same measurement
 worker as the table (cached with it). ``rest`` and one scale factor on the block sums are fitted to those
-networks and the original (least squares on relative errors, ``rest >= 0``: the part outside the chain is never
-negative), which absorbs what summing isolated blocks misses — per-call overheads a network pays once, operator
+networks through the original (predicted as measured, so budget 1.0 is the original; least squares on relative
+errors; ``rest >= 0``: the part outside the chain is never negative), which absorbs what summing isolated blocks misses — per-call overheads a network pays once, operator
 fusion across blocks in ONNX Runtime. Each plan's error is reported *out of sample* (the fit without that plan),
 recorded with the model (:class:`LatencyCheck`) and warned about beyond ``check_tolerance``.
 
@@ -151,23 +151,37 @@ class LatencyCheck:
 
 
 def fit_rest_and_scale(summed: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
-    """``(rest, scale)`` minimising Σ ((rest + scale·summed_i − measured_i) / measured_i)² with ``rest >= 0``.
+    """``(rest, scale)`` with ``rest + scale·summed[0] == measured[0]`` (the original network, first, is predicted
+    as measured: budget 1.0 is the original) and ``scale`` minimising the other networks' relative errors
+    Σ ((rest + scale·summed_i − measured_i) / measured_i)²; ``rest >= 0``.
 
-    Relative errors, because budgets and speed-ups are ratios. With one network only, the scale is 1 and rest
-    what remains (at least 0).
+    Relative errors, because budgets and speed-ups are ratios. With the original alone, the scale is 1 and rest
+    what remains.
     """
+    s0, m0 = summed[0], measured[0]
+    pairs = [(s - s0, m - m0, 1.0 / (m * m)) for s, m in zip(summed[1:], measured[1:])]
+    sxx = sum(w * dx * dx for dx, _, w in pairs)
+    scale = sum(w * dx * dy for dx, dy, w in pairs) / sxx if sxx > 0 else 1.0
+    if scale <= 0:  # noise swamped every difference: fall back to the plain sum
+        scale = 1.0
+    rest = m0 - scale * s0
+    if rest < 0:  # the part outside the chain cannot take negative time: proportional through the original
+        rest, scale = 0.0, m0 / s0
+    return rest, scale
+
+
+def _free_fit(summed: Sequence[float], measured: Sequence[float]) -> tuple[float, float] | None:
+    """Least squares of relative errors without the anchor (``rest >= 0``), or None without two distinct points."""
     if len(summed) < 2 or max(summed) - min(summed) <= 1e-9 * max(summed):
-        return max(0.0, measured[0] - summed[0]), 1.0
+        return None
     w = [1.0 / (m * m) for m in measured]
-    sw = sum(w)
-    sx = sum(wi * x for wi, x in zip(w, summed))
+    sw, sx = sum(w), sum(wi * x for wi, x in zip(w, summed))
     sy = sum(wi * y for wi, y in zip(w, measured))
     sxx = sum(wi * x * x for wi, x in zip(w, summed))
     sxy = sum(wi * x * y for wi, x, y in zip(w, summed, measured))
     det = sw * sxx - sx * sx
-    rest = (sxx * sy - sx * sxy) / det
-    scale = (sw * sxy - sx * sy) / det
-    if rest < 0 or scale <= 0:  # the constrained optimum is on rest = 0
+    rest, scale = (sxx * sy - sx * sxy) / det, (sw * sxy - sx * sy) / det
+    if rest < 0 or scale <= 0:
         rest, scale = 0.0, sxy / sxx
     return rest, scale
 
@@ -376,10 +390,11 @@ def _fit(model: LatencyModel, plans: list[Plan], measured: list[float], toleranc
     checks = []
     for i, (plan, s, m) in enumerate(zip(plans, summed, measured)):
         others = [j for j in range(len(plans)) if j != i]
-        if len(others) >= 2:
-            rest, scale = fit_rest_and_scale([summed[j] for j in others], [measured[j] for j in others])
+        if i == 0:  # the anchor: predicted from the samples alone
+            fit = _free_fit([summed[j] for j in others], [measured[j] for j in others])
         else:
-            rest, scale = model.rest_ms, model.scale
+            fit = fit_rest_and_scale([summed[j] for j in others], [measured[j] for j in others])
+        rest, scale = fit if fit is not None else (model.rest_ms, model.scale)
         checks.append(PlanCheck("original" if i == 0 else f"sample{i}", len(plan.blocks()), s, rest + scale * s, m))
     model.check = LatencyCheck(tuple(checks), model.rest_ms, model.scale, tolerance)
     if warn and len(plans) > 1 and not model.check.ok:
