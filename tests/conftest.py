@@ -20,3 +20,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# backend="auto" means ONNX Runtime on a CPU-only machine where it is installed; tests that do not name a backend
+# time in eager PyTorch (ONNX Runtime exports every entry, which makes the suite slower without testing more).
+# Tests of the auto rule and of ONNX Runtime set or clear this themselves.
+os.environ.setdefault("LM_PLUGIN_BACKEND", "cpu")

@@ -493,3 +493,17 @@ def test_conv_block_spec_is_timed_at_the_true_input_shape(no_warnings):
     table = LatencyTable.build(entries, cpu_profiler(), progress=False)
     assert table[(0, 2)].input_shapes == ((BATCH, 4, 9, 9),)
     assert table.measured == 2, "blocks that merge into the same conv share one measurement"
+
+
+def test_auto_backend_is_the_runtime_users_deploy_with(monkeypatch):
+    """auto: a GPU if there is one, else ONNX Runtime where it is installed, else eager; $LM_PLUGIN_BACKEND wins."""
+    import importlib.util
+
+    from lm_plugin.latency import resolve_backend
+
+    monkeypatch.delenv("LM_PLUGIN_BACKEND", raising=False)
+    has_ort = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    expected = "cuda" if torch.cuda.is_available() else ("onnxruntime" if has_ort else "cpu")
+    assert resolve_backend("auto") == expected
+    monkeypatch.setenv("LM_PLUGIN_BACKEND", "eager")
+    assert resolve_backend("auto") == "cpu"

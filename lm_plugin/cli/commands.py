@@ -30,12 +30,13 @@ from .specs import CLIError, DataSpec, import_object, load_model, parse_data_spe
 
 __all__ = ["DEMO_DEFAULTS", "run_compress", "run_inspect", "run_merge", "run_profile", "run_solve"]
 
-#: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, on the CPU.
+#: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, searched on the runtime
+#: ``auto`` picks (ONNX Runtime on a CPU-only machine where it is installed).
 DEMO_DEFAULTS: dict[str, Any] = {
     "model": "lm_plugin:resnet_fm",
     "train": True,
     "data": "fashion_mnist",
-    "backend": "cpu",
+    "backend": "auto",
     "importance": "distill",
     "importance_steps": 5,
     "val_size": 1000,

@@ -15,7 +15,8 @@ from .inputs import InputsLike
 from .measurement import Measurement
 from .profiler import Profiler
 
-#: Picks ``"cuda"`` when a GPU is usable, else ``"cpu"``.
+#: Picks the runtime a deployment most likely uses: ``"cuda"`` when a GPU is usable, else ``"onnxruntime"`` when it
+#: is installed (the CPU runtime most users deploy with), else ``"cpu"`` (PyTorch eager).
 AUTO = "auto"
 #: Environment variable that says what ``"auto"`` means on this machine.
 BACKEND_ENV = "LM_PLUGIN_BACKEND"
@@ -59,14 +60,22 @@ def available_backends() -> list[str]:
 
 def resolve_backend(backend: str) -> str:
     """Canonical backend name: aliases expanded; ``"auto"`` -> ``$LM_PLUGIN_BACKEND`` if set (a machine-wide
-    choice, e.g. ``onnxruntime`` where that is the deployment runtime), else ``"cuda"`` if a GPU is usable, else
-    ``"cpu"``."""
+    choice, named once), else ``"cuda"`` if a GPU is usable, else ``"onnxruntime"`` if it is installed, else
+    ``"cpu"``.
+
+    The table is searched on the runtime the network will run in: eager PyTorch and ONNX Runtime reward different
+    plans (ONNX Runtime fuses BN, activations and adds into its 3×3 convs; a plan searched on eager tables measured
+    1.83× in eager but 0.79× in ONNX Runtime)."""
     name = backend.lower()
     if name == AUTO:
         chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
         if chosen and chosen != AUTO:
             return resolve_backend(chosen)
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        _load_builtin_backends()
+        ort = _REGISTRY.get("onnxruntime")
+        return "onnxruntime" if ort is not None and ort.is_available() else "cpu"
     return ALIASES.get(name, name)
 
 
