@@ -238,10 +238,13 @@ def run_profile(opts: Options) -> int:
         entries = [{"key": list(key), "ms": ms} for key, ms in sorted(lat.block_ms.items(), key=str)]
         skips = [{"residual_target": t, "ms": ms} for t, ms in sorted(lat.skip_ms.items())]
         report = {"context": _context(opts), "profiler": pruner.profiler.signature(), "original_ms": lat.original_ms,
-                  "outside_chain_ms": lat.rest_ms, "entries": entries, "projection_skips": skips}
+                  "outside_chain_ms": lat.rest_ms, "scale": lat.scale, "entries": entries, "projection_skips": skips,
+                  "latency_check": lat.check.to_dict() if lat.check is not None else None}
         (folder / "latency.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"{len(entries)} latency entries; original {lat.original_ms:.3f} ms, outside the chain "
           f"{lat.rest_ms:.3f} ms ({pruner.profiler.signature()['backend']}, batch {opts.batch_size})")
+    if lat.check is not None:
+        print(lat.check.summary())
     print(f"table: {Path(opts.output) / 'latency.json'}")
     return 0
 
