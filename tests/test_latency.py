@@ -219,6 +219,20 @@ def test_noisy_measurement_is_remeasured_then_flagged():
     assert module.calls == FAST["warmup"] + 3 * 6
 
 
+def test_a_tables_noisy_entries_are_announced_once_when_measured_not_on_every_load(tmp_path):
+    from lm_plugin.latency import LatencyTable, ModuleSpec
+
+    specs = {"jittery": ModuleSpec(lambda: Jittery(0.02), (1, 1)), "conv": ModuleSpec(small_conv, (1, 4, 8, 8))}
+    profiler = cpu_profiler(repeats=6, max_spread=0.5)
+    with pytest.warns(UnstableMeasurementWarning, match="1 of 2 latency entries measured now"):
+        table = LatencyTable.build(specs, profiler, cache=tmp_path / "lat.sqlite", progress=False)
+    assert table.unstable == ["jittery"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableMeasurementWarning)
+        again = LatencyTable.build(specs, profiler, cache=tmp_path / "lat.sqlite", progress=False)
+    assert again.unstable == ["jittery"] and again.measured == 0
+
+
 # ------------------------------------------------------------------------------------------------ cache
 @dataclass
 class CountingSpec:

@@ -205,6 +205,7 @@ class LatencyTable:
 
         try:
             total, todo, measured = len(distinct), missing(), 0
+            unstable_now: set[str] = set()
             if todo:  # a complete table is read without waiting for anybody
                 with store.exclusive("measure", on_wait=say_waiting):
                     todo = missing()  # what another process measured while this one waited is not timed again
@@ -214,6 +215,8 @@ class LatencyTable:
                         for cache_key, spec in todo:
                             measurement = profiler.measure(spec.build(), spec.inputs, warn_unstable=False)
                             store.put(cache_key, measurement)
+                            if not measurement.stable:
+                                unstable_now.add(canonical_json(cache_key))
                             measured += 1
                             bar.update(1)
 
@@ -227,10 +230,13 @@ class LatencyTable:
             measured=measured,
             reused=total - measured,
         )
-        if table.unstable:
+        # Warned once, when measured: a cached table's noisy entries are listed in ``table.unstable`` instead of
+        # being announced again on every run that reads them.
+        noisy = [key for (key, _), ck in zip(pairs, cache_keys) if canonical_json(ck) in unstable_now]
+        if noisy:
             warnings.warn(
-                f"{len(table.unstable)} of {len(table)} latency entries stayed noisier than max_spread "
-                f"{profiler.max_spread} (e.g. {_short(table.unstable)}); they are indicative only. Rebuild on a "
+                f"{len(noisy)} of {len(table)} latency entries measured now stayed noisier than max_spread "
+                f"{profiler.max_spread} (e.g. {_short(noisy)}); they are indicative only. Rebuild on a "
                 "quieter machine with remeasure_unstable=True, or raise the profiler's repeats.",
                 UnstableMeasurementWarning,
                 stacklevel=2,
