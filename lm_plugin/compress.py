@@ -255,6 +255,9 @@ def compress(
     say("building the latency table")
     lat = pruner.latency_model()
     seconds["latency_table"] = time.perf_counter() - start
+    if lat.check is not None:
+        say(lat.check.summary())
+    pruner.check_budget(target)  # an impossible budget is refused now, before any importance entry is scored
 
     start = time.perf_counter()
     if pruner.screen is None:

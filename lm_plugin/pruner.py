@@ -35,6 +35,7 @@ from .solve import (
     Solution,
     check_lift,
     check_tolerance,
+    min_latency,
     screened_values,
     slower_blocks,
     solve,
@@ -425,6 +426,7 @@ class LayerMergePruner:
         lat = self.latency_model()
         budget_ms = target.to_ms(lat.original_ms)
         fixed = lat.fixed_ms
+        self.check_budget(target)  # from latencies alone, before a single importance entry is scored
 
         def solve_on(values: dict[tuple, float] | None) -> Solution:
             return solve(self.entries(values), self.chain.length, budget_ms - fixed, self._step_ms())
@@ -450,6 +452,34 @@ class LayerMergePruner:
         plan = Plan(self.chain.length, kept_acts, kept_convs, self.chain.fingerprint())
         return SearchResult(plan, target, budget_ms, lat.predict(plan), lat.original_ms, solution.objective,
                             solution, scored, len(self.scorer.scored))
+
+    def check_budget(self, budget: float | str | Budget | None = None) -> float:
+        """Refuse a budget no plan can meet, from the latency table alone (seconds, before any importance entry).
+
+        Feasibility does not depend on importance, so the DP is solved once with every value 0.
+
+        Returns:
+            The smallest achievable predicted latency in ms.
+
+        Raises:
+            InfeasibleBudgetError: no plan meets the budget; the message gives the smallest achievable latency.
+        """
+        target = Budget.parse(budget) if budget is not None else self.budget
+        lat = self.latency_model()
+        budget_ms = target.to_ms(lat.original_ms)
+        entries = self._entries(self.selectable(), None)
+        lowest = min_latency(entries, self.chain.length) + lat.fixed_ms
+        try:
+            solve(entries, self.chain.length, budget_ms - lat.fixed_ms, self._step_ms())
+        except InfeasibleBudgetError as exc:
+            lowest = exc.min_latency_ms + lat.fixed_ms
+            raise InfeasibleBudgetError(
+                f"no plan meets the budget of {budget_ms:.3f} ms ({budget_ms / lat.original_ms:.1%} of the "
+                f"original {lat.original_ms:.3f} ms). The smallest achievable predicted latency is "
+                f"{lowest:.3f} ms ({lowest / lat.original_ms:.1%}) in mode {self.mode!r} with "
+                f"max_kernel={self.max_kernel}; raise the budget to at least that. (Checked from the latency table "
+                "alone: no importance entry was scored.)", lowest) from None
+        return lowest
 
     def screen_summary(self, found: SearchResult) -> dict[str, Any]:
         """What a screened search did, for reports: the screen's settings and the entries scored with the

@@ -89,3 +89,21 @@ def test_auto_backend_follows_the_machine_setting(digits_setup, monkeypatch):
     monkeypatch.setenv("LM_PLUGIN_BACKEND", "no-such-backend")
     with pytest.raises(Exception, match="no-such-backend"):
         _ = LayerMergePruner(model, 0.8, X, cache_dir=None).profiler
+
+
+def test_an_impossible_budget_is_refused_before_any_importance_entry(digits_setup, tmp_path):
+    """Feasibility is known from the latency table alone: search() and compress() refuse before importance."""
+    from lm_plugin.solve import InfeasibleBudgetError
+
+    model, data = digits_setup
+    pruner = LayerMergePruner(model, 0.01, X, backend="macs", importance="distill", train_data=data.train,
+                              eval_data=data.val, cache_dir=tmp_path, progress=False)
+    with pytest.raises(InfeasibleBudgetError, match="no importance entry was scored") as info:
+        compress(pruner, train_data=data.train, progress=False)
+    assert info.value.min_latency_ms > 0.01 * pruner.latency_model().original_ms
+    with pytest.raises(InfeasibleBudgetError, match="smallest achievable"):
+        pruner.search()
+    assert pruner._importance is None and pruner._screen_table is None, "an importance table was built"
+    assert not list(tmp_path.glob("importance*")), "importance entries were scored"
+    lowest = pruner.check_budget(1.0)
+    assert 0 < lowest <= pruner.latency_model().original_ms
