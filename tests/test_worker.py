@@ -16,6 +16,7 @@ from lm_plugin.latency import (
     MeasurementWorker,
     ModuleSpec,
     WorkerConfig,
+    WorkerFallbackWarning,
     default_worker,
     get_profiler,
 )
@@ -88,14 +89,17 @@ def test_a_module_that_fails_gives_the_workers_message_and_the_worker_lives_on(w
     assert worker.pid == pid, "an error inside a measurement does not cost a restart"
 
 
-def test_a_module_that_cannot_be_sent_says_what_to_do(worker):
+def test_a_module_that_cannot_be_sent_is_timed_here_with_a_warning(worker):
     class Local(nn.Module):  # defined in a function: a fresh process cannot import it
         def forward(self, x):
             return x + 1
 
     profiler = get_profiler("cpu", **FAST, worker=worker)
-    with pytest.raises(LatencyError, match="importable module"):
-        profiler.measure(Local(), (1, 3, 8, 8))
+    # timed in this process instead, with a warning that says why and what that means
+    with pytest.warns(WorkerFallbackWarning, match="importable module.*depends on what this process did"):
+        assert profiler.measure(Local(), (1, 3, 8, 8)).median_ms > 0
+    with pytest.warns(WorkerFallbackWarning):
+        assert set(profiler.measure_together({"a": Local(), "b": WhereAmI()}, (1, 3, 8, 8))) == {"a", "b"}
     # bad inputs are refused in this process with the library's usual error
     with pytest.raises(TypeError, match="inputs must be"):
         profiler.measure(WhereAmI(), "not a shape")

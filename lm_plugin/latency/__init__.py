@@ -29,7 +29,9 @@ from .errors import (
     LatencyDriftWarning,
     LatencyError,
     LatencyModelWarning,
+    UnsendableModuleError,
     UnstableMeasurementWarning,
+    WorkerFallbackWarning,
 )
 from .inputs import InputsLike
 from .measurement import Measurement
@@ -73,8 +75,10 @@ __all__ = [
     "RemoteWorker",
     "TensorRTProfiler",
     "TimingSpec",
+    "UnsendableModuleError",
     "UnstableMeasurementWarning",
     "WorkerConfig",
+    "WorkerFallbackWarning",
     "available_backends",
     "backend_class",
     "backend_names",

@@ -1,4 +1,4 @@
-"""``python -m lm_plugin.latency --listen HOST:PORT``: run a measurement worker (see :mod:`lm_plugin.latency.worker`)."""
+"""``python -m lm_plugin.latency --listen HOST:PORT``: run a measurement worker (:mod:`lm_plugin.latency.worker`)."""
 
 from .worker import main
 

@@ -33,3 +33,13 @@ class LatencyDriftWarning(UserWarning):
 
 class LatencyModelWarning(UserWarning):
     """The latency model's self-check predicted deployed networks less well than its tolerance."""
+
+
+class UnsendableModuleError(LatencyError):
+    """A module cannot be sent to the measurement worker (it does not pickle, or a fresh process cannot import its
+    classes). Profilers then time it in the calling process with a :class:`WorkerFallbackWarning`."""
+
+
+class WorkerFallbackWarning(UserWarning):
+    """A module was timed in the calling process because the measurement worker could not receive it: that number
+    depends on what the calling process did before."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigurationError
-from .errors import BackendUnavailableError, UnstableMeasurementWarning
+from .errors import BackendUnavailableError, UnsendableModuleError, UnstableMeasurementWarning, WorkerFallbackWarning
 from .inputs import InputsLike, effective_shapes, materialize
 from .measurement import Measurement, RunStats, summarize
 from .worker import MeasurementWorker, default_worker, worker_disabled
@@ -190,7 +190,11 @@ class Profiler(abc.ABC):
         """
         if self.worker is not None:
             effective_shapes(inputs, self.batch_size)  # bad inputs are refused here, not in the worker
-            result = self.worker.measure(self, module, inputs)
+            try:
+                result = self.worker.measure(self, module, inputs)
+            except UnsendableModuleError as exc:
+                _fell_back(exc)
+                result = self._measure_here(module, inputs)
         else:
             result = self._measure_here(module, inputs)
         if not result.stable and warn_unstable:
@@ -233,7 +237,14 @@ class Profiler(abc.ABC):
         if self.deterministic:
             return {name: self.measure(module, inputs, warn_unstable=False) for name, module in modules.items()}
         if self.worker is not None:
-            return self.worker.measure_together(self, modules, inputs, chunk)
+            try:
+                return self.worker.measure_together(self, modules, inputs, chunk)
+            except UnsendableModuleError as exc:
+                _fell_back(exc)
+        return self._together_here(modules, inputs, chunk)
+
+    def _together_here(self, modules: Mapping[str, nn.Module], inputs: InputsLike,
+                       chunk: int) -> dict[str, Measurement]:
         tensors = materialize(
             inputs, self.batch_size, dtype=self.dtype, device=self.device, channels_last=self.channels_last
         )
@@ -300,6 +311,11 @@ class Profiler(abc.ABC):
             }.items()
         )
         return f"{type(self).__name__}({settings})"
+
+
+def _fell_back(exc: UnsendableModuleError) -> None:
+    warnings.warn(f"timed in this process, not in the measurement worker: {exc}. The number depends on what this "
+                  "process did before (loaded data, trained).", WorkerFallbackWarning, stacklevel=3)
 
 
 def _resolve_worker(worker: MeasurementWorker | str | None, isolate: bool) -> MeasurementWorker | None:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError, LayerMergeError
-from .errors import LatencyError
+from .errors import LatencyError, UnsendableModuleError
 
 if TYPE_CHECKING:
     from .measurement import Measurement
@@ -116,11 +116,6 @@ def _encode(obj: Any) -> bytes:
 def _decode(data: bytes) -> Any:
     # Our own peer's bytes over an authenticated connection: full pickles (modules, profilers) are intended.
     return torch.load(io.BytesIO(data), weights_only=False)
-
-
-def _unpicklable(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, (AttributeError, TypeError, ImportError, ModuleNotFoundError)) or "pickle" in text.lower()
 
 
 class MeasurementWorker:
@@ -249,10 +244,9 @@ class MeasurementWorker:
         try:
             payload = _encode(request)
         except Exception as exc:  # pickling raises many types
-            raise LatencyError(
-                f"{what} cannot be sent to the measurement worker ({type(exc).__name__}: {exc}). Define its classes "
-                "in an importable module rather than in a notebook cell or a function, or time in this process "
-                "with worker=None (its timings then depend on what this process did before)."
+            raise UnsendableModuleError(
+                f"{what} cannot be sent to the measurement worker ({type(exc).__name__}: {exc}); define its classes "
+                "in an importable module rather than in a notebook cell or a function"
             ) from exc
         with self._mutex:
             for attempt in (1, 2):
@@ -276,10 +270,9 @@ class MeasurementWorker:
         if isinstance(raised, LayerMergeError):
             raise raised  # the library's own refusal (bad settings, bad inputs): same type as in this process
         if kind == "unpickle":
-            raise LatencyError(
-                f"the measurement worker could not load {what}: {message}. Its classes must be importable by a "
-                "fresh Python process (not defined in __main__, a notebook or a function), or time in this "
-                "process with worker=None."
+            raise UnsendableModuleError(
+                f"the measurement worker could not load {what} ({message}); its classes must be importable by a "
+                "fresh Python process (not defined in __main__, a notebook or a function) and pickle"
             )
         raise LatencyError(f"the measurement worker could not time {what}: {message}\n--- in the worker ---\n{trace}")
 

@@ -16,9 +16,11 @@ latency, and budgets can be stated as a fraction of the original network's measu
 The model checks itself: a few seeded random plans are deployed and timed end to end in the same measurement
 worker as the table (cached with it). ``rest`` and one scale factor on the block sums are fitted to those
 networks through the original (predicted as measured, so budget 1.0 is the original; least squares on relative
-errors; ``rest >= 0``: the part outside the chain is never negative), which absorbs what summing isolated blocks misses — per-call overheads a network pays once, operator
-fusion across blocks in ONNX Runtime. Each plan's error is reported *out of sample* (the fit without that plan),
-recorded with the model (:class:`LatencyCheck`) and warned about beyond ``check_tolerance``.
+errors; ``rest >= 0``: the part outside the chain is never negative), which absorbs what summing isolated blocks
+misses — per-call overheads a network pays once, operator fusion across blocks in ONNX Runtime. The fit is kept
+only where it predicts the sample plans better out of sample than the plain sum. Each network's error is reported
+*out of sample* (the fit without it), recorded with the model (:class:`LatencyCheck`) and warned about beyond
+``check_tolerance``.
 
 "The original network" is timed in its deploy form — the identity plan merged, i.e. every BN folded — because
 that is what a deployment of the uncompressed network runs, and because blocks are timed BN-free: timing the
@@ -384,17 +386,31 @@ def check_samples(model: LatencyModel, count: int) -> list[Plan]:
 
 
 def _fit(model: LatencyModel, plans: list[Plan], measured: list[float], tolerance: float, *, warn: bool) -> None:
-    """Fit ``rest`` and the scale on every checked network; check each out of sample; warn if one is off."""
+    """Fit ``rest`` and the scale on every checked network; check each out of sample; warn if one is off.
+
+    The fit is kept only if it predicts the sample plans out of sample better than the plain sum through the
+    original (scale 1): on a noisy machine a two-point line can be worse than no fit at all.
+    """
     summed = [model.summed(p) for p in plans]
-    model.rest_ms, model.scale = fit_rest_and_scale(summed, measured)
-    checks = []
-    for i, (plan, s, m) in enumerate(zip(plans, summed, measured)):
+    plain = fit_rest_and_scale(summed[:1], measured[:1])
+
+    def out_of_sample(i: int, fitted: bool) -> tuple[float, float]:
         others = [j for j in range(len(plans)) if j != i]
         if i == 0:  # the anchor: predicted from the samples alone
-            fit = _free_fit([summed[j] for j in others], [measured[j] for j in others])
+            fit = _free_fit([summed[j] for j in others], [measured[j] for j in others]) if fitted else None
         else:
-            fit = fit_rest_and_scale([summed[j] for j in others], [measured[j] for j in others])
-        rest, scale = fit if fit is not None else (model.rest_ms, model.scale)
+            fit = fit_rest_and_scale([summed[j] for j in others], [measured[j] for j in others]) if fitted else plain
+        return fit if fit is not None else plain
+
+    def worst(fitted: bool) -> float:
+        return max((abs(sum(x * y for x, y in zip(out_of_sample(i, fitted), (1.0, summed[i]))) / measured[i] - 1)
+                    for i in range(1, len(plans))), default=0.0)
+
+    fitted = len(plans) > 2 and worst(True) < worst(False)
+    model.rest_ms, model.scale = fit_rest_and_scale(summed, measured) if fitted else plain
+    checks = []
+    for i, (plan, s, m) in enumerate(zip(plans, summed, measured)):
+        rest, scale = out_of_sample(i, fitted)
         checks.append(PlanCheck("original" if i == 0 else f"sample{i}", len(plan.blocks()), s, rest + scale * s, m))
     model.check = LatencyCheck(tuple(checks), model.rest_ms, model.scale, tolerance)
     if warn and len(plans) > 1 and not model.check.ok:

@@ -34,13 +34,14 @@ class CUDAProfiler(Profiler):
     """PyTorch eager inference on a CUDA device.
 
     Each run is bracketed by CUDA events on the current stream, so the numbers are device time between launch
-    points rather than host time; the host synchronises once per round.
+    points rather than host time; the host reads the events once per round (with ``flush_l2`` it also waits for
+    each flush, outside the bracketed interval, see :meth:`_before_timed_run`).
 
     Before every timed run, outside the bracketed interval, the profiler writes a buffer twice the size of the
-    card's L2 cache (``buffer.zero_()``, as Triton's ``do_bench`` does). A module timed alone in a tight loop
-    otherwise finds its weights and input still in L2 from the previous run — at batch 1 a whole block fits in an
-    H100's 50 MiB — while inside a network the layers run before it have replaced them; a latency table of
-    warm-L2 entries under-credits every block a plan removes, as the CPU backend's private-cache flush explains
+    card's L2 cache (``buffer.zero_()``, as Triton's ``do_bench`` does) and waits for it. A module timed alone in a
+    tight loop otherwise finds its weights and input still in L2 from the previous run — at batch 1 a whole block
+    fits in an H100's 50 MiB — while inside a network the layers run before it have replaced them; a latency table
+    of warm-L2 entries under-credits every block a plan removes, as the CPU backend's private-cache flush explains
     (:class:`~lm_plugin.latency.EagerCPUProfiler`). The flush errs the other way for the input, which the previous
     layer has just written and may still be in L2; weights, the larger part for most convs at small batch, are
     cold in both.
@@ -197,10 +198,16 @@ class CUDAProfiler(Profiler):
         return graph.replay
 
     def _before_timed_run(self) -> None:
-        """Evicts the L2 cache: the write is queued on the current stream before the run's start event, so it is
-        outside the timed interval but finished before the run begins."""
+        """Evicts the L2 cache, then waits for the write to finish, outside the timed interval.
+
+        The wait keeps the protocol of unflushed timing for launch-bound modules (small blocks at batch 1, where
+        the GPU waits for the host): without it the host would queue the run's first kernels while the GPU is
+        still writing the buffer (tens of microseconds), and the events would miss that part of the launch cost,
+        which the same module inside a network pays. For GPU-bound modules it adds at most one launch latency.
+        """
         if self._flush_buffer is not None:
             self._flush_buffer.zero_()
+            torch.cuda.current_stream(self._device).synchronize()
 
     def _timed_runs(self, run: RunFn, count: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
