@@ -33,7 +33,7 @@ configuration, so an interrupted run keeps what it measured.
 Usage (on the CUDA machine, from the repository root)::
 
     python benchmarks/gpu.py                        # the full run: benchmarks/results/gpu.json
-    python benchmarks/gpu.py --quick                # seconds: 3x64x64, batch 1, max_kernel 3 (gpu_quick.json)
+    python benchmarks/gpu.py --quick                # about a minute: 3x64x64, batch 1, max_kernel 3, few runs
     python benchmarks/gpu.py --models mobilenet_v2 --batches 1 --variants fp16_cl --out /tmp/mbv2.json
     python benchmarks/gpu.py --device cpu --quick   # no GPU: the same logic with backend "cpu", tiny inputs
 
@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cuda (default); cpu only exercises the logic (backend cpu, tiny inputs)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and few runs: finishes in seconds")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few runs (a check that it all runs)")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
                     help="default: resnet34 mobilenet_v2 (cuda), resnet18 mobilenet_v2 (cpu --quick: resnet18)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 128 (cuda), 1 2 (cpu)")
@@ -288,8 +289,15 @@ def plan_row(config: Config, measure_backend: str, label: str, plan: Plan, budge
             "speedup_rel_error": (predicted_speedup - measured_speedup) / measured_speedup}
 
 
-def run_config(config: Config, args: argparse.Namespace, cache_dir: str) -> tuple[dict, list[dict], Measured]:
+#: Deployed networks by model and plan: the weights are seeded, so the original and every plan merge to the same
+#: network in every configuration of a model (merging, with its float64 check, takes seconds on the CPU).
+DeployCache = dict[tuple[str, Plan | None], nn.Module]
+
+
+def run_config(config: Config, args: argparse.Namespace, cache_dir: str,
+               deploy_cache: DeployCache | None = None) -> tuple[dict, list[dict], Measured]:
     """Table, DP plans, merge, side-by-side measurement of one configuration."""
+    deploy_cache = {} if deploy_cache is None else deploy_cache
     torch.manual_seed(args.seed)
     model = MODELS[config.model]().eval()
     pruner = ProxyPruner(model, example_inputs=torch.randn(1, 3, args.size, args.size), backend=config.backend,
@@ -310,9 +318,13 @@ def run_config(config: Config, args: argparse.Namespace, cache_dir: str) -> tupl
                                  "min_predicted_ms": exc.min_latency_ms,
                                  "min_predicted_fraction": exc.min_latency_ms / lat.original_ms}
     t0 = time.perf_counter()
-    deployed: dict[str, nn.Module] = {"original": pruner.baseline()}
+    if (config.model, None) not in deploy_cache:
+        deploy_cache[config.model, None] = pruner.baseline()
+    deployed: dict[str, nn.Module] = {"original": deploy_cache[config.model, None]}
     for label, (plan, _) in plans.items():
-        deployed[label] = pruner.merge(pruner.apply(plan).eval())
+        if (config.model, plan) not in deploy_cache:
+            deploy_cache[config.model, plan] = pruner.merge(pruner.apply(plan).eval())
+        deployed[label] = deploy_cache[config.model, plan]
     merge_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     measured = compare_latency(pruner.profiler, deployed, pruner.example_inputs, rounds=args.rounds)
@@ -377,7 +389,9 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['predicted_ms']:>9.3f} {r['measured_ms']:>9.3f} {r['rel_error']:>+7.1%} "
               f"{r['predicted_speedup']:>12.2f}x {r['measured_speedup']:>5.2f}x {r['speedup_rel_error']:>+7.1%}")
     for s in result["summary"]:
-        if s.get("median_abs_rel_error") is not None:
+        if "error" in s:
+            print(f"{s['backend']:<6} {s['model']:<13} b={s['batch']:<4} {s['variant']:<8} failed: {s['error']}")
+        elif s.get("median_abs_rel_error") is not None:
             print(f"{s['backend']:<6} {s['model']:<13} b={s['batch']:<4} {s['variant']:<8} original "
                   f"{s['original_ms']:.3f} ms, median |err| {s['median_abs_rel_error']:.1%}, median |speed-up err| "
                   f"{s['median_abs_speedup_error']:.1%}, {s['seconds']:.0f} s")
@@ -411,25 +425,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     configs = [Config(backend, m, b, v) for v in args.variants for b in args.batches for m in args.models]
     finished: list[Measured] = []
+    deploy_cache: DeployCache = {}
     with contextlib.ExitStack() as stack:
         cache_dir = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="lm_plugin_gpu_"))
         for config in configs:
             if not guard.allows(config):
                 continue
             t0 = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                summary, rows, done = run_config(config, args, cache_dir)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    summary, rows, done = run_config(config, args, cache_dir, deploy_cache)
+            except Exception as exc:  # one configuration that fails (out of memory, say) must not lose the others
+                traceback.print_exc()
+                guard.record(config, time.perf_counter() - t0)
+                result["summary"].append({**config.label(), "error": f"{type(exc).__name__}: {exc}",
+                                          "seconds": round(time.perf_counter() - t0, 2)})
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                write()
+                continue
             summary.update({"warnings": _caught(caught), "seconds": round(time.perf_counter() - t0, 2),
                             **errors_summary(rows)})
             guard.record(config, time.perf_counter() - t0)
             result["summary"].append(summary)
             result["rows"] += rows
             if trt["available"] and config.variant in TENSORRT_VARIANTS:
-                finished.append(done)  # others are dropped here: their deployed networks are freed
+                finished.append(done)
             write()
             print(f"[{guard.elapsed():6.0f} s] {config.backend} {config.model} b={config.batch} {config.variant}: "
-                  f"original {summary['original_ms']:.3f} ms, median |err| {summary['median_abs_rel_error']:.1%}",
+                  f"original {summary['original_ms']:.3f} ms, {len(rows)} rows",
                   flush=True)
         for done in finished:
             config = Config("tensorrt", done.config.model, done.config.batch, done.config.variant)
@@ -450,7 +475,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       "original_ms": done.pruner.latency_model().original_ms,
                                       "seconds": round(time.perf_counter() - t0, 2), "warnings": _caught(caught),
                                       **errors_summary(rows)})
-            done.deployed.clear()
             write()
     write()
     print_table(result)

@@ -226,22 +226,40 @@ def test_l2_flush_size():
     assert cuda_backend.l2_flush_bytes(None) == cuda_backend.l2_flush_bytes(0) == 256 * 2**20
 
 
+class SyncedStream:
+    def __init__(self, log: list, buffer_of: CUDAProfiler) -> None:
+        self.log, self.profiler = log, buffer_of
+
+    def synchronize(self) -> None:  # records whether the flush had written the buffer when the host waited
+        self.log.append(("sync", bool(self.profiler._flush_buffer.any())))
+
+
+def test_flush_writes_the_whole_buffer_then_waits_for_it(monkeypatch):
+    log: list = []
+    p = bare_profiler(flush_bytes=64)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SyncedStream(log, p))
+    with p._l2_flush():
+        buffer = p._flush_buffer
+        assert buffer is not None and buffer.numel() * buffer.element_size() == 64
+        buffer.fill_(1.0)
+        p._before_timed_run()
+        assert not buffer.any()
+    assert log == [("sync", False)]  # one wait per timed run, after the write
+    off = bare_profiler(flush_bytes=0)
+    with off._l2_flush():
+        assert off._flush_buffer is None
+        off._before_timed_run()  # nothing to flush, nothing to wait for
+    assert log == [("sync", False)]
+
+
 def test_flush_buffer_is_shared_by_nested_sessions_and_freed_by_the_outermost():
     p = bare_profiler(flush_bytes=64)
     with p._l2_flush():
         outer = p._flush_buffer
-        assert outer is not None and outer.numel() * outer.element_size() == 64
         with p._l2_flush():
             assert p._flush_buffer is outer
         assert p._flush_buffer is outer
-        outer.fill_(1.0)
-        p._before_timed_run()
-        assert not outer.any()  # the flush writes the whole buffer
     assert p._flush_buffer is None
-    off = bare_profiler(flush_bytes=0)
-    with off._l2_flush():
-        assert off._flush_buffer is None
-        off._before_timed_run()  # nothing to flush, no error
 
 
 class FakeEvent:
@@ -344,6 +362,24 @@ def test_cuda_profiler_flush_and_graph_settings():
 
 
 @needs_gpu
+def test_cuda_profiler_flushes_before_every_timed_run(monkeypatch):
+    seen = []
+    original = CUDAProfiler._before_timed_run
+
+    def spy(self):
+        seen.append(None if self._flush_buffer is None else self._flush_buffer.numel() * 4)
+        original(self)
+
+    monkeypatch.setattr(CUDAProfiler, "_before_timed_run", spy)
+    p = get_profiler("cuda", batch_size=2, **{**FAST, "repeats": 5})
+    p.measure(nn.Conv2d(4, 4, 3), (1, 4, 8, 8))
+    assert seen == [p.flush_bytes] * 5  # the warm-up runs are not flushed: they are not timed
+    seen.clear()
+    get_profiler("cuda", batch_size=2, flush_l2=False, **FAST).measure(nn.Conv2d(4, 4, 3), (1, 4, 8, 8))
+    assert seen == [None] * FAST["repeats"]
+
+
+@needs_gpu
 @pytest.mark.parametrize("flush_l2", [True, False])
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_cuda_profiler_measures_with_and_without_flush_and_graphs(flush_l2, cuda_graphs):
@@ -370,6 +406,7 @@ def test_gpu_benchmark_quick_on_cuda(tmp_path):
     result = gpu.main(["--quick", "--models", "resnet18", "--variants", "fp16_cl", "--no-tensorrt",
                        "--out", str(tmp_path / "g.json"), "--cache-dir", str(tmp_path / "cache")])
     assert result["machine"]["device_name"] == torch.cuda.get_device_name()
+    assert not [s for s in result["summary"] if "error" in s]
     assert result["summary"][0]["signature"]["flush_l2"] is True
     measured = [r for r in result["rows"] if "measured_ms" in r]
     assert measured and all(positive(r["measured_ms"]) and positive(r["predicted_ms"]) for r in measured)
