@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import LayerMergeError
@@ -74,9 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """Warnings on the terminal as one readable line each (no Python source lines: users did not write them)."""
+    return f"[lm-plugin] warning ({category.__name__}): {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line  # type: ignore[assignment]
     if argv[:1] == ["nni-report"]:
         from ..nni.report import main as nni_report  # imports NNI: only for this command
 
