@@ -20,6 +20,7 @@ from .errors import (
     NoChainError,
     UntraceableModelError,
 )
+from .export import export_onnx, export_torchscript, load, save
 from .inspect import CompressibilityReport, inspect_model
 from .plan import Plan
 from .pruner import LayerMergePruner, SearchResult
@@ -54,9 +55,13 @@ __all__ = [
     "data",
     "data_splits",
     "evaluate",
+    "export_onnx",
+    "export_torchscript",
     "fit",
     "image_folder",
     "inspect_model",
+    "load",
+    "save",
     "tradeoff",
     "workloads",
 ]

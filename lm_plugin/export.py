@@ -1,4 +1,5 @@
-"""Saving the deploy form where people run it: TorchScript and ONNX, each checked against PyTorch."""
+"""Taking a compressed model home: :func:`save` / :func:`load` keep it and its plan for Python, and TorchScript and
+ONNX exports (each checked against PyTorch) take it where people run it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,50 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigurationError
 from .latency.backends.ort import CLASSIC_EXPORTER
 
-__all__ = ["export_onnx", "export_torchscript", "onnx_error"]
+__all__ = ["FORMAT", "export_onnx", "export_torchscript", "load", "onnx_error", "save"]
+
+#: What :func:`save` writes, so that :func:`load` refuses anything else with a clear message.
+FORMAT = "lm_plugin.model/1"
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Save a trainable or merged model with the plan it was made from; returns the path.
+
+    ``torch.save(model)`` keeps the weights but not the plan (an fx GraphModule drops its ``meta`` when pickled),
+    and ``torch.load`` refuses pickled modules by default. Load the file with :func:`load`.
+
+    Example:
+        ```python
+        lm_plugin.save(result.merged, "merged.pt")
+        deployed = lm_plugin.load("merged.pt")
+        Plan.of(deployed)            # the plan survives
+        ```
+    """
+    info = getattr(model, "meta", {}).get("lm_plugin") if hasattr(model, "meta") else None
+    out = Path(path)
+    torch.save({"format": FORMAT, "model": model, "lm_plugin": copy.deepcopy(info)}, out)
+    return out
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`save`, its plan attached again (:meth:`Plan.of` works on it).
+
+    The file holds a pickled module: load only files you trust (as with ``torch.load(..., weights_only=False)``).
+
+    Raises:
+        ConfigurationError: the file was not written by :func:`save`.
+    """
+    data = torch.load(Path(path), map_location=map_location, weights_only=False)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigurationError(f"{path} was not written by lm_plugin.save (expected format {FORMAT!r}); load "
+                                 "other checkpoints with torch.load")
+    model = data["model"]
+    if data.get("lm_plugin") is not None and hasattr(model, "meta"):
+        model.meta["lm_plugin"] = data["lm_plugin"]
+    return model
 
 
 def _eager_copy(model: nn.Module) -> nn.Module:

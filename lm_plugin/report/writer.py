@@ -26,7 +26,7 @@ import torch
 
 from .. import __version__
 from ..compress import CompressionResult, TradeoffPoint
-from ..export import export_onnx, export_torchscript, onnx_error
+from ..export import export_onnx, export_torchscript, onnx_error, save
 from ..pruner import LayerMergePruner
 from .figures import plot_plan, plot_tradeoff
 
@@ -57,6 +57,7 @@ def write_run(
     example = pruner.example_inputs[0][:1]
     result.plan.to_json(str(out / "plan.json"))
     torch.save(result.trainable.state_dict(), out / "trainable.pt")
+    save(result.merged, out / "merged.pt")  # lm_plugin.load("merged.pt"): the deploy form with its plan
     export_torchscript(result.merged, example, out / "model.ts")
     export_onnx(result.merged, example, out / "model.onnx")
     ort_error = onnx_error(out / "model.onnx", result.merged, pruner.example_inputs[0][:4])
@@ -87,7 +88,7 @@ def write_run(
         "frontier": [vars(p) for p in frontier],
         "plan_summary": result.plan.summary(pruner.chain),
         "files": sorted(["report.md", "report.json", "plan.json", "plan.png", "tradeoff.png", "trainable.pt",
-                         "model.ts", "model.onnx"]),
+                         "merged.pt", "model.ts", "model.onnx"]),
     }
     (out / "report.json").write_text(json.dumps(_finite(report), indent=1, default=str))
     (out / "report.md").write_text(render_markdown(report, result))
