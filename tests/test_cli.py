@@ -50,7 +50,7 @@ def compressed(env, one_thread):
 def test_compress_writes_a_consistent_output_folder(compressed):
     names = {p.name for p in compressed.iterdir()}
     assert names == {"report.md", "report.json", "plan.json", "plan.png", "tradeoff.png", "trainable.pt",
-                     "model.ts", "model.onnx"}
+                     "merged.pt", "model.ts", "model.onnx"}
     report = json.loads((compressed / "report.json").read_text())
     plan = Plan.from_json(str(compressed / "plan.json"))
     assert Plan.from_dict(report["plan"]) == plan

@@ -29,7 +29,7 @@ def test_save_load_keeps_the_model_and_its_plan(merged, tmp_path):
     assert Plan.of(loaded) == plan
     # a plain checkpoint is refused with what to do instead
     torch.save(deployed.state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(ConfigurationError, match="torch.load"):
+    with pytest.raises(ConfigurationError, match=r"torch\.load"):
         lm_plugin.load(tmp_path / "weights.pt")
 
 
