@@ -17,7 +17,7 @@ from lm_plugin.budget import DEFAULT_BUDGET
 from lm_plugin.cli import main
 from lm_plugin.cli.specs import CLIError, parse_data_spec, parse_normalize, parse_shape
 from lm_plugin.data import image_folder
-from lm_plugin.train import evaluate
+from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads.data import digits, digits_image_folder
 
 ort = pytest.importorskip("onnxruntime")
@@ -200,7 +200,7 @@ def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
 
 # ------------------------------------------------------------------------------------------ users' own data
 # The images: scikit-learn digits written as PNGs, 16×16 grayscale, 10 classes × 30 train / 10 val / 10 test.
-IMAGES = ["--input-shape", "1,16,16", "--importance", "zero_shot", "--finetune-epochs", "0.2", "--rounds", "1",
+IMAGES = ["--input-shape", "1,16,16", "--normalize", "data", "--importance", "zero_shot", "--finetune-epochs", "0.2", "--rounds", "1",
           "--backend", "macs", "--batch-size", "16", "--train-batch-size", "32", "--no-progress"]
 
 
@@ -231,7 +231,7 @@ def test_compress_an_image_folder_end_to_end(env, images, one_thread, capsys):
     assert "| test accuracy (%) |" in md and "importance scored on 100 images of val/" in md
     assert "10 classes" in capsys.readouterr().err
     # The exported model reproduces the reported accuracy on the test folder, read as the CLI read it.
-    test = image_folder(images, (1, 16, 16)).test
+    test = image_folder(images, (1, 16, 16), normalize="data").test
     assert evaluate(torch.jit.load(str(out / "model.ts")), test) == pytest.approx(report["accuracy"]["compressed"],
                                                                                    abs=1e-6)
 
@@ -304,9 +304,10 @@ def test_data_from_a_factory(env, factory_module, capsys):
     (["--data", "imagefolder:{root}", "--input-shape", "1,0,16"], "positive integers"),
     (["--data", "imagefolder:{root}", "--input-shape", "5,16,16"], "C 1 (grayscale) or 3 (RGB)"),
     # digits_resnet takes one channel: RGB images do not run through it.
-    (["--data", "imagefolder:{root}", "--input-shape", "3,16,16"], "does not run on inputs of shape 3×16×16"),
-    (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--model", "lm_plugin:digits_resnet:num_classes=5"],
-     "head has 5 outputs but imagefolder:"),
+    (["--data", "imagefolder:{root}", "--input-shape", "3,16,16", "--normalize", "data"],
+     "does not run on inputs of shape 3×16×16"),
+    (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--normalize", "data", "--model",
+      "lm_plugin:digits_resnet:num_classes=5"], "head has 5 outputs but imagefolder:"),
     (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--normalize", "0.5"], "--normalize MEAN"),
     (["--data", "imagefolder:{root}", "--input-shape", "1,16,16", "--normalize", "0.1,0.2:0.3,0.3"],
      "does not fit 1-channel images"),
@@ -360,3 +361,47 @@ def test_shapes_normalisations_and_data_specs_parse():
     assert (spec.kind, spec.target, spec.kwargs) == ("factory", "pkg.mod:make", {"size": 3, "name": "a"})
     with pytest.raises(CLIError, match=r"unknown dataset 'imagenet'.*imagefolder:DIR"):
         parse_data_spec("imagenet", names)
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(env, images, one_thread) -> Path:
+    """A timm model trained by hand on the image folder with the statistics timm resolves for it (the usual timm
+    habit: ``resolve_data_config(model=model)``; ImageNet's for most timm models, 0.5/0.5 for ``test_resnet``)."""
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    config = resolve_data_config({}, model=model)
+    splits = image_folder(images, (3, 16, 16), normalize=(config["mean"], config["std"]), batch_size=32)
+    fit(model, splits.train, epochs=8, max_lr=0.05, seed=0, progress=False)
+    assert evaluate(model, splits.test) > 50.0  # trained: far above chance (10 %)
+    path = env / "timm_test_resnet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_a_checkpoint_is_evaluated_with_the_statistics_its_model_declares(env, images, timm_checkpoint, capsys):
+    """No --normalize: a timm model's pretrained_cfg says how it was trained; the run checks the checkpoint first."""
+    args = ["compress", "--model", "timm:test_resnet:num_classes=10", "--checkpoint", str(timm_checkpoint),
+            "--data", f"imagefolder:{images}", "--input-shape", "3,16,16", "--importance", "zero_shot",
+            "--finetune-epochs", "0", "--rounds", "1", "--backend", "macs", "--batch-size", "8", "--no-progress"]
+    assert main([*args, "--output", str(env / "timm_declared")]) == 0
+    err = capsys.readouterr().err
+    assert "declared by the model's pretrained_cfg" in err and "the checkpoint scores" in err
+    report = json.loads((env / "timm_declared" / "report.json").read_text())
+    assert report["accuracy"]["original"] > 50.0
+    # Deliberately wrong statistics: refused before any table, naming the cause and the option.
+    wrong = env / "timm_wrong"
+    assert main([*args, "--normalize", "0.9:0.01", "--cache-dir", str(env / "wrong_cache"), "--output", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "near chance" in err and "--normalize" in err and "class order" in err
+    assert not wrong.exists() and not (env / "wrong_cache").exists(), "a table was built for a broken model"
+
+
+def test_a_model_that_declares_no_normalisation_needs_one(env, images, capsys):
+    code = main(["solve", "--model", "lm_plugin:digits_resnet", "--data", f"imagefolder:{images}",
+                 "--input-shape", "1,16,16", "--backend", "macs", "--output", str(env / "no_norm")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "which normalisation was the model trained with" in err and "'data'" in err

@@ -49,7 +49,7 @@ def _files(loader: DataLoader) -> list[str]:
 
 
 def test_image_folder_reads_resizes_and_normalises_with_the_folders_classes(tree):
-    splits = image_folder(tree, (1, 12, 12), batch_size=32, val_size=25)
+    splits = image_folder(tree, (1, 12, 12), normalize="data", batch_size=32, val_size=25)
     assert splits.input_shape == (1, 12, 12) and splits.num_classes == 10 and splits.test_name == "test"
     assert splits.classes == tuple(str(d) for d in range(10))
     x, y = next(iter(splits.train))

@@ -68,8 +68,9 @@ HELP = {
     "data": "data for importance, fine-tuning and accuracy: a dataset name (fashion_mnist, digits), "
             "imagefolder:DIR (DIR/train, DIR/val, optional DIR/test) or package.module:factory[:k=v,...]",
     "data_root": "dataset directory of named datasets (default: $LM_PLUGIN_DATA or ~/.cache/lm_plugin/data)",
-    "normalize": "per-channel normalisation of imagefolder data, MEAN,...:STD,... (default: computed on the "
-                 "training images)",
+    "normalize": "normalisation of imagefolder data: the statistics the model was trained with, MEAN,...:STD,...; "
+                 "'data' (computed on the training images) or 'none' (pixels in [0, 1]). Default: what the model "
+                 "declares (timm's pretrained_cfg); required for a model that declares none",
     "budget": f"latency budget: a fraction of the original (default {DEFAULT_BUDGET}) or milliseconds (12ms)",
     "backend": "latency backend: auto, cpu, cuda, onnxruntime, tensorrt",
     "batch_size": "batch size of the latency measurements",

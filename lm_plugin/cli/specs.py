@@ -74,13 +74,15 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def parse_normalize(value: str | Sequence[Any] | dict[str, Any]) -> tuple[list[float], list[float]]:
+def parse_normalize(value: str | Sequence[Any] | dict[str, Any]) -> tuple[list[float], list[float]] | str:
     """Per-channel ``(mean, std)`` from ``"0.5,0.5,0.5:0.25,0.25,0.25"``, or from YAML: ``{mean: [...], std:
     [...]}`` or ``[[means], [stds]]``. One value each stands for every channel.
 
     Raises:
         CLIError: anything else, or a std that is not positive.
     """
+    if isinstance(value, str) and value.strip().lower() in ("data", "none"):
+        return value.strip().lower()  # computed from the training images / pixels left in [0, 1]
     how = ("give --normalize MEAN,...:STD,... (one value per channel, or one for all), e.g. "
            "--normalize 0.485,0.456,0.406:0.229,0.224,0.225; in YAML also normalize: {mean: [...], std: [...]}")
     if isinstance(value, dict) and set(value) == {"mean", "std"}:

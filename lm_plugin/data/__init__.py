@@ -10,7 +10,7 @@
 The CLI's ``--data NAME``, ``--data imagefolder:DIR`` and ``--data package.module:factory`` are these calls.
 """
 
-from .image_folder import LAYOUT, ImageFolderLayout, check_image_folder, image_folder
+from .image_folder import LAYOUT, ImageFolderLayout, check_image_folder, declared_normalization, image_folder
 from .splits import (
     DATASETS,
     DataError,
@@ -36,6 +36,7 @@ __all__ = [
     "ImageFolderLayout",
     "as_data_splits",
     "check_image_folder",
+    "declared_normalization",
     "check_model_fits",
     "data_splits",
     "image_folder",

@@ -108,6 +108,24 @@ def _check_normalize(normalize: tuple[Sequence[float], Sequence[float]], channel
     return mean, std
 
 
+#: ``normalize=`` values that are not statistics: compute them from the training images, or leave pixels in [0, 1].
+FROM_DATA, NO_NORMALIZATION = "data", "none"
+Normalization = tuple[Sequence[float], Sequence[float]] | str | None
+
+
+def declared_normalization(model: torch.nn.Module | None) -> tuple[list[float], list[float], str] | None:
+    """The input statistics a model declares it was trained with, and where they were found, or None.
+
+    timm models carry them in ``pretrained_cfg`` (``default_cfg`` in older timm): ImageNet's for most. A user who
+    trained a timm model with timm's transforms normalised with exactly these.
+    """
+    for attribute in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attribute, None)
+        if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]], f"the model's {attribute}"
+    return None
+
+
 def _channel_stats(dataset: torch.utils.data.Dataset, images: int, seed: int) -> tuple[list[float], list[float]]:
     sample = subset_loader(DataLoader(dataset, batch_size=64), images, seed)
     total, squares, count = 0.0, 0.0, 0
@@ -127,7 +145,8 @@ def image_folder(
     root: str | os.PathLike[str],
     input_shape: Sequence[int],
     *,
-    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    normalize: Normalization = None,
+    model: torch.nn.Module | None = None,
     batch_size: int = 128,
     eval_batch_size: int | None = None,
     val_size: int = 2000,
@@ -146,8 +165,12 @@ def image_folder(
     Args:
         root: The folder holding ``train/`` and ``val/`` (and ``test/``), one sub-folder per class in each.
         input_shape: ``(C, H, W)`` of the model's input.
-        normalize: ``(mean, std)`` per channel (or one value each); default: computed on ``stats_images``
-            training images.
+        normalize: ``(mean, std)`` per channel (or one value each) — the statistics the model was trained with;
+            ``"data"``: computed on ``stats_images`` training images; ``"none"``: pixels stay in [0, 1]. None: what
+            ``model`` declares (:func:`declared_normalization`: timm's ``pretrained_cfg``); a model that declares
+            nothing needs one of the others, since evaluating it on inputs normalised otherwise than it was
+            trained measures another function.
+        model: the model the data is for (only read for its declared normalisation).
         batch_size: Batch size of the (shuffled) training loader.
         eval_batch_size: Batch size of the other loaders (default ``batch_size``).
         val_size: At most this many images are scored for importance.
@@ -170,12 +193,28 @@ def image_folder(
     if channels == 1:
         steps.append(transforms.Grayscale(num_output_channels=1))
     steps.append(transforms.ToTensor())
-    if normalize is None:
+    declared = declared_normalization(model) if normalize is None else None
+    if normalize is None and declared is None:
+        raise DataError(
+            "which normalisation was the model trained with? It declares none: pass the statistics you trained "
+            "with (--normalize MEAN,...:STD,..., e.g. 0.485,0.456,0.406:0.229,0.224,0.225 for ImageNet's; "
+            "normalize=(mean, std) in Python), or 'data' to compute them from the training images, or 'none' for "
+            "pixels in [0, 1]")
+    if declared is not None:
+        mean, std, source = declared
+        if len(mean) != channels and len(set(mean)) > 1:
+            raise DataError(f"{source} declares {len(mean)}-channel statistics (mean {_fmt(mean)}) but the images are "
+                            f"{channels}-channel: pass the normalisation you trained with (--normalize MEAN:STD)")
+        mean, std = _check_normalize((mean[:1], std[:1]) if len(mean) != channels else (mean, std), channels)
+        how = f"declared by {source}"
+    elif normalize == FROM_DATA:
         plain = ImageFolder(str(layout.root / "train"), transforms.Compose(steps))
         mean, std = _channel_stats(plain, stats_images, seed)
-        how = f"computed on {min(stats_images, len(plain))} training images"
+        how = f"computed on {min(stats_images, len(plain))} training images, as asked"
+    elif normalize == NO_NORMALIZATION:
+        mean, std, how = [0.0] * channels, [1.0] * channels, "none: pixels in [0, 1]"
     else:
-        mean, std = _check_normalize(normalize, channels)
+        mean, std = _check_normalize(normalize, channels)  # type: ignore[arg-type]
         how = "given"
     transform = transforms.Compose([*steps, transforms.Normalize(mean, std)])
     sets = {split: ImageFolder(str(layout.root / split), transform) for split in layout.splits}

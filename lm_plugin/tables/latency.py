@@ -408,6 +408,9 @@ def _fit(model: LatencyModel, plans: list[Plan], measured: list[float], toleranc
 
     fitted = len(plans) > 2 and worst(True) < worst(False)
     model.rest_ms, model.scale = fit_rest_and_scale(summed, measured) if fitted else plain
+    if len(plans) < 2:  # nothing to check against (analytic backends, or no plan to sample)
+        model.check = None
+        return
     checks = []
     for i, (plan, s, m) in enumerate(zip(plans, summed, measured)):
         rest, scale = out_of_sample(i, fitted)
