@@ -200,7 +200,8 @@ def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
 
 # ------------------------------------------------------------------------------------------ users' own data
 # The images: scikit-learn digits written as PNGs, 16×16 grayscale, 10 classes × 30 train / 10 val / 10 test.
-IMAGES = ["--input-shape", "1,16,16", "--normalize", "data", "--importance", "zero_shot", "--finetune-epochs", "0.2", "--rounds", "1",
+IMAGES = ["--input-shape", "1,16,16", "--normalize", "data",
+          "--importance", "zero_shot", "--finetune-epochs", "0.2", "--rounds", "1",
           "--backend", "macs", "--batch-size", "16", "--train-batch-size", "32", "--no-progress"]
 
 
@@ -393,7 +394,8 @@ def test_a_checkpoint_is_evaluated_with_the_statistics_its_model_declares(env, i
     assert report["accuracy"]["original"] > 50.0
     # Deliberately wrong statistics: refused before any table, naming the cause and the option.
     wrong = env / "timm_wrong"
-    assert main([*args, "--normalize", "0.9:0.01", "--cache-dir", str(env / "wrong_cache"), "--output", str(wrong)]) == 2
+    code = main([*args, "--normalize", "0.9:0.01", "--cache-dir", str(env / "wrong_cache"), "--output", str(wrong)])
+    assert code == 2
     err = capsys.readouterr().err
     assert "near chance" in err and "--normalize" in err and "class order" in err
     assert not wrong.exists() and not (env / "wrong_cache").exists(), "a table was built for a broken model"
