@@ -231,9 +231,8 @@ def compress(
         finetune: Fine-tuning settings (default: 1 epoch, max lr 0.02 — the reference workload).
         rounds: Interleaved rounds of the side-by-side latency measurement.
         runtimes: Deployment runtimes in which the exported original and merged networks are also timed side
-            by side (``result.runtime_ms``). Default: the other CPU runtime — ``("cpu",)`` (eager PyTorch) when
-            the table is ONNX Runtime's, ``("onnxruntime",)`` when it is eager's and ONNX Runtime is installed;
-            ``()`` for none.
+            by side (``result.runtime_ms``). Default: ``("cpu",)`` (eager PyTorch) when the table is ONNX
+            Runtime's, else ``("onnxruntime",)`` where it is installed; ``()`` for none.
         progress: Show progress bars while fine-tuning.
         log: Called with a line of text at the start of each stage (e.g. ``print``).
         on_epoch: Called as ``on_epoch(epoch, trainable)`` after each fine-tuning epoch (model in eval mode),
@@ -327,14 +326,15 @@ def compress(
 
 
 def _runtimes(asked: Sequence[str] | None, pruner: LayerMergePruner) -> tuple[str, ...]:
-    """The CPU runtime the table was not measured in, so that both CPU numbers are always in front of the user."""
+    """ONNX Runtime where installed, or eager PyTorch when the table is ONNX Runtime's: both CPU numbers are always
+    in front of the user."""
     if asked is not None:
         return tuple(asked)
     table_backend = pruner.profiler.signature().get("backend")
     if table_backend == "onnxruntime":
         return ("cpu",)
     has_ort = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-    return ("onnxruntime",) if has_ort and table_backend == "cpu" else ()
+    return ("onnxruntime",) if has_ort else ()
 
 
 @dataclass(frozen=True)
