@@ -108,8 +108,8 @@ def _finite(obj: Any) -> Any:
 
 def _check_line(check: dict[str, Any]) -> str:
     plans = check["plans"]
-    return (f"predicted vs measured on {len(plans)} deployed networks (the original and seeded random plans, each "
-            f"predicted by a fit without it): error median {check['ms_error_median']:.1%}, max "
+    return (f"predicted vs measured on {len(plans)} deployed networks (the original and plans from mild to "
+            f"aggressive, each predicted by a fit without it): error median {check['ms_error_median']:.1%}, max "
             f"{check['ms_error_max']:.1%}; speed-ups max {check['speedup_error_max']:.1%}; part outside the chain "
             f"{check['rest_ms']:.3f} ms, scale on summed blocks {check['scale']:.3f}")
 
