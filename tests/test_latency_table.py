@@ -67,7 +67,8 @@ def test_identity_plan_blocks_are_always_candidates():
 
 def test_latency_model_predicts_end_to_end_and_resumes_from_cache(tmp_path):
     x = torch.randn(1, 3, 16, 16)
-    pruner = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
+    net = TinyResNet()
+    pruner = LayerMergePruner(net, 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
                               cache_dir=tmp_path, progress=False)
     model = pruner.latency_model()
     assert set(model.block_ms) == {c.key for c in pruner.candidates}  # joined by key, one per candidate
@@ -89,10 +90,16 @@ def test_latency_model_predicts_end_to_end_and_resumes_from_cache(tmp_path):
     assert pruner.measure_latency(pruner.merge(pruner.apply(plan))) > 0
     assert pruner.budget_ms() == pytest.approx(0.5 * model.original_ms)
 
-    again = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
+    # Another network of the same architecture shares the block entries (they depend on shapes only) ...
+    other = LayerMergePruner(TinyResNet(), 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
+                             cache_dir=tmp_path, progress=False)
+    assert other.latency_model().block_ms == model.block_ms
+    # ... and the same network finds everything in the cache, its self-check included (the check plans follow the
+    # weights: each candidate block keeps its convs of largest Σ|W|)
+    again = LayerMergePruner(net, 0.5, example_inputs=x, backend="cpu", profiler_settings=FAST,
                              cache_dir=tmp_path, progress=False)
     reloaded = again.latency_model()
-    assert reloaded.block_ms == model.block_ms  # everything came from the cache, the self-check included
+    assert reloaded.block_ms == model.block_ms
     assert reloaded.check.to_dict() == model.check.to_dict()
     assert list(tmp_path.glob("latency-cpu-*.sqlite"))
 
