@@ -13,14 +13,12 @@ from torch import Tensor, nn
 from ...errors import ConfigurationError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
-from ..system import cpu_name, private_cache_bytes
-
-#: Bytes evicted per thread before each timed run when the core's private cache size cannot be read.
-FALLBACK_FLUSH_BYTES = 2 * 1024**2
+from ..system import cpu_name
+from .flush import CacheFlush
 
 
 @register_backend
-class EagerCPUProfiler(Profiler):
+class EagerCPUProfiler(CacheFlush, Profiler):
     """PyTorch eager inference on the CPU (eval mode, ``torch.inference_mode()``, wall clock).
 
     Before every timed run (outside the timed interval) the profiler reads and writes a buffer of
@@ -48,13 +46,8 @@ class EagerCPUProfiler(Profiler):
         super().__init__(**settings)
         if threads is not None and threads < 1:
             raise ConfigurationError(f"threads must be a positive integer or None, got {threads}")
-        if flush_bytes is not None and flush_bytes < 0:
-            raise ConfigurationError(f"flush_bytes must be >= 0 or None, got {flush_bytes}")
         self._threads = threads if threads is not None else torch.get_num_threads()
-        if flush_bytes is None:
-            flush_bytes = 2 * (private_cache_bytes() or FALLBACK_FLUSH_BYTES // 2) * self._threads
-        self.flush_bytes = flush_bytes
-        self._flush_buffer: Tensor | None = None
+        self._init_flush(flush_bytes, self._threads)
 
     @property
     def device_name(self) -> str:
@@ -68,19 +61,14 @@ class EagerCPUProfiler(Profiler):
         return {"machine": platform.machine(), "mkldnn": torch.backends.mkldnn.is_available(),
                 "flush_bytes": self.flush_bytes}
 
-    def _before_timed_run(self) -> None:
-        if self._flush_buffer is not None:
-            self._flush_buffer.add_(1.0)  # read and write every line: evicts what the last run left cached
-
     @contextlib.contextmanager
     def _session(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> Iterator[RunFn]:
         previous = torch.get_num_threads()
         torch.set_num_threads(self._threads)
-        if self.flush_bytes:
-            self._flush_buffer = torch.zeros(max(1, self.flush_bytes // 4), dtype=torch.float32)
+        self._open_flush()
         try:
             with prepared_module(module, self.device, self.dtype) as model, torch.inference_mode():
                 yield lambda: model(*inputs)
         finally:
-            self._flush_buffer = None
+            self._close_flush()
             torch.set_num_threads(previous)

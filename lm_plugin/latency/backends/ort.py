@@ -21,6 +21,7 @@ from ..errors import LatencyError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
 from ..system import cpu_name, package_version
+from .flush import CacheFlush
 
 #: ONNX opset used for export unless the profiler is given another one.
 DEFAULT_OPSET = 17
@@ -41,7 +42,7 @@ CLASSIC_EXPORTER: dict[str, bool] = (
 
 
 @register_backend
-class OnnxRuntimeProfiler(Profiler):
+class OnnxRuntimeProfiler(CacheFlush, Profiler):
     """ONNX Runtime inference on the CPU.
 
     The module is exported in memory with ``torch.onnx.export(..., dynamo=False)`` at the exact shapes being
@@ -53,6 +54,8 @@ class OnnxRuntimeProfiler(Profiler):
             creation) so that the CPU backends are comparable by default.
         opset: ONNX opset version for export.
         optimization: graph optimisation level: ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
+        flush_bytes: private caches evicted before every timed run, as for the ``cpu`` backend
+            (:class:`~lm_plugin.latency.backends.flush.CacheFlush`).
         **settings: common settings, see :class:`~lm_plugin.latency.Profiler`.
     """
 
@@ -65,6 +68,7 @@ class OnnxRuntimeProfiler(Profiler):
         threads: int | None = None,
         opset: int = DEFAULT_OPSET,
         optimization: str = "all",
+        flush_bytes: int | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(**settings)
@@ -75,6 +79,7 @@ class OnnxRuntimeProfiler(Profiler):
         if optimization not in OPTIMIZATION_LEVELS:
             raise ConfigurationError(f"optimization must be one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}")
         self._threads = threads if threads is not None else torch.get_num_threads()
+        self._init_flush(flush_bytes, self._threads)
         self.opset = opset
         self.optimization = optimization
 
@@ -100,6 +105,7 @@ class OnnxRuntimeProfiler(Profiler):
             "provider": _PROVIDER,
             "opset": self.opset,
             "optimization": self.optimization,
+            "flush_bytes": self.flush_bytes,
         }
 
     def export(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> bytes:
@@ -137,4 +143,8 @@ class OnnxRuntimeProfiler(Profiler):
         # The exporter drops inputs the graph does not use, so feed by the session's own input names.
         given = {f"input_{i}": x.numpy() for i, x in enumerate(inputs)}
         feed = {arg.name: given[arg.name] for arg in session.get_inputs()}
-        yield lambda: session.run(None, feed)
+        self._open_flush()
+        try:
+            yield lambda: session.run(None, feed)
+        finally:
+            self._close_flush()
