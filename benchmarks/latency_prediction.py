@@ -253,6 +253,7 @@ def build_role(job_path: Path) -> int:
     out = Path(job["dir"])
     started = time.time()
     record: dict[str, Any] = {"pid": os.getpid(), "state": job["state"], "timed_in": job["timed_in"],
+                              "code": _code_version(),
                               "maxrss_mb_start": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     nni_mod = None
     try:
@@ -462,7 +463,8 @@ def _summary_row(r: dict[str, Any]) -> dict[str, Any]:
                         "ms_error_median": o["ms_error_median"], "ms_error_max": o["ms_error_max"]},
         "self_check": {"summary": b["model"]["check_summary"], "ms_error_median": check.get("ms_error_median"),
                        "ms_error_max": check.get("ms_error_max"), "speedup_error_max": check.get("speedup_error_max")},
-        "table_seconds": b["table_seconds"], "build_warnings": len(b["warnings"])}
+        "table_seconds": b["table_seconds"], "build_warnings": len(b["warnings"]),
+        "code_sources_sha1": b["code"]["sources_sha1"]}
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -484,6 +486,27 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['ms_error_max']:>8.1%}" + chk + f"{'yes' if r['goal_met'] else 'no':>6}   "
               f"{o['timed_in']}: {o['speedup_error_median']:.1%}/{o['speedup_error_max']:.1%}, "
               f"{o['ms_error_median']:.1%}")
+
+
+def _code_version() -> dict[str, Any]:
+    """Which lm_plugin timed: a hash of its sources (every process records it: a run whose code changed under it
+    shows), and the git commit when the script runs from a checkout (LM_STATES_COMMIT names it otherwise)."""
+    import hashlib
+
+    import lm_plugin
+
+    package = Path(lm_plugin.__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
+    commit = os.environ.get("LM_STATES_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
+                                    timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"package": str(package), "sources_sha1": digest.hexdigest()[:16], "commit": commit}
 
 
 def _machine() -> str:
@@ -517,7 +540,7 @@ def states_main(args: argparse.Namespace) -> None:
         "command": shlex.join(["python", "benchmarks/latency_prediction.py", *sys.argv[1:]]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine(), "cpus": os.cpu_count(), "platform": platform.platform(),
-        "torch": torch.__version__, "onnxruntime": ort_version, "threads": 1,
+        "torch": torch.__version__, "onnxruntime": ort_version, "threads": 1, "code": _code_version(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "LM_PLUGIN_WORKER")},
         "quick": args.quick, "plans": n_plans, "truth_rounds": rounds,
         "inputs": {m: {"input": list(STATE_MODELS[m]["quick_input" if args.quick else "input"]),
