@@ -20,6 +20,7 @@ from .budget import DEFAULT_BUDGET, Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
 from .errors import ConfigurationError, LayerMergeRuntimeError
 from .latency import Profiler, get_profiler
+from .merge import deploy
 from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
 from .metrics import ModelCost, model_cost
@@ -50,7 +51,7 @@ from .tables.importance import (
     make_estimator,
     representative,
 )
-from .tables.latency import LatencyModel, build_latency_model, deploy_identity
+from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
 
@@ -302,7 +303,8 @@ class LayerMergePruner:
         if self._latency is None:
             self._latency = build_latency_model(
                 self.graph_module, self.chain, self.candidates, self.example_inputs, self.profiler,
-                cache_dir=self.cache_dir, progress=self.progress)
+                lambda plan: deploy(self.graph_module, self.chain, plan), cache_dir=self.cache_dir,
+                progress=self.progress)
         return self._latency
 
     def selectable(self) -> list[Candidate]:
@@ -521,7 +523,7 @@ class LayerMergePruner:
 
         This is what the latency table calls "original": compare compressed models against it.
         """
-        return deploy_identity(self.graph_module, self.chain)
+        return deploy(self.graph_module, self.chain, Plan.identity(self.chain))
 
     def budget_ms(self) -> float:
         """The budget in ms (a ratio budget is relative to the original network's measured latency)."""

@@ -29,7 +29,8 @@ from ..train import evaluate
 from .options import Options
 from .specs import CLIError, DataSpec, import_object, load_model, parse_data_spec, parse_normalize, parse_shape
 
-__all__ = ["DEMO_DEFAULTS", "run_compress", "run_inspect", "run_merge", "run_profile", "run_solve"]
+__all__ = ["DEMO_DEFAULTS", "build_pruner", "prepare", "run_compress", "run_inspect", "run_merge", "run_profile",
+           "run_solve"]
 
 #: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, searched on the runtime
 #: ``auto`` picks (ONNX Runtime on a CPU-only machine where it is installed).
@@ -143,7 +144,7 @@ def _check_checkpoint_scores(opts: Options, model: nn.Module, splits: DataSplits
             "the input size (--input-shape). Nothing was compressed.")
 
 
-def _prepare(opts: Options, data_required: bool) -> tuple[nn.Module, torch.Tensor, DataSplits | None]:
+def prepare(opts: Options, data_required: bool) -> tuple[nn.Module, torch.Tensor, DataSplits | None]:
     """Validate the cheap things first (budget, data spec and layout, shape), then build the model, load the data,
     and check that the model runs on the data's shape with a head as wide as its classes — all before tracing."""
     _check_budget(opts.budget)
@@ -183,7 +184,10 @@ def _example(opts: Options, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(opts.batch_size, *shape, generator=torch.Generator().manual_seed(opts.seed))
 
 
-def _pruner(opts: Options, model: nn.Module, example: torch.Tensor, splits: DataSplits | None) -> LayerMergePruner:
+def build_pruner(opts: Options, model: nn.Module, example: torch.Tensor,
+                 splits: DataSplits | None) -> LayerMergePruner:
+    """The pruner the options describe, for ``model`` on ``example`` inputs (what every command and NNI trial
+    compresses with)."""
     settings = {"steps": opts.importance_steps} if opts.importance_steps is not None and opts.importance != \
         "zero_shot" else {}
     profiler = {"threads": opts.threads} if opts.threads is not None else {}
@@ -235,9 +239,9 @@ def _context(opts: Options, splits: DataSplits | None = None) -> dict[str, Any]:
 def run_compress(opts: Options) -> int:
     """Search, fine-tune, merge, verify, measure, and write the output folder."""
     with staged_output(opts.output, opts.overwrite) as folder:
-        model, example, splits = _prepare(opts, data_required=True)
+        model, example, splits = prepare(opts, data_required=True)
         assert splits is not None
-        pruner = _pruner(opts, model, example, splits)
+        pruner = build_pruner(opts, model, example, splits)
         say(f"chain: {pruner.chain.length} convs, {len(pruner.candidates)} candidate blocks")
         settings = FinetuneSettings(epochs=opts.finetune_epochs, max_lr=opts.finetune_lr,
                                     distill_alpha=opts.distill_alpha, seed=opts.seed)
@@ -256,8 +260,8 @@ def run_compress(opts: Options) -> int:
 def run_profile(opts: Options) -> int:
     """Build (or load) the latency table and write it as ``latency.json``."""
     with staged_output(opts.output, opts.overwrite) as folder:
-        model, example, _ = _prepare(opts, data_required=False)
-        pruner = _pruner(opts, model, example, None)
+        model, example, _ = prepare(opts, data_required=False)
+        pruner = build_pruner(opts, model, example, None)
         lat = pruner.latency_model()
         entries = [{"key": list(key), "ms": ms} for key, ms in sorted(lat.block_ms.items(), key=str)]
         skips = [{"residual_target": t, "ms": ms} for t, ms in sorted(lat.skip_ms.items())]
@@ -276,8 +280,8 @@ def run_profile(opts: Options) -> int:
 def run_solve(opts: Options) -> int:
     """Build (or load) both tables, solve at the budget, write ``plan.json`` and the predicted trade-off."""
     with staged_output(opts.output, opts.overwrite) as folder:
-        model, example, splits = _prepare(opts, data_required=True)
-        pruner = _pruner(opts, model, example, splits)
+        model, example, splits = prepare(opts, data_required=True)
+        pruner = build_pruner(opts, model, example, splits)
         found = pruner.search()
         plan, predicted, objective = found.plan, found.predicted_ms, found.objective
         frontier = tradeoff(pruner)
@@ -307,8 +311,8 @@ def run_merge(opts: Options) -> int:
     if not opts.trainable or not Path(opts.trainable).is_file():
         raise CLIError("pass --trainable TRAINABLE.pt (the fine-tuned trainable form's state dict)")
     with staged_output(opts.output, opts.overwrite) as folder:
-        model, example, _ = _prepare(opts, data_required=False)
-        pruner = _pruner(opts, model, example, None)
+        model, example, _ = prepare(opts, data_required=False)
+        pruner = build_pruner(opts, model, example, None)
         plan = Plan.from_json(opts.plan)
         trainable = pruner.apply(plan)
         state = torch.load(opts.trainable, map_location="cpu", weights_only=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..blocks import block_geometry, skip_offset
 from ..errors import MergeError
 from ..plan import Plan
-from ..rewrite.trainable import META_KEY
+from ..rewrite.trainable import META_KEY, to_trainable
 from ..trace.chain import Chain, ChainConv
 from ..trace.fxedit import replace_submodule
 from ..trace.graph import is_foldable_bn
@@ -125,6 +125,12 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
 
         gm.meta[CHECK_META_KEY] = check_network(gm, xs, expected, exact, tolerance)
     return gm
+
+
+def deploy(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
+    """The network ``plan`` deploys to: rewritten (default rewrite options) and merged, every BN folded. With the
+    identity plan, the uncompressed network as a deployment runs it — what latency tables call "the original"."""
+    return merge(to_trainable(gm, chain, plan), chain)
 
 
 def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: list[dict], sizes: dict[tuple[int, int], int],

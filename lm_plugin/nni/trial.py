@@ -47,7 +47,7 @@ import nni
 
 from ..budget import Budget
 from ..cli import FINETUNE, LATENCY, MODEL, SELECT
-from ..cli.commands import _prepare, _pruner, staged_output
+from ..cli.commands import build_pruner, prepare, staged_output
 from ..cli.options import Options, add_options, resolve
 from ..cli.specs import CLIError
 from ..compress import CompressionResult, FinetuneSettings, compress, tradeoff
@@ -278,9 +278,9 @@ def run_trial(opts: Options, output: str | os.PathLike[str], *, parameters: Mapp
     _say(f"budget {opts.budget}; waiting for the table lock in {cache_dir}")
     with table_lock(cache_dir) as waited:
         held = time.perf_counter()
-        model, example, splits = _prepare(opts, data_required=True)
+        model, example, splits = prepare(opts, data_required=True)
         assert splits is not None
-        pruner = _pruner(opts, model, example, splits)
+        pruner = build_pruner(opts, model, example, splits)
         tables = build_tables(pruner)
         tables.waited_s, tables.seconds = waited, time.perf_counter() - held
     # Written before the search, so a trial that fails later (an infeasible budget) still says what it built.

@@ -35,7 +35,7 @@ import os
 import random
 import statistics
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,12 @@ from ..latency import (
     latency_cache_path,
 )
 from ..plan import Plan
-from ..rewrite import to_trainable
 from ..trace.chain import Chain, Residual
 from .conv_block import conv_block_key, conv_block_module
 
 #: Relative change of the original network's latency, table vs now, beyond which a warning is given.
 DEFAULT_DRIFT_TOLERANCE = 0.15
-#: Random plans deployed and timed end to end to fit and check the latency model.
+#: Plans (besides the original) deployed and timed end to end to fit and check the latency model.
 DEFAULT_CHECK_PLANS = 5
 #: Largest out-of-sample error of a checked plan's predicted latency before the model warns.
 DEFAULT_CHECK_TOLERANCE = 0.10
@@ -298,19 +297,20 @@ class LatencyModel:
         """What every plan pays outside its blocks: the rest of the network and every projection skip."""
         return self.rest_ms + self.scale * sum(self.skip_ms.values())
 
+    def _measured_cost(self, st: int, end: int, kept) -> float:
+        saved = sum(self.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(st, end))
+        return self.block(st, end, kept) - saved
+
     def cost(self, st: int, end: int, kept) -> float:
         """What choosing block ``(st, end]`` adds to :attr:`fixed_ms`: its latency, minus the projection skips it
-        folds (they disappear from the deployed network)."""
-        saved = sum(self.skip_ms.get(r.target, 0.0) for r in self.chain.residuals_within(st, end))
-        return self.scale * (self.block(st, end, kept) - saved)
+        folds (they disappear from the deployed network), times the fitted scale."""
+        return self.scale * self._measured_cost(st, end, kept)
 
     def summed(self, plan: Plan) -> float:
         """The plan's measured blocks and unfolded projection skips, summed (no rest, no scale)."""
         plan.validate(self.chain)
-        folded = sum(self.skip_ms.get(r.target, 0.0) for st, end in plan.blocks()
-                     for r in self.chain.residuals_within(st, end))
-        return (sum(self.block(st, end, plan.kept_convs) for st, end in plan.blocks())
-                + sum(self.skip_ms.values()) - folded)
+        return sum(self.skip_ms.values()) + sum(self._measured_cost(st, end, plan.kept_convs)
+                                                for st, end in plan.blocks())
 
     def predict(self, plan: Plan) -> float:
         """Predicted end-to-end latency of ``plan`` in ms."""
@@ -322,7 +322,8 @@ class LatencyModel:
 
 
 def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[Candidate],
-                        example_inputs: Sequence[torch.Tensor], profiler: Profiler, *,
+                        example_inputs: Sequence[torch.Tensor], profiler: Profiler,
+                        deploy: Callable[[Plan], nn.Module], *,
                         cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
                         drift_tolerance: float | None = DEFAULT_DRIFT_TOLERANCE,
                         check_plans: int = DEFAULT_CHECK_PLANS,
@@ -336,6 +337,9 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
             always are).
         example_inputs: inputs the network is timed with (the profiler's batch size replaces theirs).
         profiler: the profiler for every measurement.
+        deploy: the deploy form of a plan of ``gm`` (:func:`lm_plugin.merge.deploy` bound to the network, as the
+            pruner passes it): the identity plan's is "the original", the self-check times others. A parameter,
+            because deploying is a later stage (rewrite and merge) than this table.
         cache_dir: cache folder (one SQLite file per profiler signature, shared safely by processes that build
             at once: measuring is serialised, see :meth:`~lm_plugin.latency.LatencyTable.build`), or None for no
             cache.
@@ -354,7 +358,7 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
     entries: list[tuple[Any, ModuleSpec]] = [(("block",) + c.key, candidate_spec(c)) for c in candidates]
     skips = [r for r in chain.residuals if r.projection is not None]
     entries += [(("skip", r.target), skip_spec(chain, r)) for r in skips]
-    deployed = deploy_identity(gm, chain)
+    deployed = deploy(Plan.identity(chain))
     entries.append((("network",), ModuleSpec(lambda: deployed, tuple(tuple(t.shape) for t in example_inputs),
                                               network_key(gm, example_inputs))))
     cache = cache_path(cache_dir, profiler) if cache_dir is not None else None
@@ -368,7 +372,7 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
         # timed at one machine speed, and its original (the budgets' reference) carries the table's blocks to it.
         plans = [Plan.identity(chain), *samples]
         net, shapes = network_key(gm, example_inputs), tuple(tuple(t.shape) for t in example_inputs)
-        specs = [(("check", i), ModuleSpec(lambda p=p: deploy_plan(gm, chain, p), shapes,
+        specs = [(("check", i), ModuleSpec(lambda p=p: deploy(p), shapes,
                                            {**net, "op": "network-plan", "plan": p.to_dict()}))
                  for i, p in enumerate(plans)]
         checks = LatencyTable.build(
@@ -487,18 +491,6 @@ def _check_drift(model: LatencyModel, deployed: nn.Module, example_inputs: Seque
             "milliseconds are off by about that much; comparisons between plans and speed-ups measured side by "
             "side are much less affected. Rebuild the table on a quiet machine (delete the cache file), or pin "
             "the process to an idle core.", LatencyDriftWarning, stacklevel=3)
-
-
-def deploy_plan(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
-    """The network ``plan`` deploys to (rewritten and merged, every BN folded)."""
-    from ..merge import merge  # local: merge imports the rewrite stage, which imports tables' neighbours
-
-    return merge(to_trainable(gm, chain, plan), chain)
-
-
-def deploy_identity(gm: fx.GraphModule, chain: Chain) -> fx.GraphModule:
-    """The uncompressed network as deployed: the identity plan merged (every BN folded)."""
-    return deploy_plan(gm, chain, Plan.identity(chain))
 
 
 __all__ = ["DEFAULT_CHECK_PLANS", "DEFAULT_CHECK_TOLERANCE", "DEFAULT_DRIFT_TOLERANCE", "LatencyCheck",

@@ -13,6 +13,7 @@ from ...errors import ConfigurationError
 from ..errors import LatencyError
 from ..profiler import Profiler, RunFn, prepared_module
 from ..registry import register_backend
+from .flush import CacheFlush
 
 #: Bytes written before each timed run when the card's L2 size cannot be read (what Triton's ``do_bench`` uses).
 FALLBACK_FLUSH_BYTES = 256 * 1024**2
@@ -30,7 +31,7 @@ def l2_flush_bytes(l2_cache_size: int | None) -> int:
 
 
 @register_backend
-class CUDAProfiler(Profiler):
+class CUDAProfiler(CacheFlush, Profiler):
     """PyTorch eager inference on a CUDA device.
 
     Each run is bracketed by CUDA events on the current stream, so the numbers are device time between launch
@@ -95,7 +96,6 @@ class CUDAProfiler(Profiler):
         l2 = getattr(torch.cuda.get_device_properties(self._device), "L2_cache_size", None)
         #: Bytes written before every timed run (0 with ``flush_l2=False``).
         self.flush_bytes = l2_flush_bytes(l2) if self.flush_l2 else 0
-        self._flush_buffer: Tensor | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -153,20 +153,9 @@ class CUDAProfiler(Profiler):
         finally:
             torch.backends.cudnn.benchmark = previous
 
-    @contextlib.contextmanager
-    def _l2_flush(self) -> Iterator[None]:
-        """Holds the flush buffer while a session is open. Sessions nest (:meth:`measure_together` opens one per
-        module) and share one buffer, freed when the outermost closes: a second 100 MiB buffer would evict no
-        more."""
-        owner = self.flush_bytes > 0 and self._flush_buffer is None
-        if owner:
-            self._flush_buffer = torch.empty(max(1, self.flush_bytes // 4), dtype=torch.float32,
-                                             device=self._device)
-        try:
-            yield
-        finally:
-            if owner:
-                self._flush_buffer = None
+    def _l2_flush(self) -> contextlib.AbstractContextManager[None]:
+        """The flush buffer on the card, held while a session is open (shared by nested sessions)."""
+        return self._flush_session(self._device)
 
     def _graphed(self, run: RunFn, what: str) -> RunFn:
         """``run`` captured in a CUDA graph; the returned callable replays it on the current stream.

@@ -65,10 +65,9 @@ class EagerCPUProfiler(CacheFlush, Profiler):
     def _session(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> Iterator[RunFn]:
         previous = torch.get_num_threads()
         torch.set_num_threads(self._threads)
-        self._open_flush()
         try:
-            with prepared_module(module, self.device, self.dtype) as model, torch.inference_mode():
+            with self._flush_session(), prepared_module(module, self.device, self.dtype) as model, \
+                    torch.inference_mode():
                 yield lambda: model(*inputs)
         finally:
-            self._close_flush()
             torch.set_num_threads(previous)

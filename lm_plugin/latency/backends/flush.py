@@ -9,6 +9,9 @@ alone and 0.72 ms inside its network).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -20,9 +23,10 @@ FALLBACK_FLUSH_BYTES = 2 * 1024**2
 
 
 class CacheFlush:
-    """Mixin for CPU profilers: ``flush_bytes`` of a buffer are read and written before every timed run (outside
-    the timed interval). None: twice the largest per-core cache (L2 on most CPUs, from sysfs; 2 MiB if unknown) per
-    thread; 0: no flush (tight-loop, warm-cache timings)."""
+    """Mixin for profilers that evict caches: ``flush_bytes`` of a buffer are read and written before every timed run
+    (outside the timed interval). CPU profilers size it with :meth:`_init_flush`: None, twice the largest per-core
+    cache (L2 on most CPUs, from sysfs; 2 MiB if unknown) per thread; 0, no flush (tight-loop, warm-cache timings).
+    The CUDA profiler sizes it to the card's L2."""
 
     flush_bytes: int
     _flush_buffer: Tensor | None = None
@@ -35,12 +39,18 @@ class CacheFlush:
         self.flush_bytes = flush_bytes
         self._flush_buffer = None
 
-    def _open_flush(self) -> None:
-        if self.flush_bytes:
-            self._flush_buffer = torch.zeros(max(1, self.flush_bytes // 4), dtype=torch.float32)
-
-    def _close_flush(self) -> None:
-        self._flush_buffer = None
+    @contextlib.contextmanager
+    def _flush_session(self, device: torch.device | str = "cpu") -> Iterator[None]:
+        """Holds the flush buffer while a session is open. Sessions nest (:meth:`measure_together` opens one per
+        module) and share one buffer, freed when the outermost closes: a second buffer would evict no more."""
+        owner = self.flush_bytes > 0 and self._flush_buffer is None
+        if owner:
+            self._flush_buffer = torch.zeros(max(1, self.flush_bytes // 4), dtype=torch.float32, device=device)
+        try:
+            yield
+        finally:
+            if owner:
+                self._flush_buffer = None
 
     def _before_timed_run(self) -> None:
         if self._flush_buffer is not None:

@@ -143,8 +143,5 @@ class OnnxRuntimeProfiler(CacheFlush, Profiler):
         # The exporter drops inputs the graph does not use, so feed by the session's own input names.
         given = {f"input_{i}": x.numpy() for i, x in enumerate(inputs)}
         feed = {arg.name: given[arg.name] for arg in session.get_inputs()}
-        self._open_flush()
-        try:
+        with self._flush_session():
             yield lambda: session.run(None, feed)
-        finally:
-            self._close_flush()
