@@ -20,7 +20,7 @@ from .budget import DEFAULT_BUDGET, Budget
 from .candidates import DEFAULT_MAX_KERNEL, Candidate, enumerate_candidates
 from .errors import ConfigurationError, LayerMergeRuntimeError
 from .latency import Profiler, get_profiler
-from .merge import deploy
+from .merge import deploy_plan
 from .merge import internal_layers as _internal_layers
 from .merge import merge as _merge
 from .metrics import ModelCost, model_cost
@@ -303,7 +303,7 @@ class LayerMergePruner:
         if self._latency is None:
             self._latency = build_latency_model(
                 self.graph_module, self.chain, self.candidates, self.example_inputs, self.profiler,
-                lambda plan: deploy(self.graph_module, self.chain, plan), cache_dir=self.cache_dir,
+                lambda plan: deploy_plan(self.graph_module, self.chain, plan), cache_dir=self.cache_dir,
                 progress=self.progress)
         return self._latency
 
@@ -523,7 +523,7 @@ class LayerMergePruner:
 
         This is what the latency table calls "original": compare compressed models against it.
         """
-        return deploy(self.graph_module, self.chain, Plan.identity(self.chain))
+        return deploy_plan(self.graph_module, self.chain, Plan.identity(self.chain))
 
     def budget_ms(self) -> float:
         """The budget in ms (a ratio budget is relative to the original network's measured latency)."""

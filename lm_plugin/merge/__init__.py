@@ -2,6 +2,6 @@
 
 from .algebra import LinearConv
 from .check import merge_error, output_error
-from .deploy import check_error, deploy, internal_layers, merge
+from .deploy import check_error, deploy_plan, internal_layers, merge
 
-__all__ = ["LinearConv", "check_error", "deploy", "internal_layers", "merge", "merge_error", "output_error"]
+__all__ = ["LinearConv", "check_error", "deploy_plan", "internal_layers", "merge", "merge_error", "output_error"]

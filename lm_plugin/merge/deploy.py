@@ -127,7 +127,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     return gm
 
 
-def deploy(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
+def deploy_plan(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
     """The network ``plan`` deploys to: rewritten (default rewrite options) and merged, every BN folded. With the
     identity plan, the uncompressed network as a deployment runs it — what latency tables call "the original"."""
     return merge(to_trainable(gm, chain, plan), chain)

@@ -337,7 +337,7 @@ def build_latency_model(gm: fx.GraphModule, chain: Chain, candidates: Sequence[C
             always are).
         example_inputs: inputs the network is timed with (the profiler's batch size replaces theirs).
         profiler: the profiler for every measurement.
-        deploy: the deploy form of a plan of ``gm`` (:func:`lm_plugin.merge.deploy` bound to the network, as the
+        deploy: the deploy form of a plan of ``gm`` (:func:`lm_plugin.merge.deploy_plan` bound to the network, as the
             pruner passes it): the identity plan's is "the original", the self-check times others. A parameter,
             because deploying is a later stage (rewrite and merge) than this table.
         cache_dir: cache folder (one SQLite file per profiler signature, shared safely by processes that build
