@@ -31,35 +31,74 @@ from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .pruner import LayerMergePruner
 from .solve import InfeasibleBudgetError
-from .train import evaluate, fit
+from .train import evaluate, fit, fit_until_plateau
 
 __all__ = ["CompressionResult", "FinetuneSettings", "TradeoffPoint", "compress", "tradeoff"]
 
 #: Relative float64 error above which a merge is reported as inexact (rounding alone gives ~1e-15).
 EXACTNESS_TOLERANCE = 1e-8
 
+#: An accuracy loss (percentage points) above which the summary says what to try.
+FAR_BELOW = 3.0
+
+
+#: ``FinetuneSettings(epochs=AUTO)``: fine-tune until the validation accuracy stops improving (the default).
+AUTO = "auto"
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How the trainable form is fine-tuned (defaults: the reference workload's recipe).
+    """How the trainable form is fine-tuned.
+
+    The default, ``epochs="auto"``, trains one-epoch cycles whose peak learning rate halves each time and stops
+    when the accuracy on the validation data (the pruner's ``eval_data`` unless ``compress`` is given
+    ``val_data``) has not improved by ``min_delta`` for ``patience`` epochs, or after ``max_epochs``; the best
+    epoch's weights are kept (:func:`lm_plugin.train.fit_until_plateau`). So a short dataset gets few epochs and a
+    plan that lost much gets more, without a number to guess. A number instead trains exactly that many epochs with
+    one OneCycle schedule (the reference workload's recipe is 1 epoch).
 
     Attributes:
-        epochs: Epochs over the training data (fractions allowed); 0 skips fine-tuning.
-        max_lr: Peak learning rate of the OneCycle schedule.
+        epochs: ``"auto"`` (default), or epochs over the training data (fractions allowed; 0 skips fine-tuning).
+        max_lr: Peak learning rate (of the first cycle with ``"auto"``).
         distill_alpha: Weight of distillation toward the original network (0 = plain cross-entropy).
         seed: Shuffling / initialisation seed.
+        max_epochs: Cap of ``"auto"``.
+        patience: Epochs without a gain of ``min_delta`` before ``"auto"`` stops.
+        min_delta: The gain of validation accuracy (percentage points) that counts as improving.
     """
 
-    epochs: float = 1.0
+    epochs: float | str = AUTO
     max_lr: float = 0.02
     distill_alpha: float = 0.0
     seed: int = 0
+    max_epochs: int = 10
+    patience: int = 1
+    min_delta: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or not self.max_lr > 0 or not 0 <= self.distill_alpha <= 1:
+        if isinstance(self.epochs, str):
+            if self.epochs != AUTO:
+                raise ConfigurationError(f"fine-tuning epochs must be a number or {AUTO!r}; got {self.epochs!r}")
+        elif self.epochs < 0:
+            raise ConfigurationError(f"fine-tuning needs epochs >= 0, got {self.epochs}")
+        if not self.max_lr > 0 or not 0 <= self.distill_alpha <= 1:
             raise ConfigurationError(
-                f"fine-tuning needs epochs >= 0, max_lr > 0 and 0 <= distill_alpha <= 1; got {self.epochs}, "
-                f"{self.max_lr}, {self.distill_alpha}")
+                f"fine-tuning needs max_lr > 0 and 0 <= distill_alpha <= 1; got {self.max_lr}, {self.distill_alpha}")
+        if self.max_epochs < 1 or self.patience < 1 or self.min_delta < 0:
+            raise ConfigurationError(f"fine-tuning needs max_epochs >= 1, patience >= 1 and min_delta >= 0; got "
+                                     f"{self.max_epochs}, {self.patience}, {self.min_delta}")
+
+    @property
+    def auto(self) -> bool:
+        """True when the number of epochs is decided by the validation accuracy."""
+        return self.epochs == AUTO
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        what = (f"until validation accuracy stops improving (at most {self.max_epochs} epochs, patience "
+                f"{self.patience})" if self.auto else f"{self.epochs:g} epoch(s)")
+        return what + f", max lr {self.max_lr:g}" + (f", distillation {self.distill_alpha:g}"
+                                                      if self.distill_alpha else "")
 
 
 @dataclass
@@ -88,6 +127,11 @@ class CompressionResult:
             estimator (``{"estimator": {...}, "scored_entries": n, "table_entries": m}``); empty otherwise.
         latency_check: The latency model's self-check (:meth:`LatencyCheck.to_dict`): predicted vs measured
             deployed networks, out of sample; empty for analytic backends.
+        finetune: How the trainable form was fine-tuned: the settings, epochs trained and, with ``"auto"``, the
+            validation accuracy after each epoch (``history``), the epoch kept and why it stopped; the original's
+            validation accuracy (``val_original``) when it was measured.
+        estimate: The importance stage's time estimate made before it ran (:meth:`TableEstimate.to_dict`), with the
+            actual seconds next to it.
     """
 
     plan: Plan
@@ -106,6 +150,8 @@ class CompressionResult:
     latency_settings: dict[str, Any] = field(default_factory=dict)
     screen: dict[str, Any] = field(default_factory=dict)
     latency_check: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    estimate: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -142,6 +188,8 @@ class CompressionResult:
             "latency_settings": self.latency_settings,
             "screen": self.screen,
             "latency_check": self.latency_check,
+            "finetune": self.finetune,
+            "estimate": self.estimate,
             "warnings": self.warnings(),
         }
 
@@ -183,6 +231,13 @@ class CompressionResult:
                 out.append(f"SLOWER THAN THE ORIGINAL in {where}: {ms['compressed']:.3f} ms vs {ms['original']:.3f} "
                            f"ms. The plan was chosen for {backend}'s latencies; {advice}, or ask for a milder "
                            "budget.")
+        if self.accuracy and self.accuracy["original"] - self.accuracy["compressed"] > FAR_BELOW:
+            drop = self.accuracy["original"] - self.accuracy["compressed"]
+            epochs = self.finetune.get("epochs")
+            trained = f"after {epochs} epoch(s) of fine-tuning" if epochs else "without fine-tuning"
+            out.append(f"the compressed network is {drop:.2f} %p less accurate than the original {trained}. Try "
+                       "fine-tuning longer (--finetune-epochs 10, or FinetuneSettings(epochs=10)), distillation "
+                       "toward the original (--distill-alpha 0.5), or a milder budget.")
         check = self.latency_check
         if check and check.get("ms_error_max", 0.0) > check.get("tolerance", float("inf")):
             out.append(f"the latency model predicted deployed networks within {check['ms_error_max']:.0%} only "
@@ -211,6 +266,7 @@ def compress(
     budget: float | str | Budget | None = None,
     *,
     train_data: Any = None,
+    val_data: Any = None,
     test_data: Any = None,
     finetune: FinetuneSettings | None = None,
     rounds: int = 3,
@@ -226,9 +282,12 @@ def compress(
         budget: Overrides the pruner's budget.
         train_data: Loader of ``(inputs, targets)`` for fine-tuning (default: the pruner's ``train_data``); with
             neither, the trainable form is merged as is.
+        val_data: Loader on which ``epochs="auto"`` fine-tuning decides when to stop (default: the pruner's
+            ``eval_data``, the importance split; never the test data).
         test_data: Loader for the accuracy of the original and the merged network (held out: not the data the
             importance table was estimated on).
-        finetune: Fine-tuning settings (default: 1 epoch, max lr 0.02 — the reference workload).
+        finetune: Fine-tuning settings (default: :class:`FinetuneSettings`, until validation accuracy stops
+            improving).
         rounds: Interleaved rounds of the side-by-side latency measurement.
         runtimes: Deployment runtimes in which the exported original and merged networks are also timed side
             by side (``result.runtime_ms``). Default: ``("cpu",)`` (eager PyTorch) when the table is ONNX
@@ -247,6 +306,7 @@ def compress(
     say = log or (lambda _msg: None)
     settings = finetune or FinetuneSettings()
     train_data = train_data if train_data is not None else pruner.train_data
+    val_data = val_data if val_data is not None else pruner.eval_data
     seconds: dict[str, float] = {}
     target = Budget.parse(budget) if budget is not None else pruner.budget
 
@@ -259,12 +319,9 @@ def compress(
     pruner.check_budget(target)  # an impossible budget is refused now, before any importance entry is scored
 
     start = time.perf_counter()
-    if pruner.screen is None:
-        say("building the importance table")
-        pruner.importance_table()
-    else:  # the search scores only the entries its plan needs
-        say(f"building the screening table ({pruner.screen.name})")
-        pruner.screen_table()
+    estimate = pruner.estimate_importance()
+    say(estimate.summary())
+    pruner.search_tables()
     seconds["importance_table"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -279,11 +336,7 @@ def compress(
 
     start = time.perf_counter()
     trainable = pruner.apply(plan)
-    if train_data is not None and settings.epochs > 0:
-        say(f"fine-tuning the trainable form ({settings.epochs:g} epoch(s), max lr {settings.max_lr:g})")
-        teacher = pruner.model if settings.distill_alpha > 0 else None
-        fit(trainable, train_data, epochs=settings.epochs, max_lr=settings.max_lr, teacher=teacher,
-            distill_alpha=settings.distill_alpha, seed=settings.seed, progress=progress, on_epoch=on_epoch)
+    tuned = _finetune(trainable, pruner, train_data, val_data, settings, progress, say, on_epoch)
     trainable.eval()
     seconds["finetune"] = time.perf_counter() - start
 
@@ -321,8 +374,48 @@ def compress(
         runtime_ms=runtime_ms,
         accuracy=accuracy, cost=cost, merge_error=error, float32_deviation=deviation, seconds=seconds,
         latency_settings=dict(pruner.profiler.signature()), screen=screen,
-        latency_check=lat.check.to_dict() if lat.check is not None else {})
+        latency_check=lat.check.to_dict() if lat.check is not None else {}, finetune=tuned,
+        estimate={**estimate.to_dict(), "actual_s": seconds["importance_table"]})
 
+
+#: Epochs of ``epochs="auto"`` fine-tuning when there is no validation data to decide with.
+AUTO_WITHOUT_VALIDATION = 3
+
+
+def _finetune(trainable: fx.GraphModule, pruner: LayerMergePruner, train_data: Any, val_data: Any,
+              settings: FinetuneSettings, progress: bool, say: Callable[[str], None],
+              on_epoch: Callable[[int, nn.Module], None] | None) -> dict[str, Any]:
+    """Fine-tune the trainable form as ``settings`` say; return what happened (``CompressionResult.finetune``)."""
+    record: dict[str, Any] = {"settings": settings.describe(), "epochs": 0}
+    if train_data is None or settings.epochs == 0:
+        say("no fine-tuning" + (" (no training data)" if train_data is None else ""))
+        return record
+    teacher = pruner.model if settings.distill_alpha > 0 else None
+    common = {"teacher": teacher, "distill_alpha": settings.distill_alpha, "progress": progress}
+    if settings.auto and val_data is not None:
+        original = evaluate(pruner.model, val_data)
+        say(f"fine-tuning {settings.describe()}; the original scores {original:.2f} % on the validation data")
+
+        def each(epoch: int, model: nn.Module, value: float) -> None:
+            say(f"  epoch {epoch}: validation accuracy {value:.2f} %")
+            if on_epoch is not None:
+                on_epoch(epoch, model)
+
+        done = fit_until_plateau(trainable, train_data, val_data, max_epochs=settings.max_epochs,
+                                 patience=settings.patience, min_delta=settings.min_delta, max_lr=settings.max_lr,
+                                 seed=settings.seed, on_epoch=each, **common)
+        say(f"  kept epoch {done.best_epoch} of {done.epochs} ({done.best:.2f} %; stopped: "
+            f"{'no further gain' if done.stopped == 'plateau' else 'the cap'})")
+        return {**record, "epochs": done.epochs, "best_epoch": done.best_epoch, "stopped": done.stopped,
+                "history": list(done.history), "val_original": original}
+    epochs = AUTO_WITHOUT_VALIDATION if settings.auto else settings.epochs
+    if settings.auto:
+        say(f"no validation data to decide when to stop: fine-tuning {epochs} epochs (pass val_data= or a number)")
+    else:
+        say(f"fine-tuning the trainable form ({settings.describe()})")
+    fit(trainable, train_data, epochs=float(epochs), max_lr=settings.max_lr, seed=settings.seed, on_epoch=on_epoch,
+        **common)
+    return {**record, "epochs": epochs}
 
 
 def _runtimes(asked: Sequence[str] | None, pruner: LayerMergePruner) -> tuple[str, ...]:
@@ -339,36 +432,54 @@ def _runtimes(asked: Sequence[str] | None, pruner: LayerMergePruner) -> tuple[st
 
 @dataclass(frozen=True)
 class TradeoffPoint:
-    """One DP solution on the latency/accuracy trade-off (before any fine-tuning).
+    """One point of the DP's latency/objective trade-off (before any fine-tuning).
 
     Attributes:
         budget: The budget as a fraction of the original's predicted latency.
-        predicted_ms: Predicted end-to-end latency of the chosen plan.
-        estimated_accuracy: The original's metric plus the chosen blocks' summed importance (the DP objective):
-            the estimator's guess of the accuracy right after compression.
+        predicted_ms: Predicted end-to-end latency of the plan.
+        objective: The plan's summed importance: the change of the importance metric the estimator predicts right
+            after compression, before fine-tuning (0 for the original). A ranking of plans, not a forecast of the
+            fine-tuned accuracy.
         blocks: Number of blocks (merged convs) of the plan.
     """
 
     budget: float
     predicted_ms: float
-    estimated_accuracy: float
+    objective: float
     blocks: int
 
 
-def tradeoff(pruner: LayerMergePruner, fractions: list[float] | None = None) -> list[TradeoffPoint]:
-    """Solve the DP at several budgets (cheap: the tables are built once) and return the feasible solutions.
+def tradeoff(pruner: LayerMergePruner, fractions: Sequence[float] | None = None) -> list[TradeoffPoint]:
+    """The best plan at several budgets, as the DP guarantees them: for the trade-off plot and choosing a budget.
+
+    A plan that meets a budget meets every larger one, so the curve never falls as the budget grows: each point is
+    the better of its own solve and the point below it (a screened search solves on partly estimated values and
+    can come out lower). At budget 1.0 and above the original network (objective 0) is a solution too.
+
+    Cost: with a complete importance table (no screen), one DP solve per budget — seconds. With a screened search,
+    each budget may score exact entries its plans need that no earlier search scored, possibly as many as the
+    search itself (the CLI sweeps only with ``--tradeoff``).
 
     Args:
         pruner: A pruner whose tables are built or buildable.
         fractions: Budgets as fractions of the original latency (default 0.30, 0.35, ..., 1.00).
+
+    Returns:
+        The feasible budgets' points, in increasing budget.
     """
-    fractions = fractions or [round(0.30 + 0.05 * i, 2) for i in range(15)]
-    base = pruner.scorer.base_metric
-    points = []
+    fractions = sorted(fractions or [round(0.30 + 0.05 * i, 2) for i in range(15)])
+    original_ms = pruner.latency_model().original_ms
+    points: list[TradeoffPoint] = []
     for fraction in fractions:
         try:
             found = pruner.search(fraction)
+            point = TradeoffPoint(fraction, found.predicted_ms, found.objective, len(found.plan.blocks()))
         except InfeasibleBudgetError:
             continue
-        points.append(TradeoffPoint(fraction, found.predicted_ms, base + found.objective, len(found.plan.blocks())))
+        if fraction >= 1.0 and point.objective < 0:
+            point = TradeoffPoint(fraction, original_ms, 0.0, pruner.chain.length)
+        if points and points[-1].objective > point.objective:
+            below = points[-1]
+            point = TradeoffPoint(fraction, below.predicted_ms, below.objective, below.blocks)
+        points.append(point)
     return points

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .blocks import block_geometry, blocks_of, fold_problem, residual_relation
@@ -207,21 +208,35 @@ class Plan:
 
     # -------------------------------------------------------------------------------------------- display
     def summary(self, chain: Chain) -> str:
-        """Readable table: one row per block (the merged conv it becomes)."""
+        """Readable table: one row per block (the merged conv it becomes), every conv of every block listed
+        (runs written ``a-b``; ``x`` marks dropped convs)."""
         rows = [f"Plan: {len(self.blocks())} blocks from {chain.length} convs; "
                 f"{len(self.removed_acts - chain.breaks)} activations removed, "
                 f"{len(self.dropped_convs)} convs dropped"]
-        head = f"{'block':<10} {'convs (x = dropped)':<34} {'merged k':>8} {'s':>3}  end"
+        members = {(st, end): _runs(range(st + 1, end + 1), self.kept_convs) for st, end in self.blocks()}
+        width = max([len("convs (x = dropped)"), *map(len, members.values())])
+        head = f"{'block':<10} {'convs (x = dropped)':<{width}} {'merged k':>8} {'s':>3}  end"
         rows += [head, "-" * len(head)]
         for st, end in self.blocks():
             geo = block_geometry(chain, st, end, self.kept_convs)
-            members = " ".join(f"{j}" if j in self.kept_convs else f"x{j}" for j in range(st + 1, end + 1))
             act = chain.positions[end].activation or "linear"
             folded = chain.residuals_within(st, end)
             tail = act + (f", folds {len(folded)} skip(s)" if folded else "")
-            rows.append(f"({st},{end}]".ljust(10) + f" {members[:34]:<34} "
+            rows.append(f"({st},{end}]".ljust(10) + f" {members[st, end]:<{width}} "
                         f"{geo.kernel_size[0]}x{geo.kernel_size[1]:<6} {geo.stride[0]:>3}  {tail}")
         return "\n".join(rows)
+
+
+def _runs(convs: Iterable[int], kept: set[int]) -> str:
+    """``1-3 x4 5`` for convs 1..5 with 4 dropped: consecutive convs of the same fate as one run."""
+    runs: list[list[int]] = []
+    for j in convs:
+        if runs and runs[-1][-1] == j - 1 and (runs[-1][0] in kept) == (j in kept):
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return " ".join(("" if run[0] in kept else "x") + (f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}")
+                    for run in runs)
 
 
 def _repair_crossings(chain: Chain, bounds: set[int]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .tables.importance import (
     make_estimator,
     representative,
 )
+from .tables.estimate import SCREENED_SHARE, TableEstimate, estimate_table
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
@@ -251,9 +252,12 @@ class LayerMergePruner:
                                             **(importance_settings or {}))
         #: The training batches of this pruner (its estimator's): what :func:`lm_plugin.compress` fine-tunes on.
         self.train_data = getattr(self.estimator, "train_data", None)
+        #: The batches importance is measured on (its estimator's): where ``compress`` decides when fine-tuning
+        #: stops.
+        self.eval_data = getattr(self.estimator, "eval_data", None)
         #: The screening estimator (None: every search uses the complete importance table).
         self.screen: ImportanceEstimator | None = None
-        eval_data = getattr(self.estimator, "eval_data", None)
+        eval_data = self.eval_data
         if screen == "auto":  # the estimator's own choice, when it has the data a screen needs and the table is large
             large = sum(not c.uncompressed for c in self.candidates) >= AUTO_SCREEN_MIN_ENTRIES
             screen = (self.estimator.default_screen if self.train_data is not None and eval_data is not None and large
@@ -384,6 +388,27 @@ class LayerMergePruner:
         if self._screen_table is None:
             self._screen_table = self._make_scorer(self.screen).table()
         return self._screen_table
+
+    def search_tables(self) -> None:
+        """Build (or load) what :meth:`search` reads: the complete importance table, or with a ``screen`` the
+        screen's table (the search then scores only the entries its plans need)."""
+        if self.screen is None:
+            self.importance_table()
+        else:
+            self.screen_table()
+
+    def estimate_importance(self) -> TableEstimate:
+        """How long :meth:`search_tables` plus a search's exact entries will take, before they run.
+
+        Entries still to score × the measured time of one: one or two missing entries are scored to time them
+        (kept in the cache: nothing is wasted). With a ``screen``, the screen's table, then the share of the
+        exact estimator's entries a screened search typically scores (:data:`~lm_plugin.tables.estimate.
+        SCREENED_SHARE`).
+        """
+        if self.screen is None:
+            return estimate_table(self.scorer)
+        return replace(estimate_table(self._make_scorer(self.screen)),
+                       then=estimate_table(self.scorer, SCREENED_SHARE, samples=1))
 
     def _make_scorer(self, estimator: ImportanceEstimator) -> ImportanceScorer:
         cache = Path(self.cache_dir) if self.cache_dir is not None else None

@@ -11,8 +11,10 @@ weight decay 5e-4 and a OneCycle learning-rate schedule peaking at ``max_lr``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +27,8 @@ from .errors import ArgumentTypeError, ConfigurationError, TrainingDivergedError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-__all__ = ["distillation_loss", "evaluate", "fit", "predict_logits", "seeded_shuffle", "split_batch"]
+__all__ = ["PlateauRecord", "distillation_loss", "evaluate", "fit", "fit_until_plateau", "predict_logits",
+           "seeded_shuffle", "split_batch"]
 
 
 @contextlib.contextmanager
@@ -262,6 +265,105 @@ def fit(
             if teacher is not None:
                 teacher.train(teacher_was_training)
     return model
+
+
+@dataclass(frozen=True)
+class PlateauRecord:
+    """What :func:`fit_until_plateau` did.
+
+    Attributes:
+        history: The validation metric after each epoch.
+        best_epoch: The epoch whose weights the model holds at the end (counted from 1).
+        stopped: ``"plateau"`` (no gain for ``patience`` epochs) or ``"cap"`` (``max_epochs`` reached).
+    """
+
+    history: tuple[float, ...]
+    best_epoch: int
+    stopped: str
+
+    @property
+    def epochs(self) -> int:
+        """Epochs trained."""
+        return len(self.history)
+
+    @property
+    def best(self) -> float:
+        """The validation metric of the weights the model holds."""
+        return self.history[self.best_epoch - 1]
+
+
+def fit_until_plateau(
+    model: nn.Module,
+    loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    *,
+    max_epochs: int = 10,
+    patience: int = 1,
+    min_delta: float = 0.05,
+    decay: float = 0.5,
+    max_lr: float = 0.1,
+    metric: str | MetricFn = "accuracy",
+    seed: int | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, nn.Module, float], None] | None = None,
+    **fit_kwargs: Any,
+) -> PlateauRecord:
+    """Train ``model`` in place until its validation metric stops improving.
+
+    Each epoch is one OneCycle cycle of :func:`fit` whose peak learning rate is ``decay`` times the previous one
+    (restarts with shrinking peaks: every epoch ends at a low learning rate, so each is a finished model that can
+    be evaluated and kept). Training stops after ``patience`` epochs that improve the metric by less than
+    ``min_delta`` over the best so far, or after ``max_epochs``; the model ends with the best epoch's weights, so an
+    epoch that did not help costs only its time.
+
+    Args:
+        model: The network to train (in place).
+        loader: Training batches ``(inputs, targets)``; must have a ``len()``.
+        val_loader: Batches the metric is measured on after each epoch (held out from ``loader``).
+        max_epochs: Cap on the number of epochs.
+        patience: Epochs without a gain of ``min_delta`` before stopping.
+        min_delta: The smallest gain of the metric that counts as improving (accuracy: percentage points).
+        decay: Factor on the peak learning rate from one epoch to the next (1.0: the same peak every epoch).
+        max_lr: Peak learning rate of the first epoch.
+        metric: What :func:`evaluate` measures on ``val_loader``; higher is better.
+        seed: Seeds epoch ``k`` with ``seed + k - 1`` (reproducible, and each epoch shuffles differently).
+        progress: Show progress bars.
+        on_epoch: Called as ``on_epoch(epoch, model, value)`` after each epoch (model in eval mode).
+        **fit_kwargs: Passed to :func:`fit` (``teacher``, ``distill_alpha``, ``weight_decay``, ``device`` ...).
+
+    Returns:
+        The metric after each epoch, the epoch whose weights were kept and why training stopped.
+    """
+    if max_epochs < 1 or patience < 1 or not 0 < decay <= 1 or min_delta < 0:
+        raise ConfigurationError(f"fit_until_plateau needs max_epochs >= 1, patience >= 1, 0 < decay <= 1 and "
+                                 f"min_delta >= 0; got {max_epochs}, {patience}, {decay}, {min_delta}")
+    history: list[float] = []
+    best_epoch, best_state, reference, stale = 0, None, -math.inf, 0
+    stopped = "cap"
+    for epoch in range(1, max_epochs + 1):
+        fit(model, loader, epochs=1.0, max_lr=max_lr * decay ** (epoch - 1), progress=progress,
+            seed=None if seed is None else seed + epoch - 1, **fit_kwargs)
+        value = evaluate(model, val_loader, metric)
+        history.append(value)
+        if on_epoch is not None:
+            was_training = model.training
+            model.eval()
+            on_epoch(epoch, model, value)
+            model.train(was_training)
+        if best_epoch == 0 or value > history[best_epoch - 1]:
+            best_epoch = epoch
+            best_state = copy.deepcopy(model.state_dict()) if epoch < max_epochs else None
+        if value >= reference + min_delta:
+            reference, stale = value, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                stopped = "plateau"
+                break
+    if best_epoch != len(history):
+        assert best_state is not None
+        model.load_state_dict(best_state)
+    return PlateauRecord(tuple(history), best_epoch, stopped)
 
 
 @torch.no_grad()

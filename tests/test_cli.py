@@ -187,7 +187,7 @@ def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
     args = build_parser().parse_args(["demo", "--budget", "0.5"])
     opts = resolve(args, COMMANDS["demo"][3])
     assert (opts.model, opts.data, opts.train, opts.backend) == ("lm_plugin:resnet_fm", "fashion_mnist", True, "auto")
-    assert opts.budget == "0.5" and opts.finetune_epochs == 1.0 and opts.finetune_lr == 0.02  # the workload's recipe
+    assert opts.budget == "0.5" and opts.finetune_epochs == "auto" and opts.finetune_lr == 0.02  # until it stops improving
     # One default budget for the library and every command.
     import inspect
 

@@ -26,7 +26,7 @@ MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "no
 LATENCY = ["backend", "batch_size", "threads"]
 SELECT = ["budget", "importance", "importance_steps", "screen", "val_size", "mode", "max_kernel", "ignored_layers",
           "train_batch_size"]
-FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds"]
+FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds", "tradeoff"]
 OUTPUT = ["output", "overwrite"]
 
 # name -> (help, options, runner, command defaults)
@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="lm-plugin", description="LayerMerge depth compression.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (text, options, runner, _) in COMMANDS.items():
+    for name, (text, options, runner, defaults) in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        add_options(cmd, options)
+        add_options(cmd, options, defaults)
         if name in EXTRA_ARGUMENTS:
             EXTRA_ARGUMENTS[name](cmd)
         cmd.set_defaults(func=runner)

@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from torch import nn
 
 from .. import data as lm_data
 from ..budget import Budget
-from ..compress import FinetuneSettings, compress, tradeoff
+from ..compress import FinetuneSettings, TradeoffPoint, compress, tradeoff
+from ..errors import LayerMergeError
 from ..data import DataError, DataSplits
 from ..export import export_onnx, export_torchscript, onnx_error
 from ..inspect import inspect_model
@@ -29,7 +31,7 @@ from ..train import evaluate
 from .options import Options
 from .specs import CLIError, DataSpec, import_object, load_model, parse_data_spec, parse_normalize, parse_shape
 
-__all__ = ["DEMO_DEFAULTS", "build_pruner", "prepare", "run_compress", "run_inspect", "run_merge", "run_profile",
+__all__ = ["DEMO_DEFAULTS", "build_pruner", "finetune_settings", "frontier", "prepare", "run_compress", "run_inspect", "run_merge", "run_profile",
            "run_solve"]
 
 #: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, searched on the runtime
@@ -236,19 +238,52 @@ def _context(opts: Options, splits: DataSplits | None = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def finetune_settings(opts: Options) -> FinetuneSettings:
+    """The fine-tuning the options describe (``--finetune-epochs auto`` or a number)."""
+    epochs: float | str = str(opts.finetune_epochs).strip().lower()
+    if epochs != "auto":
+        try:
+            epochs = float(epochs)
+        except ValueError:
+            raise CLIError(f"bad --finetune-epochs {opts.finetune_epochs!r}: give 'auto' or a number of epochs "
+                           "(0: no fine-tuning)") from None
+    try:
+        return FinetuneSettings(epochs=epochs, max_lr=opts.finetune_lr, distill_alpha=opts.distill_alpha,
+                                seed=opts.seed)
+    except LayerMergeError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def frontier(opts: Options, pruner: LayerMergePruner, seconds: dict[str, float]) -> list[TradeoffPoint]:
+    """The trade-off sweep when asked (``--tradeoff``) or free (a complete importance table); its time is recorded
+    in ``seconds["tradeoff"]``."""
+    wanted = opts.tradeoff if opts.tradeoff is not None else pruner.screen is None
+    if not wanted:
+        say("no trade-off sweep (with a screened search it scores more entries; pass --tradeoff for it)")
+        return []
+    start = time.perf_counter()
+    say("solving at 15 budgets for the trade-off plot")
+    points = tradeoff(pruner)
+    seconds["tradeoff"] = time.perf_counter() - start
+    return points
+
+
 def run_compress(opts: Options) -> int:
     """Search, fine-tune, merge, verify, measure, and write the output folder."""
     with staged_output(opts.output, opts.overwrite) as folder:
+        start = time.perf_counter()
+        settings = finetune_settings(opts)
         model, example, splits = prepare(opts, data_required=True)
         assert splits is not None
         pruner = build_pruner(opts, model, example, splits)
         say(f"chain: {pruner.chain.length} convs, {len(pruner.candidates)} candidate blocks")
-        settings = FinetuneSettings(epochs=opts.finetune_epochs, max_lr=opts.finetune_lr,
-                                    distill_alpha=opts.distill_alpha, seed=opts.seed)
+        prepared = time.perf_counter() - start
         result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=settings,
                           rounds=opts.rounds, progress=opts.progress, log=say)
-        say("writing the report")
-        write_run(folder, result, pruner, frontier=tradeoff(pruner), context=_context(opts, splits))
+        result.seconds = {"prepare": prepared, **result.seconds}
+        points = frontier(opts, pruner, result.seconds)
+        say("writing the report and exporting the models")
+        write_run(folder, result, pruner, frontier=points, context=_context(opts, splits))
     print(result.summary(splits.test_name))
     if splits.test_name != "test":
         print(f"\nnote: the accuracy above is measured on the {splits.test_name} split ({opts.data} has no test "
@@ -284,13 +319,13 @@ def run_solve(opts: Options) -> int:
         pruner = build_pruner(opts, model, example, splits)
         found = pruner.search()
         plan, predicted, objective = found.plan, found.predicted_ms, found.objective
-        frontier = tradeoff(pruner)
+        points = frontier(opts, pruner, {})
         plan.to_json(str(folder / "plan.json"))
         plot_plan(pruner.chain, plan, folder / "plan.png", title=f"plan at budget {pruner.budget}")
         report = {"context": _context(opts, splits), "budget": str(pruner.budget), "budget_ms": pruner.budget_ms(),
                   "predicted_ms": {"original": pruner.latency_model().original_ms, "compressed": predicted},
                   "estimated_accuracy_change": objective, "plan": plan.to_dict(),
-                  "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in frontier]}
+                  "plan_summary": plan.summary(pruner.chain), "frontier": [vars(p) for p in points]}
         screen = pruner.screen_summary(found)
         if screen:
             report["screen"] = screen

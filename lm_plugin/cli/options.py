@@ -42,11 +42,12 @@ class Options:
     mode: str = "layermerge"
     max_kernel: int = 7
     ignored_layers: list[str] = field(default_factory=list)
-    finetune_epochs: float = 1.0
+    finetune_epochs: str = "auto"
     finetune_lr: float = 0.02
     distill_alpha: float = 0.0
     train_batch_size: int = 128
     rounds: int = 3
+    tradeoff: bool | None = None
     seed: int = 0
     plan: str | None = None
     trainable: str | None = None
@@ -76,7 +77,8 @@ HELP = {
     "batch_size": "batch size of the latency measurements",
     "threads": "CPU threads for latency measurements (default: torch's)",
     "importance": "importance estimator: distill, finetune, local, tail_distill or zero_shot",
-    "importance_steps": "training steps per candidate of the training estimators (all but zero_shot)",
+    "importance_steps": "training steps per candidate of the training estimators (all but zero_shot); default: "
+                        "the estimator's (distill 30, finetune 200, local 40, tail_distill 10)",
     "screen": "search with this cheap estimator first (e.g. tail_distill, with its screening settings) and score "
               "with --importance only the entries the plan needs; auto (default): tail_distill for distill, "
               "nothing for the cheap estimators; none: score the complete table",
@@ -84,11 +86,16 @@ HELP = {
     "mode": "layermerge (default), act_only (2023 depth compression) or layer_only",
     "max_kernel": "largest merged kernel a candidate may have",
     "ignored_layers": "module names never merged or dropped (repeatable)",
-    "finetune_epochs": "fine-tuning epochs of the trainable form (0: none)",
+    "finetune_epochs": "fine-tuning of the trainable form: auto (default) trains one-epoch cycles with a halving "
+                       "peak learning rate until the accuracy on the importance split stops improving (at most 10 "
+                       "epochs; the best epoch is kept), or a number of epochs with one schedule (0: none)",
     "finetune_lr": "peak learning rate of fine-tuning (OneCycle)",
     "distill_alpha": "weight of distillation toward the original while fine-tuning (0: none)",
     "train_batch_size": "batch size of training and fine-tuning",
     "rounds": "interleaved rounds of the final side-by-side latency measurement",
+    "tradeoff": "draw the DP's latency/accuracy trade-off at 15 budgets in tradeoff.png. Default: only when it is "
+                "free (a complete importance table: a few DP solves); with a screened search each budget may score "
+                "more importance entries (up to as many as the search), so it needs --tradeoff",
     "seed": "random seed",
     "plan": "plan.json to merge with (merge command)",
     "trainable": "fine-tuned trainable-form state dict, trainable.pt (merge command)",
@@ -110,19 +117,31 @@ def _type(f: dataclasses.Field) -> Any:
     return str
 
 
-def add_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    """Add ``--config`` and the given options; unset options stay absent so YAML and defaults can fill them."""
+def add_options(parser: argparse.ArgumentParser, names: list[str], defaults: dict[str, Any] | None = None) -> None:
+    """Add ``--config`` and the given options; unset options stay absent so YAML and defaults can fill them.
+
+    ``defaults``: the command's own defaults (shown in ``--help`` instead of the general ones).
+    """
     parser.add_argument("--config", help="YAML file with any of the options below (command line wins)")
     fields = {f.name: f for f in dataclasses.fields(Options)}
     for name in names:
         f, flag = fields[name], "--" + name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=HELP[name])
+        text = HELP[name] + _default(f, (defaults or {}).get(name, f.default))
+        if str(f.type).startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif name == "ignored_layers":
-            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, metavar="NAME", help=HELP[name])
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, metavar="NAME", help=text)
         else:
-            parser.add_argument(flag, type=_type(f), default=argparse.SUPPRESS, help=HELP[name])
+            parser.add_argument(flag, type=_type(f), default=argparse.SUPPRESS, help=text)
+
+
+def _default(f: dataclasses.Field, value: Any) -> str:
+    """`` (default: X)`` for --help, unless the help text already says what the default is."""
+    if value is None or value is dataclasses.MISSING or ("default" in HELP[f.name].lower() and value == f.default):
+        return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    return f" (default: {value})"
 
 
 def resolve(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Options:

@@ -6,6 +6,7 @@ Errors say what to do. Nothing here loads data: the library's :mod:`lm_plugin.da
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import os
 import re
@@ -190,8 +191,10 @@ def _build(spec: str) -> nn.Module:
     if source == "torchvision":
         import torchvision
 
-        if name not in torchvision.models.list_models():
-            raise CLIError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise CLIError(f"torchvision has no model {name!r}{_similar(name, names)} (all: "
+                           "torchvision.models.list_models())")
         return torchvision.models.get_model(name, **kwargs)
     if source == "timm":
         return _timm_model(name, kwargs)
@@ -199,7 +202,8 @@ def _build(spec: str) -> nn.Module:
         from ..workloads.models import create_model, list_models
 
         if name not in list_models():
-            raise CLIError(f"no registered model {name!r}; registered: {', '.join(list_models())}")
+            raise CLIError(f"no registered model {name!r}{_similar(name, list_models())}; registered: "
+                           f"{', '.join(list_models())}")
         return create_model(name, **kwargs)
     factory = import_object(source, name, MODEL_SPEC_HELP)
     try:
@@ -211,6 +215,13 @@ def _build(spec: str) -> nn.Module:
     return model
 
 
+def _similar(name: str, names: Sequence[str]) -> str:
+    """``; did you mean a, b?`` — the closest names by edit similarity (a typo), then names containing it."""
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.75)
+    close += [n for n in names if name in n and n not in close][: 5 - len(close)]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def _timm_model(name: str, kwargs: dict[str, object]) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with errors that say what to do."""
     try:
@@ -219,9 +230,7 @@ def _timm_model(name: str, kwargs: dict[str, object]) -> nn.Module:
         raise CLIError(f"model spec timm:{name} needs the timm package, which is not installed: "
                        "pip install 'lm-plugin[timm]' (or pip install timm)") from None
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name[:6]}*")[:8]
-        hint = f"; similar names: {', '.join(close)}" if close else ""
-        raise CLIError(f"timm has no model {name!r} (see timm.list_models()){hint}")
+        raise CLIError(f"timm has no model {name!r}{_similar(name, timm.list_models())} (all: timm.list_models())")
     options: dict[str, object] = {"pretrained": False, **kwargs}
     try:
         return timm.create_model(name, **options)

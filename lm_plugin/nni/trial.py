@@ -47,10 +47,10 @@ import nni
 
 from ..budget import Budget
 from ..cli import FINETUNE, LATENCY, MODEL, SELECT
-from ..cli.commands import build_pruner, prepare, staged_output
+from ..cli.commands import build_pruner, finetune_settings, frontier, prepare, staged_output
 from ..cli.options import Options, add_options, resolve
 from ..cli.specs import CLIError
-from ..compress import CompressionResult, FinetuneSettings, compress, tradeoff
+from ..compress import CompressionResult, compress
 from ..data import DataUnavailableError
 from ..errors import LayerMergeError
 from ..pruner import LayerMergePruner, default_cache_dir
@@ -296,15 +296,14 @@ def run_trial(opts: Options, output: str | os.PathLike[str], *, parameters: Mapp
         intermediate.append({"epoch": epoch, "accuracy": accuracy})
         nni.report_intermediate_result({"default": accuracy, "epoch": epoch})
 
-    settings = FinetuneSettings(epochs=opts.finetune_epochs, max_lr=opts.finetune_lr,
-                                distill_alpha=opts.distill_alpha, seed=opts.seed)
+    settings = finetune_settings(opts)
     result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=settings, rounds=opts.rounds,
                       progress=opts.progress, log=_say, on_epoch=on_epoch)
     metric = _final_metric(result, tables)
     context = {"command": command, "model": opts.model,
                "data": opts.data, "options": {k: v for k, v in vars(opts).items() if k != "progress"},
                "nni": {"trial_id": trial_id, "parameters": dict(parameters or {})}}
-    write_run(folder, result, pruner, frontier=tradeoff(pruner), context=context)
+    write_run(folder, result, pruner, frontier=frontier(opts, pruner, result.seconds), context=context)
     record = {"trial_id": trial_id, "experiment_id": nni.get_experiment_id(), "parameters": dict(parameters or {}),
               "latency_backend": pruner.profiler.signature()["backend"], "metric": metric,
               "intermediate": intermediate, "tables": tables.to_dict(),

@@ -76,7 +76,8 @@ def plot_tradeoff(
     never on the accuracy axis.
 
     Args:
-        frontier: ``(relative predicted latency, DP objective)`` of the DP's solutions before fine-tuning.
+        frontier: ``(relative predicted latency, DP objective)`` of the DP's solutions before fine-tuning
+            (:func:`lm_plugin.compress.tradeoff`).
         measured: ``name → (relative measured latency, measured accuracy)``, e.g. original and compressed.
         path: Output image file.
         title: Figure title.
@@ -95,11 +96,12 @@ def plot_tradeoff(
         xs, ys = zip(*sorted(frontier), strict=True)
         handles += right.plot(xs, ys, "-o", ms=3, color="#888888",
                               label="DP objective (a ranking, before fine-tuning)")
-        right.set_ylabel("DP objective: metric + summed importance", color="#666666", fontsize=8)
+        right.set_ylabel("DP objective: summed importance", color="#666666", fontsize=8)
         right.tick_params(axis="y", colors="#666666", labelsize=7)
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    # Below the axes, never over a point.
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+              frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=150)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def write_run(
         The report as written to ``report.json``.
     """
     out = Path(folder)
+    start = time.perf_counter()
     example = pruner.example_inputs[0][:1]
     result.plan.to_json(str(out / "plan.json"))
     torch.save(result.trainable.state_dict(), out / "trainable.pt")
@@ -71,8 +73,9 @@ def write_run(
         }
     plot_plan(pruner.chain, result.plan, out / "plan.png",
               title=f"plan at budget {result.budget}: {len(result.plan.blocks())} convs from {pruner.chain.length}")
-    plot_tradeoff([(p.predicted_ms / original_pred, p.estimated_accuracy) for p in frontier], measured_points,
+    plot_tradeoff([(p.predicted_ms / original_pred, p.objective) for p in frontier], measured_points,
                   out / "tradeoff.png")
+    result.seconds["report"] = time.perf_counter() - start  # exports and figures; the two text files are instant
 
     report = {
         "lm_plugin": __version__,
@@ -114,6 +117,30 @@ def _check_line(check: dict[str, Any]) -> str:
             f"{check['rest_ms']:.3f} ms, scale on summed blocks {check['scale']:.3f}")
 
 
+def _finetune_line(tuned: dict[str, Any]) -> str:
+    line = f"{tuned.get('settings', '')}; {tuned.get('epochs', 0)} epoch(s) trained"
+    history = tuned.get("history")
+    if history:
+        line += (f", validation accuracy per epoch {', '.join(f'{v:.2f}' for v in history)} %, kept epoch "
+                 f"{tuned['best_epoch']} ({'no further gain' if tuned['stopped'] == 'plateau' else 'the cap'})")
+        if tuned.get("val_original") is not None:
+            line += f"; the original scores {tuned['val_original']:.2f} % there"
+    return line
+
+
+def _estimate_line(estimate: dict[str, Any]) -> str:
+    low, high = estimate["estimated_s"]
+    told = f"{low:.0f} s" if high - low < 1 else f"{low:.0f}-{high:.0f} s"
+    parts = [estimate] + ([estimate["then"]] if estimate.get("then") else [])
+    what = "; then ".join(f"{p['estimator']}: {p['entries']} of {p['table_entries']} entries to score at "
+                          f"{p['seconds_per_entry']:.2f} s each"
+                          + ("" if p["share"] == [1.0, 1.0] else
+                             f" (a screened search scores {p['share'][0]:.0%}-{p['share'][1]:.0%} of them)")
+                          for p in parts)
+    actual = estimate.get("actual_s")
+    return f"{what}: estimated {told}" + (f", took {actual:.0f} s" if actual is not None else "")
+
+
 def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
     """The report as Markdown: summary table, the plan, figures, how it was measured."""
     ctx = report.get("context", {})
@@ -136,8 +163,11 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
               "Green: conv kept as is; blue: convs merged into one; grey: conv dropped. Filled circles: kept "
               "activations; open circles: removed.", "",
               "## Accuracy vs latency", "", "![trade-off](tradeoff.png)", "",
-              "Grey: the DP's solutions at other budgets, predicted latency and estimated accuracy (original "
-              "accuracy + summed importance) before fine-tuning. Markers: the measured models.", ""]
+              ("Grey, right axis: the DP's best plan at 15 budgets — predicted latency and objective (summed "
+               "importance: the predicted change of the metric before fine-tuning, 0 for the original); it never "
+               "falls as the budget grows. Markers: the measured models." if report.get("frontier") else
+               "Markers: the measured models. No trade-off sweep was run (with a screened search it scores more "
+               "importance entries; `--tradeoff` asks for it)."), ""]
     lines += ["## How this was measured", "",
               f"- Latency: backend `{lat.get('backend')}` on {lat.get('device_name')}, threads {lat.get('threads')}, "
               f"batch {lat.get('batch_size')}, {lat.get('dtype')}, torch {lat.get('torch')}; original = the "
@@ -154,7 +184,11 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
                  if report['chain'].get("searched", report['chain']['candidates']) < report['chain']['candidates']
                  else "") + ", "
               f"mode `{report['chain']['mode']}`, max kernel {report['chain']['max_kernel']}.",
-              "- Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + ".", "",
+              *([f"- Fine-tuning: {_finetune_line(result.finetune)}."] if result.finetune else []),
+              *([f"- Time estimate before the importance stage: {_estimate_line(result.estimate)}."]
+                if result.estimate else []),
+              "- Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())
+              + f"; total {sum(result.seconds.values()):.1f}.", "",
               "## Files", ""]
     lines += [f"- `{name}`" for name in report["files"]]
     return "\n".join(lines) + "\n"

@@ -712,11 +712,13 @@ class ImportanceScorer:
             self._original = copy.deepcopy(self.gm).eval()
         return self._original
 
-    def score(self, keys: Iterable[tuple], *, shard: tuple[int, int] | None = None) -> dict[tuple, float]:
+    def score(self, keys: Iterable[tuple], *, shard: tuple[int, int] | None = None,
+              progress: bool | None = None) -> dict[tuple, float]:
         """The importance of ``keys`` (candidate keys), scoring those not cached yet; progress bar over them.
 
         ``shard=(index, count)`` makes cooperating workers start apart: worker ``index`` of ``count`` starts at the
-        ``index``-th ``count``-th of the missing entries and goes round.
+        ``index``-th ``count``-th of the missing entries and goes round. ``progress`` overrides the scorer's
+        setting for this call.
         """
         keys = list(dict.fromkeys(keys))
         unknown = [k for k in keys if k not in self.candidates]
@@ -732,7 +734,7 @@ class ImportanceScorer:
                     start, stored = shard[0] * len(missing) // shard[1], set(todo) - set(missing)
                     order = missing[start:] + missing[:start] + [k for k in todo if k in stored]
                 with tqdm(total=len(order), desc=f"importance ({self.estimator.name})", unit="entry",
-                          disable=not self.progress) as bar:
+                          disable=not (self.progress if progress is None else progress)) as bar:
 
                     def done(key: list, value: float, computed: bool) -> None:
                         self.evaluated += computed

@@ -17,7 +17,7 @@ __all__ = ["layermerge_stage"]
 def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | str = 0.7, mode: str = "layermerge",
                      importance: str = "distill", importance_settings: dict[str, Any] | None = None,
                      screen: str | None = "auto", screen_settings: dict[str, Any] | None = None,
-                     ignored_layers: Sequence[str] = (), max_kernel: int | None = 7, epochs: float = 1.0,
+                     ignored_layers: Sequence[str] = (), max_kernel: int | None = 7, epochs: float | str = "auto",
                      max_lr: float = 0.02, distill_alpha: float = 0.0, clip_budget: bool = False,
                      seed: int = 0) -> StageOutput:
     """LayerMerge (:func:`lm_plugin.compress.compress`) on whatever model it receives.
@@ -26,7 +26,7 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
     ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
     :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table),
     ``ignored_layers`` (conv names never merged), ``max_kernel``,
-    fine-tuning (``epochs``, ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
+    fine-tuning (``epochs``: ``"auto"`` until the validation accuracy stops improving, or a number; ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """
     from ...compress import FinetuneSettings, compress
