@@ -42,6 +42,7 @@ from .solve import (
     solve,
 )
 from .store.paths import cache_root
+from .tables.estimate import SCREENED_SHARE, TableEstimate, estimate_table
 from .tables.importance import (
     DEFAULT_ESTIMATOR,
     SCREEN_SETTINGS,
@@ -51,7 +52,6 @@ from .tables.importance import (
     make_estimator,
     representative,
 )
-from .tables.estimate import SCREENED_SHARE, TableEstimate, estimate_table
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs

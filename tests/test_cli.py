@@ -63,6 +63,13 @@ def test_compress_writes_a_consistent_output_folder(compressed):
     assert 10.0 < report["accuracy"]["compressed"] <= 100.0
     md = (compressed / "report.md").read_text()
     assert f"{report['accuracy']['compressed']:.2f}" in md and "plan.png" in md
+    # Every stage's time, the trade-off sweep (free here: a complete table) and the export included.
+    assert {"prepare", "latency_table", "importance_table", "solve", "finetune", "merge", "measure", "tradeoff",
+            "report"} <= set(report["seconds"])
+    assert "Stage times (s): prepare" in md and "Time estimate" in md
+    assert report["finetune"]["epochs"] == 0.5 and report["estimate"]["estimator"] == "zero_shot"
+    objectives = [p["objective"] for p in report["frontier"]]
+    assert objectives == sorted(objectives) and report["frontier"][-1]["budget"] == 1.0
 
 
 def test_exported_models_match_and_reproduce_the_reported_accuracy(compressed):
@@ -187,7 +194,7 @@ def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
     args = build_parser().parse_args(["demo", "--budget", "0.5"])
     opts = resolve(args, COMMANDS["demo"][3])
     assert (opts.model, opts.data, opts.train, opts.backend) == ("lm_plugin:resnet_fm", "fashion_mnist", True, "auto")
-    assert opts.budget == "0.5" and opts.finetune_epochs == "auto" and opts.finetune_lr == 0.02  # until it stops improving
+    assert opts.budget == "0.5" and opts.finetune_epochs == "auto" and opts.finetune_lr == 0.02  # auto: until it stops
     # One default budget for the library and every command.
     import inspect
 
@@ -399,6 +406,34 @@ def test_a_checkpoint_is_evaluated_with_the_statistics_its_model_declares(env, i
     err = capsys.readouterr().err
     assert "near chance" in err and "--normalize" in err and "class order" in err
     assert not wrong.exists() and not (env / "wrong_cache").exists(), "a table was built for a broken model"
+
+
+def test_a_torchvision_model_declares_the_statistics_of_its_published_weights(env, images, capsys):
+    code = main(["solve", "--model", "torchvision:resnet18:num_classes=10", "--data", f"imagefolder:{images}",
+                 "--input-shape", "3,16,16", "--importance", "zero_shot", "--backend", "macs", "--batch-size", "4",
+                 "--val-size", "20", "--no-progress", "--output", str(env / "tv_declared")])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert ("mean (0.4850, 0.4560, 0.4060) std (0.2290, 0.2240, 0.2250) (declared by the transforms of "
+            "torchvision's ResNet") in err
+
+
+def test_unknown_model_names_suggest_the_close_ones(capsys):
+    pytest.importorskip("timm")
+    assert main(["inspect", "timm:efficientnet_ess", "--input-shape", "3,32,32"]) == 2
+    assert "did you mean efficientnet_es" in capsys.readouterr().err
+    assert main(["inspect", "torchvision:resnet1", "--input-shape", "3,32,32"]) == 2
+    assert "resnet18" in capsys.readouterr().err
+
+
+def test_help_shows_every_default_a_run_depends_on(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto (default) trains one-epoch cycles" in text and "distill 30" in text and "(default: 0.02)" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: 5)" in " ".join(capsys.readouterr().out.split())  # the demo's own importance steps
 
 
 def test_a_model_that_declares_no_normalisation_needs_one(env, images, capsys):

@@ -107,3 +107,78 @@ def test_an_impossible_budget_is_refused_before_any_importance_entry(digits_setu
     assert not list(tmp_path.glob("importance*")), "importance entries were scored"
     lowest = pruner.check_budget(1.0)
     assert 0 < lowest <= pruner.latency_model().original_ms
+
+
+def test_auto_fine_tuning_decides_its_length_on_validation_data_and_the_summary_flags_a_large_loss(digits_setup,
+                                                                                                  tmp_path):
+    import dataclasses
+
+    model, data = digits_setup
+    pruner = LayerMergePruner(model, 0.6, X, backend="macs", importance="zero_shot", eval_data=data.val,
+                              train_data=data.train, cache_dir=tmp_path, progress=False)
+    lines: list[str] = []
+    result = compress(pruner, test_data=data.test, rounds=1, runtimes=(), progress=False, log=lines.append,
+                      finetune=FinetuneSettings(max_epochs=4))
+    tuned = result.finetune
+    assert FinetuneSettings().auto and 1 <= tuned["epochs"] <= 4 and len(tuned["history"]) == tuned["epochs"]
+    assert tuned["history"][tuned["best_epoch"] - 1] == max(tuned["history"])
+    assert tuned["stopped"] in ("plateau", "cap") and tuned["val_original"] > 50
+    assert any("epoch 1: validation accuracy" in line for line in lines)
+    assert result.estimate["estimator"] == "zero_shot" and result.estimate["actual_s"] >= 0
+    # what a user must not miss: a compressed network far below the original says what to try
+    worse = dataclasses.replace(result, accuracy={"original": 95.0, "compressed": 63.3})
+    assert any("31.70 %p less accurate" in w and "--finetune-epochs" in w and "--distill-alpha" in w
+               for w in worse.warnings())
+    assert "WARNING: the compressed network is 31.70 %p" in worse.summary()
+    with pytest.raises(ConfigurationError, match="auto"):
+        FinetuneSettings(epochs="many")
+
+
+def test_the_time_estimate_scores_real_entries_and_keeps_them(digits_setup, tmp_path):
+    model, data = digits_setup
+    pruner = LayerMergePruner(model, 0.6, X, backend="macs", importance="distill",
+                              importance_settings={"steps": 2}, eval_data=data.val, train_data=data.train,
+                              cache_dir=tmp_path, progress=False, screen=None)
+    missing = len(pruner.scorer.missing())
+    estimate = pruner.estimate_importance()
+    assert estimate.entries == missing == estimate.table_entries and estimate.seconds_per_entry > 0
+    assert estimate.seconds[0] == pytest.approx(missing * estimate.seconds_per_entry)
+    assert len(pruner.scorer.missing()) == missing - 2  # the timed entries are in the cache: nothing wasted
+    assert f"{missing} entries" in estimate.summary() and "Estimated" in estimate.summary()
+
+
+def test_the_tradeoff_curve_is_what_the_dp_guarantees(digits_setup, tmp_path):
+    from lm_plugin.compress import tradeoff
+
+    model, data = digits_setup
+    pruner = LayerMergePruner(model, 0.6, X, backend="macs", importance="zero_shot", eval_data=data.val,
+                              cache_dir=tmp_path, progress=False)
+    points = tradeoff(pruner, [1.0, 0.9, 0.7, 0.5, 0.35])
+    budgets = [p.budget for p in points]
+    assert budgets == sorted(budgets) and budgets[-1] == 1.0
+    objectives = [p.objective for p in points]
+    assert objectives == sorted(objectives)  # never falls as the budget grows
+    assert points[-1].objective >= 0.0  # the original (objective 0) is a solution at 1.0
+    assert all(p.predicted_ms <= p.budget * pruner.latency_model().original_ms + 1e-9 for p in points)
+
+
+def test_plan_tables_list_every_conv_of_every_block(digits_setup):
+    import re
+
+    from torch import nn
+
+    deep = nn.Sequential(*[m for _ in range(42) for m in (nn.Conv2d(8, 8, 1), nn.ReLU())], nn.Conv2d(8, 8, 1))
+    model, _ = digits_setup
+    for net, x in ((model, X), (deep, torch.randn(2, 8, 4, 4))):
+        chain = LayerMergePruner(net, 0.6, x, backend="macs", cache_dir=None).chain
+        for seed, p_merge in ((0, 1.0), (1, 0.9), (2, 0.5), (3, 0.2)):
+            plan = Plan.sample(chain, seed, p_merge=p_merge)
+            text = plan.summary(chain).splitlines()
+            width = text[1].index("merged k") - 12
+            listed: set[int] = set()
+            for row in text[3:]:
+                for dropped, a, b in re.findall(r"(x?)(\d+)(?:-(\d+))?", row[11:11 + width]):
+                    members = range(int(a), int(b or a) + 1)
+                    assert all((j in plan.kept_convs) != bool(dropped) for j in members)
+                    listed.update(members)
+            assert listed == set(range(1, chain.length + 1)), plan.summary(chain)

@@ -149,3 +149,26 @@ def test_bad_arguments_raise_clear_errors():
         fit(model, [torch.zeros(4, 1, 8, 8)], steps=1, progress=False)
     with pytest.raises(ValueError, match="metric"):
         evaluate(model, loader, metric="top5")
+
+
+def test_fit_until_plateau_stops_when_validation_stops_improving_and_keeps_the_best_epoch():
+    from lm_plugin.train import fit_until_plateau
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    train, val = digits(64), digits(256, train=False)
+    seen: list[tuple[int, float, bool]] = []
+    done = fit_until_plateau(model, train, val, max_epochs=8, patience=1, min_delta=0.5, max_lr=0.1, seed=0,
+                             progress=False, on_epoch=lambda e, m, v: seen.append((e, v, m.training)))
+    assert [e for e, _, _ in seen] == list(range(1, done.epochs + 1)) and not any(t for _, _, t in seen)
+    assert done.history == tuple(v for _, v, _ in seen)
+    assert done.best == max(done.history)
+    assert evaluate(model, val) == pytest.approx(done.best)  # the best epoch's weights, not the last one's
+    if done.stopped == "plateau":  # the last epoch gained less than min_delta over the best before it
+        assert done.history[-1] < max(done.history[:-1]) + 0.5
+    else:
+        assert done.epochs == 8
+    capped = fit_until_plateau(small_cnn(), train, val, max_epochs=2, patience=5, progress=False, seed=0)
+    assert capped.epochs == 2 and capped.stopped == "cap"
+    with pytest.raises(ValueError, match="max_epochs"):
+        fit_until_plateau(small_cnn(), train, val, max_epochs=0)

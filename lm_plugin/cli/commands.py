@@ -19,8 +19,8 @@ from torch import nn
 from .. import data as lm_data
 from ..budget import Budget
 from ..compress import FinetuneSettings, TradeoffPoint, compress, tradeoff
-from ..errors import LayerMergeError
 from ..data import DataError, DataSplits
+from ..errors import LayerMergeError
 from ..export import export_onnx, export_torchscript, onnx_error
 from ..inspect import inspect_model
 from ..merge import check_error
@@ -31,8 +31,8 @@ from ..train import evaluate
 from .options import Options
 from .specs import CLIError, DataSpec, import_object, load_model, parse_data_spec, parse_normalize, parse_shape
 
-__all__ = ["DEMO_DEFAULTS", "build_pruner", "finetune_settings", "frontier", "prepare", "run_compress", "run_inspect", "run_merge", "run_profile",
-           "run_solve"]
+__all__ = ["DEMO_DEFAULTS", "build_pruner", "finetune_settings", "frontier", "prepare", "run_compress",
+           "run_inspect", "run_merge", "run_profile", "run_solve"]
 
 #: What ``lm-plugin demo`` runs unless told otherwise: the reference workload, offline, searched on the runtime
 #: ``auto`` picks (ONNX Runtime on a CPU-only machine where it is installed).

@@ -117,12 +117,29 @@ def declared_normalization(model: torch.nn.Module | None) -> tuple[list[float], 
     """The input statistics a model declares it was trained with, and where they were found, or None.
 
     timm models carry them in ``pretrained_cfg`` (``default_cfg`` in older timm): ImageNet's for most. A user who
-    trained a timm model with timm's transforms normalised with exactly these.
+    trained a timm model with timm's transforms normalised with exactly these. A torchvision classifier declares
+    them through its architecture's weights (``weights.transforms()``, what torchvision's recipes train with).
     """
     for attribute in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attribute, None)
         if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
             return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]], f"the model's {attribute}"
+    return _torchvision_normalization(model)
+
+
+def _torchvision_normalization(model: torch.nn.Module | None) -> tuple[list[float], list[float], str] | None:
+    """The statistics of the weights torchvision publishes for the model's architecture (same module)."""
+    module = type(model).__module__
+    if model is None or not module.startswith("torchvision.models."):
+        return None
+    import torchvision
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        weights = torchvision.models.get_model_weights(name)
+        if weights.__module__ == module:
+            transform = weights.DEFAULT.transforms()
+            return ([float(v) for v in transform.mean], [float(v) for v in transform.std],
+                    f"the transforms of torchvision's {type(model).__name__} weights")
     return None
 
 

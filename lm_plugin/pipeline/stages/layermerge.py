@@ -26,7 +26,8 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
     ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
     :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table),
     ``ignored_layers`` (conv names never merged), ``max_kernel``,
-    fine-tuning (``epochs``: ``"auto"`` until the validation accuracy stops improving, or a number; ``max_lr``, ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
+    fine-tuning (``epochs``: ``"auto"`` until the validation accuracy stops improving, or a number; ``max_lr``,
+    ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """
     from ...compress import FinetuneSettings, compress
