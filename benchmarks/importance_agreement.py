@@ -34,18 +34,16 @@ import torch.nn as nn
 from scipy.stats import spearmanr
 
 from lm_plugin import LayerMergePruner
-from lm_plugin.tables.importance import (
+from lm_plugin.data.datasets import data_splits, digits
+from lm_plugin.tables.estimators import (
     DistillImportance,
     FinetuneImportance,
-    ImportanceTable,
     LocalImportance,
     TailDistillImportance,
     ZeroShotImportance,
-    _weights_id,
-    build_importance_table,
 )
+from lm_plugin.tables.importance import ImportanceTable, build_importance_table, weights_id
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import data_splits, digits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -100,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, train, evaluation, example = workload(args.model)
     accuracy = evaluate(model, evaluation)
-    weights = _weights_id(model)
+    weights = weights_id(model)
     pruner = LayerMergePruner(model, example_inputs=example, backend="macs", cache_dir=None, progress=False)
     scored = [c for c in pruner.candidates if not c.uncompressed]
     subset = scored if not args.entries or args.entries >= len(scored) else \

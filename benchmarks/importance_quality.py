@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from lm_plugin import InfeasibleBudgetError, LayerMergePruner, Plan
-from lm_plugin.tables.importance import _weights_id
+from lm_plugin.data.datasets import data_splits
+from lm_plugin.tables.importance import weights_id
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,7 +40,7 @@ def plan_id(plan: Plan) -> str:
     return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _save(out: Path, saved: dict, runs: dict[str, float]) -> None:
+def save_runs(out: Path, saved: dict, runs: dict[str, float]) -> None:
     """Write ``saved`` with ``runs`` merged into the runs already in the file: processes running other budgets
     or seeds at the same time (one per core) add to one file instead of overwriting each other's runs."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def finetuned(model: str, pruner: LayerMergePruner, plan: Plan, seeds: list[int]
     :func:`main` through ``importance_quality_<model>.json`` (keyed by plan id and seed; signed by the weights)."""
     out = RESULTS / f"importance_quality_{model}.json"
     saved = json.loads(out.read_text()) if out.is_file() else {}
-    weights = _weights_id(pruner.model)
+    weights = weights_id(pruner.model)
     runs = saved.get("runs", {}) if saved.get("weights") == weights else {}
     saved = saved if saved.get("weights") == weights else {"weights": weights}
     pid, accuracies = plan_id(plan), []
@@ -71,7 +71,7 @@ def finetuned(model: str, pruner: LayerMergePruner, plan: Plan, seeds: list[int]
             trainable = pruner.apply(plan)
             fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
             runs[key] = evaluate(pruner.merge(trainable.eval()), splits.test)
-            _save(out, saved, runs)
+            save_runs(out, saved, runs)
         accuracies.append(runs[key])
         print(f"{model} {label} plan {pid} seed {seed}: {runs[key]:.2f} %", flush=True)
     return accuracies
@@ -106,7 +106,7 @@ def main() -> None:
     example = torch.randn(64, *splits.input_shape)
     out = RESULTS / f"importance_quality_{args.model}.json"
     saved = json.loads(out.read_text()) if out.is_file() else {}
-    weights = _weights_id(base)
+    weights = weights_id(base)
     if saved and saved.get("weights") != weights:  # runs of another training of the model: keep them apart
         stale = out.with_name(f"{out.stem}.{saved.get('weights', 'unsigned')}.json")
         out.rename(stale)
@@ -151,7 +151,7 @@ def main() -> None:
                   "distill_steps": args.distill_steps, "rows": rows, "runs": runs, "tables": table_seconds,
                   "machine": platform.processor() or platform.machine(), "threads": args.threads,
                   "torch": torch.__version__})
-    _save(out, saved, runs)
+    save_runs(out, saved, runs)
     print(f"\n{args.model}: original {base.test_accuracy:.2f} %, fine-tuned over seeds {args.seeds}")
     print(f"{'budget':>6} {'estimator':<12} {'plan':<12} {'pred.':>6} {'acc mean':>9} {'std':>5}")
     for r in rows:

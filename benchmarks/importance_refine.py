@@ -47,15 +47,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from importance_quality import _save, parse_settings, plan_id
+from importance_quality import parse_settings, plan_id, save_runs
 from scipy.stats import spearmanr
 
 from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.data.datasets import data_splits
 from lm_plugin.solve import InfeasibleBudgetError
 from lm_plugin.solve.screen import calibration_sample, envelope_lift, median_lift, no_lift
-from lm_plugin.tables.importance import ImportanceTable, _weights_id
+from lm_plugin.tables.importance import ImportanceTable, weights_id
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"note: {cheap.evaluated + reference.scorer.evaluated} entries were not cached and were scored now")
 
     def solve(values: dict[Key, float], budget: float):
-        screen._importance = ImportanceTable({**cheap.values, **values}, cheap.subsets, cheap.base_metric, {})
+        screen.use_importance(ImportanceTable({**cheap.values, **values}, cheap.subsets, cheap.base_metric, {}))
         return screen.search(budget)
 
     def incumbent(rescored: set[Key], budget: float) -> float:
@@ -261,7 +261,7 @@ def _finetune(args: argparse.Namespace, base: torch.nn.Module, reference: LayerM
     """Fine-tune each row's plan per seed (the workload recipe), sharing importance_quality.py's runs."""
     out = RESULTS / f"importance_quality_{args.model}.json"
     saved = json.loads(out.read_text()) if out.is_file() else {}
-    if saved.get("weights") != _weights_id(base):
+    if saved.get("weights") != weights_id(base):
         raise SystemExit(f"{out} is for other weights; run importance_quality.py first")
     runs: dict[str, float] = saved.get("runs", {})
     for row in rows:
@@ -272,7 +272,7 @@ def _finetune(args: argparse.Namespace, base: torch.nn.Module, reference: LayerM
                 trainable = reference.apply(plan)
                 fit(trainable, splits.train, epochs=1, max_lr=0.02, seed=seed, progress=False)
                 runs[key] = evaluate(reference.merge(trainable.eval()), splits.test)
-                _save(out, saved, runs)
+                save_runs(out, saved, runs)
             print(f"{args.model} {row['budget']} {row['rule']} plan {row['plan']} seed {seed}: {runs[key]:.2f} %",
                   flush=True)
         accuracies = [runs[f"{row['plan']}/{seed}"] for seed in args.finetune_seeds]

@@ -36,14 +36,9 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from lm_plugin import InfeasibleBudgetError, LayerMergePruner
-from lm_plugin.tables.importance import (
-    ImportanceTable,
-    LocalImportance,
-    TailDistillImportance,
-    _weights_id,
-    single_block_plan,
-)
-from lm_plugin.workloads.data import data_splits
+from lm_plugin.data.datasets import data_splits
+from lm_plugin.tables.estimators import LocalImportance, TailDistillImportance
+from lm_plugin.tables.importance import ImportanceTable, single_block_plan, weights_id
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,7 +76,7 @@ def main() -> None:
     # one pass: per entry and image, right or wrong, cross-entropy, KL from the original (kept in the cache
     # directory, so that the analysis reruns, e.g. once distill's table is complete, without the pass)
     saved_pass = Path(args.cache_dir) / f"importance_scoring_{args.model}_{args.estimator}_{args.setting}.pt"
-    stamp = {"weights": _weights_id(base_model), "settings": estimator.settings()}
+    stamp = {"weights": weights_id(base_model), "settings": estimator.settings()}
     state = torch.load(saved_pass) if saved_pass.is_file() else {}
     if state.get("stamp") != stamp:
         state = {"stamp": stamp, "per_image": {}, "fit_s": [], "score_s": [], "teacher": None}
@@ -117,7 +112,7 @@ def main() -> None:
     keys = list(full)
 
     distill = _stored_table(pruner)
-    finetune = _finetune_reference(args.model, _weights_id(base_model))
+    finetune = _finetune_reference(args.model, weights_id(base_model))
     plans = {name: _plans(pruner, values, args.budgets) for name, values in
              {**variants, **({"distill": distill} if distill else {})}.items()}
     fit_median, per_image_s = statistics.median(fit_s), statistics.median(score_s) / len(targets)
@@ -134,7 +129,7 @@ def main() -> None:
                "table_s": sum(fit_s) + sum(score_s) * n / len(targets), "values": values}
         rows.append(row)
     result = {"model": args.model, "estimator": args.estimator, "setting": args.setting, "entries": len(keys),
-              "weights": _weights_id(base_model), "budgets": args.budgets, "fit_median_s": fit_median,
+              "weights": weights_id(base_model), "budgets": args.budgets, "fit_median_s": fit_median,
               "score_median_s": statistics.median(score_s), "eval_images": len(targets),
               "distill_plans": plans.get("distill"), "finetune_entries": len(finetune or {}), "rows": rows,
               "threads": args.threads, "machine": platform.processor() or platform.machine(),
@@ -191,8 +186,8 @@ def _finetune_reference(model: str, weights: str) -> dict[str, float] | None:
 
 def _plans(pruner: LayerMergePruner, values: dict[str, float], budgets: list[float]) -> list[str]:
     # the pruner's DP on these values (single convs left as they are score 0, as in a built table)
-    pruner._importance = ImportanceTable({c.key: values.get(str(c.key), 0.0) for c in pruner.candidates},
-                                         {c.key: c.kept for c in pruner.candidates}, 0.0, {})
+    pruner.use_importance(ImportanceTable({c.key: values.get(str(c.key), 0.0) for c in pruner.candidates},
+                                          {c.key: c.kept for c in pruner.candidates}, 0.0, {}))
     out = []
     for b in budgets:
         try:

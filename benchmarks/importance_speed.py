@@ -28,16 +28,15 @@ import torch
 from importance_quality import parse_settings
 
 from lm_plugin import LayerMergePruner
-from lm_plugin.tables.importance import (
+from lm_plugin.data.datasets import data_splits
+from lm_plugin.tables.estimators import (
     DistillImportance,
     FinetuneImportance,
     LocalImportance,
     TailDistillImportance,
     ZeroShotImportance,
-    build_importance_table,
-    single_block_plan,
 )
-from lm_plugin.workloads.data import data_splits
+from lm_plugin.tables.importance import build_importance_table, single_block_plan
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"

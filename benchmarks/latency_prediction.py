@@ -182,7 +182,7 @@ def _profiler_settings(job: dict[str, Any]) -> dict[str, Any]:
 
 def _fashion_mnist_offline() -> Any:
     """The real training set if it is on this machine (never downloaded here), else None."""
-    from lm_plugin.workloads import data
+    from lm_plugin.data import datasets as data
 
     raw = data.default_data_root() / "FashionMNIST" / "raw"
     local = all((raw / name).is_file() for name in data._FM_FILES) or all(

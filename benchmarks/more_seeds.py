@@ -22,7 +22,7 @@ import torch
 from importance_quality import finetuned, plan_id
 
 from lm_plugin import LayerMergePruner, Plan
-from lm_plugin.workloads.data import data_splits
+from lm_plugin.data.datasets import data_splits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"

@@ -57,13 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_plugin import LayerMergePruner
 from lm_plugin.compress import FinetuneSettings, compress
+from lm_plugin.data.datasets import data_splits
 from lm_plugin.latency import compare_latency
 from lm_plugin.metrics import model_cost
 from lm_plugin.plan import Plan
 from lm_plugin.solve import InfeasibleBudgetError
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads import trained
-from lm_plugin.workloads.data import data_splits
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("layermerge", "act_only", "layer_only")

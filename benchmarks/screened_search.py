@@ -30,8 +30,8 @@ import torch
 from importance_quality import finetuned, parse_settings, plan_id
 
 from lm_plugin import LayerMergePruner
+from lm_plugin.data.datasets import data_splits
 from lm_plugin.solve import DEFAULT_LIFT, DEFAULT_TOLERANCE, LIFTS
-from lm_plugin.workloads.data import data_splits
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,19 +76,8 @@ def main() -> None:
                                 importance_settings={"steps": 10, **(settings or {})},
                                 cache_dir=cache, progress=False, skip_slower_blocks=not args.keep_slower, **screen)
 
-    def timed(scorer, times: list[float]):
-        score_one = scorer._score_one
-
-        def timing(key: list) -> float:
-            t = time.perf_counter()
-            value = score_one(key)
-            times.append(time.perf_counter() - t)
-            return value
-        return timing
-
     reference = pruner(args.cache_dir)
     cold = Path(tempfile.mkdtemp(prefix="screened-"))
-    reference_s: list[float] = []  # the workload's distill, timed in this run (with --set)
     try:
         for f in Path(args.cache_dir).glob("latency-*.sqlite"):
             shutil.copy(f, cold / f.name)
@@ -97,24 +86,23 @@ def main() -> None:
         calibration["screen_tolerance"] = args.tolerance
         screened = pruner(cold, exact, screen="tail_distill", **calibration)
         sample: list[list] = []
+        reference_s: dict = {}
         if exact:
             cold_reference = pruner(cold)  # a cold table of its own: every sampled entry is computed
-            reference_one = timed(cold_reference.scorer, reference_s)
+            reference_s = cold_reference.scorer.entry_seconds  # the workload's distill, timed in this run
             sample = [list(k) for k in random.Random(0).sample(sorted(cold_reference.scorer.scored),
                                                                args.reference_entries)]
             chunk = -(-len(sample) // (len(args.budgets) + 1))
 
             def reference_chunk() -> None:  # between the searches, so both are timed under the same load
-                for key in sample[:chunk]:
-                    reference_one(key)
+                cold_reference.scorer.score([tuple(k) for k in sample[:chunk]])
                 del sample[:chunk]
             reference_chunk()
         screened.latency_model()
         start = time.perf_counter()
         screened.screen_table()
         screen_s = time.perf_counter() - start
-        entry_s: list[float] = []
-        screened.scorer._score_one = timed(screened.scorer, entry_s)  # type: ignore[method-assign]
+        entry_s = screened.scorer.entry_seconds  # the distill entries the screened search computes, timed
         rows = []
         complete = not reference.scorer.missing()  # never built here: that takes hours
         for budget in args.budgets:
@@ -143,8 +131,9 @@ def main() -> None:
                            std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0)
     finally:
         shutil.rmtree(cold, ignore_errors=True)
-    mean_entry = statistics.mean(entry_s)
-    mean_reference = statistics.mean(reference_s) if reference_s else mean_entry
+    entry_times, reference_times = list(entry_s.values()), list(reference_s.values())
+    mean_entry = statistics.mean(entry_times)
+    mean_reference = statistics.mean(reference_times) if reference_times else mean_entry
     # the baseline: distill's complete table of every candidate (what a table cost before slower blocks
     # were skipped); and the complete table of the blocks searched now
     every = sum(1 for c in screened.candidates if not c.uncompressed)
@@ -157,7 +146,7 @@ def main() -> None:
         row["cost_fraction_alone_of_searched_table"] = (screen_s + row["scored_entries"] * mean_entry) / searched_s
     result = {"model": args.model, "exact_settings": screened.estimator.settings() | {"train": None, "eval": None},
               "screen_s": screen_s, "exact_entry_s_mean": mean_entry,
-              "exact_entry_s_median": statistics.median(entry_s), "exact_entries_timed": len(entry_s),
+              "exact_entry_s_median": statistics.median(entry_times), "exact_entries_timed": len(entry_s),
               "distill_entry_s_mean": mean_reference, "distill_entries_timed": len(reference_s) or len(entry_s),
               "complete_table_s_estimate": table_s, "complete_table_entries": every,
               "searched_table_s_estimate": searched_s, "rows": rows,

@@ -25,8 +25,9 @@ import torch
 from scipy.stats import spearmanr
 
 from lm_plugin import LayerMergePruner
-from lm_plugin.tables.importance import TailDistillImportance, ZeroShotImportance, single_block_plan
-from lm_plugin.workloads.data import data_splits
+from lm_plugin.data.datasets import data_splits
+from lm_plugin.tables.estimators import TailDistillImportance, ZeroShotImportance
+from lm_plugin.tables.importance import single_block_plan
 from lm_plugin.workloads.models import trained
 
 RESULTS = Path(__file__).parent / "results"

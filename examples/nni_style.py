@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from nni.compression import TorchEvaluator
 from nni.compression.pruning import L1NormPruner
 
+from lm_plugin.data.datasets import digits
 from lm_plugin.nni import LayerMergePruner, speedup
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 TRAIN, TEST = digits(64, train=True), digits(256, train=False)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from lm_plugin.data.datasets import digits
 from lm_plugin.pipeline import PipelineResult, run_pipeline
 from lm_plugin.train import fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 

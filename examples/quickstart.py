@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from lm_plugin import LayerMergePruner
+from lm_plugin.data.datasets import digits
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 

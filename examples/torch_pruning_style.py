@@ -19,9 +19,9 @@ import torch
 import torch_pruning as tp
 
 from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.data.datasets import digits
 from lm_plugin.latency import compare_latency
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 

@@ -44,16 +44,28 @@ class BlockGeometry:
         return (pw, pw + ew, ph, ph + eh)
 
 
-def _compose(chain: Chain, convs: Iterable[int]) -> tuple[Pair, Pair, Pair]:
+#: (kernel, stride, padding) of a conv, per spatial dimension.
+Geometry = tuple[Pair, Pair, Pair]
+#: The geometry of the identity: what a block with nothing in it computes.
+IDENTITY: Geometry = ((1, 1), (1, 1), (0, 0))
+
+
+def compose(first: Geometry, then: Geometry) -> Geometry:
+    """Geometry of ``then ∘ first`` as one conv: the rule every merge follows (the module docstring's formulas, one
+    step at a time): ``K = k1 + (k2 - 1) s1``, ``S = s1 s2``, ``P = p1 + p2 s1``. The candidate enumeration, the
+    block geometry and the kernel algebra all compose through this function."""
+    (k1, s1, p1), (k2, s2, p2) = first, then
+    return ((k1[0] + (k2[0] - 1) * s1[0], k1[1] + (k2[1] - 1) * s1[1]), (s1[0] * s2[0], s1[1] * s2[1]),
+            (p1[0] + p2[0] * s1[0], p1[1] + p2[1] * s1[1]))
+
+
+def _compose(chain: Chain, convs: Iterable[int]) -> Geometry:
     """(kernel, stride, padding) of the valid-conv composition of ``convs`` (1-based chain indices)."""
-    k, s, p = [1, 1], [1, 1], [0, 0]
+    geometry = IDENTITY
     for j in convs:
         c = chain.conv(j)
-        for d in range(2):
-            k[d] += (c.kernel_size[d] - 1) * s[d]
-            p[d] += c.padding[d] * s[d]
-            s[d] *= c.stride[d]
-    return (k[0], k[1]), (s[0], s[1]), (p[0], p[1])
+        geometry = compose(geometry, (c.kernel_size, c.stride, c.padding))
+    return geometry
 
 
 def pad_extra(chain: Chain, convs: Iterable[int]) -> Pair:

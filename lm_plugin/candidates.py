@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from numbers import Rational
 
-from .blocks import BlockGeometry, end_activation, join_groups, pad_extra, residual_relation
+from .blocks import BlockGeometry, compose, end_activation, join_groups, pad_extra, residual_relation
 from .errors import ConfigurationError
 from .trace.chain import Chain, ChainConv, Residual
 
@@ -241,9 +241,10 @@ def _close(pushed: dict[_State, list[_Sol]], branch: dict[_State, list[_Sol]], r
 
 
 def _compose(x: _State, y: _State) -> _State:
-    """``y`` applied after ``x`` (as :func:`lm_plugin.blocks._compose`), groups joined."""
-    return (x[0] + (y[0] - 1) * x[2], x[1] + (y[1] - 1) * x[3], x[2] * y[2], x[3] * y[3],
-            x[4] + y[4] * x[2], x[5] + y[5] * x[3], _join(x[6], y[6]), x[7] or y[7])
+    """``y`` applied after ``x`` (:func:`lm_plugin.blocks.compose`), groups joined."""
+    (kh, kw), (sh, sw), (ph, pw) = compose(((x[0], x[1]), (x[2], x[3]), (x[4], x[5])),
+                                           ((y[0], y[1]), (y[2], y[3]), (y[4], y[5])))
+    return (kh, kw, sh, sw, ph, pw, _join(x[6], y[6]), x[7] or y[7])
 
 
 def _join(g: int | None, h: int | None) -> int | None:

@@ -15,6 +15,7 @@ result.merged  # the deploy form
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from collections.abc import Callable, Sequence
@@ -438,7 +439,8 @@ class TradeoffPoint:
         budget: The budget as a fraction of the original's predicted latency.
         predicted_ms: Predicted end-to-end latency of the plan.
         objective: The plan's summed importance: the change of the importance metric the estimator predicts right
-            after compression, before fine-tuning (0 for the original). A ranking of plans, not a forecast of the
+            after compression, before fine-tuning; 0 for the original, and capped at 0 (a positive sum is the
+            estimator's noise, not a plan better than the original). A ranking of plans, not a forecast of the
             fine-tuned accuracy.
         blocks: Number of blocks (merged convs) of the plan.
     """
@@ -454,7 +456,8 @@ def tradeoff(pruner: LayerMergePruner, fractions: Sequence[float] | None = None)
 
     A plan that meets a budget meets every larger one, so the curve never falls as the budget grows: each point is
     the better of its own solve and the point below it (a screened search solves on partly estimated values and
-    can come out lower). At budget 1.0 and above the original network (objective 0) is a solution too.
+    can come out lower). At budget 1.0 and above the point is the original network (objective 0): it meets the
+    budget, and no plan is predicted better than it (objectives are capped at 0).
 
     Cost: with a complete importance table (no screen), one DP solve per budget — seconds. With a screened search,
     each budget may score exact entries its plans need that no earlier search scored, possibly as many as the
@@ -468,18 +471,18 @@ def tradeoff(pruner: LayerMergePruner, fractions: Sequence[float] | None = None)
         The feasible budgets' points, in increasing budget.
     """
     fractions = sorted(fractions or [round(0.30 + 0.05 * i, 2) for i in range(15)])
-    original_ms = pruner.latency_model().original_ms
+    original = TradeoffPoint(1.0, pruner.latency_model().original_ms, 0.0, pruner.chain.length)
     points: list[TradeoffPoint] = []
     for fraction in fractions:
+        if fraction >= 1.0:  # the original meets it, and nothing is predicted better than the original
+            points.append(dataclasses.replace(original, budget=fraction))
+            continue
         try:
             found = pruner.search(fraction)
-            point = TradeoffPoint(fraction, found.predicted_ms, found.objective, len(found.plan.blocks()))
         except InfeasibleBudgetError:
             continue
-        if fraction >= 1.0 and point.objective < 0:
-            point = TradeoffPoint(fraction, original_ms, 0.0, pruner.chain.length)
+        point = TradeoffPoint(fraction, found.predicted_ms, min(found.objective, 0.0), len(found.plan.blocks()))
         if points and points[-1].objective > point.objective:
-            below = points[-1]
-            point = TradeoffPoint(fraction, below.predicted_ms, below.objective, below.blocks)
+            point = dataclasses.replace(points[-1], budget=fraction)
         points.append(point)
     return points

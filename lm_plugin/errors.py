@@ -31,8 +31,9 @@ class ArgumentTypeError(LayerMergeError, TypeError):
     """An argument of the wrong type; the message names the type expected."""
 
 
-class UnknownNameError(LayerMergeError, KeyError):
-    """A name (dataset, model, backend, table entry, stage ...) that is not registered or not present."""
+class UnknownNameError(ConfigurationError, KeyError):
+    """A name (dataset, model, backend, estimator, table entry, stage ...) that is not registered or not present
+    (a configuration error, and a ``KeyError`` for code that looks names up)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; ours is a sentence
         return str(self.args[0]) if self.args else ""

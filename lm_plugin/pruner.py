@@ -43,15 +43,8 @@ from .solve import (
 )
 from .store.paths import cache_root
 from .tables.estimate import SCREENED_SHARE, TableEstimate, estimate_table
-from .tables.importance import (
-    DEFAULT_ESTIMATOR,
-    SCREEN_SETTINGS,
-    ImportanceEstimator,
-    ImportanceScorer,
-    ImportanceTable,
-    make_estimator,
-    representative,
-)
+from .tables.estimators import DEFAULT_ESTIMATOR, SCREEN_SETTINGS, ImportanceEstimator, make_estimator
+from .tables.importance import ImportanceScorer, ImportanceTable, representative
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
 from .trace.graph import normalize_inputs
@@ -138,7 +131,7 @@ class LayerMergePruner:
         importance: importance estimator: ``"distill"`` (default; a few distillation steps per block),
             ``"tail_distill"`` (distillation of the block and what follows only), ``"local"`` (fit the block
             alone), ``"finetune"`` (the paper's), ``"zero_shot"`` (no training), or a ready
-            :class:`~lm_plugin.tables.importance.ImportanceEstimator` (which carries its own data and settings).
+            :class:`~lm_plugin.tables.estimators.ImportanceEstimator` (which carries its own data and settings).
         train_data: ``(inputs, targets)`` batches for the training estimators (a ``DataLoader``); with an
             estimator name only. :func:`lm_plugin.compress` fine-tunes on it too unless told otherwise.
         eval_data: batches the importance metric is measured on; with an estimator name only.
@@ -151,7 +144,7 @@ class LayerMergePruner:
             when it has training and evaluation data and the network has at least
             :data:`AUTO_SCREEN_MIN_ENTRIES` compressing candidates; ``None``: search on the complete table.
             ``"tail_distill"`` runs with the screening settings of
-            :data:`~lm_plugin.tables.importance.SCREEN_SETTINGS` unless ``screen_settings`` says otherwise. With a
+            :data:`~lm_plugin.tables.estimators.SCREEN_SETTINGS` unless ``screen_settings`` says otherwise. With a
             name, the screen uses the importance estimator's data.
         screen_settings: settings of the screen; with a screen name only.
         screen_lift: how a screened search values the entries it has not scored: ``"median"`` (default: the
@@ -369,6 +362,22 @@ class LayerMergePruner:
         if self._importance is None:
             self._importance = self.scorer.table(shard=shard)
         return self._importance
+
+    def use_importance(self, table: ImportanceTable) -> None:
+        """Search on an importance table made elsewhere (values averaged over seeds, another estimator's, a study's
+        what-if values) instead of building one: :meth:`search` reads it as its own. For a pruner without a
+        ``screen`` (a screened search scores what it needs itself).
+
+        Raises:
+            ConfigurationError: the pruner has a screen, or the table lacks a candidate this pruner may pick.
+        """
+        if self.screen is not None:
+            raise ConfigurationError("use_importance() sets the complete table a search reads; this pruner screens "
+                                     "(pass screen=None)")
+        missing = [c.key for c in self.selectable() if c.key not in table.values]
+        if missing:
+            raise ConfigurationError(f"the table has no value for {len(missing)} candidates, e.g. {missing[0]!r}")
+        self._importance = table
 
     @property
     def scorer(self) -> ImportanceScorer:

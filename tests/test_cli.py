@@ -15,10 +15,10 @@ import torch
 from lm_plugin import Plan
 from lm_plugin.budget import DEFAULT_BUDGET
 from lm_plugin.cli import main
-from lm_plugin.cli.specs import CLIError, parse_data_spec, parse_normalize, parse_shape
 from lm_plugin.data import image_folder
+from lm_plugin.data.datasets import digits, digits_image_folder
+from lm_plugin.runs import BadInputError, parse_data_spec, parse_normalize, parse_shape
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits, digits_image_folder
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -189,7 +189,7 @@ def test_python_dash_m_entry_point():
 
 def test_demo_defaults_are_the_reference_workload_and_can_be_overridden():
     from lm_plugin.cli import COMMANDS, build_parser
-    from lm_plugin.cli.options import resolve
+    from lm_plugin.runs import resolve
 
     args = build_parser().parse_args(["demo", "--budget", "0.5"])
     opts = resolve(args, COMMANDS["demo"][3])
@@ -273,7 +273,7 @@ def test_yaml_config_with_an_image_folder_and_a_given_normalisation(env, images,
 
 
 FACTORY = '''
-from lm_plugin.workloads.data import digits
+from lm_plugin.data.datasets import digits
 
 
 def loaders(batch_size=64, with_test=True):
@@ -351,7 +351,7 @@ def test_a_missing_timm_says_how_to_install_it(monkeypatch, capsys):
 
 @pytest.mark.parametrize("text", ["3,x,9", "3,,9", "0,8,8", "3,-1,8", "", "a,b", [3, True], [3, 0], "3.5,8,8"])
 def test_malformed_shapes_are_refused(text):
-    with pytest.raises(CLIError, match="bad input shape"):
+    with pytest.raises(BadInputError, match="bad input shape"):
         parse_shape(text)
 
 
@@ -360,14 +360,14 @@ def test_shapes_normalisations_and_data_specs_parse():
     assert parse_normalize("0.5,0.4,0.3:0.2,0.2,0.2") == ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
     assert parse_normalize({"mean": [0.5], "std": 0.25}) == parse_normalize([0.5, 0.25]) == ([0.5], [0.25])
     for bad in ("0.5", "0.5:0", "a:b", {"mean": [0.5]}, [1, 2, 3]):
-        with pytest.raises(CLIError, match="normalisation"):
+        with pytest.raises(BadInputError, match="normalisation"):
             parse_normalize(bad)
     names = ["digits", "fashion_mnist"]
     assert parse_data_spec("digits", names).kind == "name"
     assert parse_data_spec("imagefolder:/data/x:y", names).target == "/data/x:y"
     spec = parse_data_spec("pkg.mod:make:size=3,name=a", names)
     assert (spec.kind, spec.target, spec.kwargs) == ("factory", "pkg.mod:make", {"size": 3, "name": "a"})
-    with pytest.raises(CLIError, match=r"unknown dataset 'imagenet'.*imagefolder:DIR"):
+    with pytest.raises(BadInputError, match=r"unknown dataset 'imagenet'.*imagefolder:DIR"):
         parse_data_spec("imagenet", names)
 
 

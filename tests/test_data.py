@@ -24,8 +24,8 @@ from lm_plugin.data import (
     output_width,
     register_dataset,
 )
+from lm_plugin.data.datasets import digits, digits_image_folder
 from lm_plugin.errors import LayerMergeError
-from lm_plugin.workloads.data import digits, digits_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,14 @@ def test_named_datasets_and_the_registry():
     train, val, test = _digits_loaders()
     register_dataset("digits_again", lambda root, bs, vs, seed: DataSplits(train, val, test, (1, 8, 8)))
     assert data_splits("digits_again").train is train
-    with pytest.raises(KeyError, match=r"known: .*digits"):
+    with pytest.raises(KeyError, match=r"registered: .*digits"):
         data_splits("imagenet")
     with pytest.raises(DataError, match="identifier"):
         register_dataset("my:data", lambda *a: splits)
 
 
 def test_one_import_and_one_source_of_truth():
-    import lm_plugin.workloads.data as workload_data
+    import lm_plugin.data.datasets as workload_data
 
     assert lm_plugin.DataSplits is workload_data.DataSplits is lm_plugin.data.DataSplits
     assert lm_plugin.data_splits is workload_data.data_splits and lm_plugin.image_folder is image_folder

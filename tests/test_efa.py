@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import mobilenet_v2, resnet18
 
+from lm_plugin.data.datasets import digits_tensors
 from lm_plugin.efa import (
     EffectiveFilterImportance,
     HierarchicalPruner,
@@ -26,7 +27,6 @@ from lm_plugin.efa.cost import CostModel
 from lm_plugin.efa.groups import describe_groups
 from lm_plugin.train import evaluate, fit
 from lm_plugin.workloads import digits, resnet_fm, small_cnn
-from lm_plugin.workloads.data import digits_tensors
 
 X8 = torch.randn(1, 1, 8, 8)
 

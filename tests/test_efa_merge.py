@@ -17,9 +17,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.data.datasets import digits
 from lm_plugin.efa import HierarchicalPruner
 from lm_plugin.train import fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

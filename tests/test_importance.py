@@ -15,16 +15,11 @@ from test_candidates import oracle_candidates
 from test_dp import brute_force
 
 from lm_plugin import LayerMergePruner, Plan
+from lm_plugin.data.datasets import digits
 from lm_plugin.store import CacheWarning
-from lm_plugin.tables.importance import (
-    DistillImportance,
-    FinetuneImportance,
-    ImportanceCache,
-    ZeroShotImportance,
-    build_importance_table,
-)
+from lm_plugin.tables.estimators import DistillImportance, FinetuneImportance, ZeroShotImportance
+from lm_plugin.tables.importance import ImportanceCache, build_importance_table
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 
 FAST = {"warmup": 1, "repeats": 3, "max_spread": 1e9}
 
@@ -249,7 +244,7 @@ def test_entries_train_on_the_same_batches_whatever_the_order(trained, tmp_path)
 
 
 def test_memo_teacher_answers_seen_batches_from_memory():
-    from lm_plugin.tables.importance import MemoTeacher
+    from lm_plugin.tables.estimators import MemoTeacher
 
     calls = []
     teacher = nn.Linear(4, 3).eval()

@@ -13,21 +13,20 @@ from nets import randomize_bn
 from test_importance import digits_net
 
 from lm_plugin import ConfigurationError, LayerMergePruner, Plan
+from lm_plugin.data.datasets import digits
 from lm_plugin.rewrite import to_trainable
-from lm_plugin.tables.importance import (
+from lm_plugin.tables.estimators import (
     ImportanceEstimator,
     LocalImportance,
     TailDistillImportance,
     ZeroShotImportance,
-    _prepare_context,
-    build_importance_table,
     make_estimator,
-    single_block_plan,
+    prepare_context,
 )
+from lm_plugin.tables.importance import build_importance_table, single_block_plan
 from lm_plugin.tables.prefix import PrefixCache
 from lm_plugin.trace.subgraph import extract, frontier, unchanged_nodes
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 
 
 def _pruner(model, shape):
@@ -222,7 +221,7 @@ def test_the_fitting_batches_hold_enough_images_for_the_steps(digits_model):
     pruner = _pruner(model, (1, 1, 8, 8))
     small = digits(8, train=True)  # 8 images a batch: 10 steps of 32 images need 40 of them
     estimator = TailDistillImportance(train_data=small, eval_data=test)
-    context = _prepare_context(estimator, None, copy.deepcopy(pruner.graph_module).eval(), 1, 320)
+    context = prepare_context(estimator, None, copy.deepcopy(pruner.graph_module).eval(), 1, 320)
     assert sum(len(x) for (x,) in context.fit.batches) == 320
 
 

@@ -24,11 +24,11 @@ from nni.compression.speedup import ModelSpeedup  # noqa: E402
 from schema import SchemaError  # noqa: E402
 
 from lm_plugin.budget import Budget  # noqa: E402
+from lm_plugin.data.datasets import digits  # noqa: E402
 from lm_plugin.errors import ConfigurationError  # noqa: E402
 from lm_plugin.nni import LayerMergePruner, ignored_convs, selected_convs, speedup  # noqa: E402
 from lm_plugin.solve import InfeasibleBudgetError  # noqa: E402
 from lm_plugin.train import evaluate, fit  # noqa: E402
-from lm_plugin.workloads.data import digits  # noqa: E402
 from lm_plugin.workloads.models import digits_resnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 pytest.importorskip("nni")
-from lm_plugin.cli.specs import load_model
+from lm_plugin.data.datasets import digits
 from lm_plugin.nni.experiment import load_config
 from lm_plugin.nni.report import ReportError, TrialSummary, experiment_report, fastest_within, pareto_front
 from lm_plugin.nni.trial import TrialError, apply_parameters, build_tables, main, trial_options
 from lm_plugin.pruner import LayerMergePruner
-from lm_plugin.workloads.data import digits
+from lm_plugin.runs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "lm_plugin:digits_resnet:width=8,blocks=1"

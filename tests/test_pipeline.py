@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from lm_plugin.data.datasets import digits
 from lm_plugin.merge import merge_error
 from lm_plugin.pipeline import (
     STAGES,
@@ -25,7 +26,6 @@ from lm_plugin.pipeline import (
 )
 from lm_plugin.plan import Plan
 from lm_plugin.train import fit
-from lm_plugin.workloads.data import digits
 from lm_plugin.workloads.models import digits_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_user_registered_stage_and_output_check(model, data, tmp_path):
         with pytest.raises(PipelineError, match="output shape"):
             run(model, ["_test_halve_head"], data, tmp_path)
     finally:
-        del STAGES["_test_halve_head"]
+        STAGES.unregister("_test_halve_head")
 
 
 @pytest.mark.parametrize("script", ["torch_pruning_style.py", "pipeline.py"])

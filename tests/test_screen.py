@@ -15,7 +15,7 @@ from test_importance import trained  # noqa: F401 - the fixture
 
 from lm_plugin import ConfigurationError, LayerMergePruner
 from lm_plugin.solve import Entry, calibration_sample, envelope_lift, median_lift, no_lift, screened_values, solve
-from lm_plugin.tables.importance import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
+from lm_plugin.tables.estimators import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
 
 
 def _lift_at(screen, exact, x):
@@ -227,7 +227,7 @@ def test_a_bad_tolerance_is_refused(tolerance):
 
 
 def test_an_unknown_lift_is_refused():
-    with pytest.raises(ConfigurationError, match="unknown lift"):
+    with pytest.raises(ConfigurationError, match="no screening lift named"):
         screened_values({(0, 2): -1.0}, dict, lambda values: [], lift="half")
 
 
@@ -312,9 +312,9 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
     ({"importance": "zero_shot", "screen_settings": {"steps": 2}}, "not screened by default"),
     ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
     ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
-    ({"screen": "tail_distill", "screen_lift": "half"}, "screen_lift must be one of"),
+    ({"screen": "tail_distill", "screen_lift": "half"}, "no screening lift named .half.; registered: envelope"),
     ({"screen": "tail_distill", "screen_lift": "median", "screen_calibration": 0}, "learned from the calibration"),
-    ({"screen": "no_such_estimator"}, "unknown importance estimator"),
+    ({"screen": "no_such_estimator"}, "no importance estimator named"),
 ])
 def test_bad_screen_configurations_say_what_to_do(trained, kwargs, match):  # noqa: F811
     model, train, test = trained

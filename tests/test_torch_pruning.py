@@ -79,8 +79,8 @@ def test_cost_report_is_torch_pruning_count(capsys):
 
 
 def _digits_cnn() -> tuple[nn.Module, torch.Tensor]:
+    from lm_plugin.data.datasets import digits
     from lm_plugin.train import fit
-    from lm_plugin.workloads.data import digits
     from lm_plugin.workloads.models import digits_resnet
 
     torch.manual_seed(0)

@@ -277,7 +277,7 @@ def test_fake_shape_pass_matches_real_forward(zoo, name):
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from lm_plugin.trace.graph import OpaqueFallbackTracer, _propagate_shapes
+    from lm_plugin.trace.graph import OpaqueFallbackTracer, propagate_shapes
 
     if zoo == "torchvision":
         import torchvision
@@ -293,7 +293,7 @@ def test_fake_shape_pass_matches_real_forward(zoo, name):
         x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     gms = [fx.GraphModule(m, OpaqueFallbackTracer().trace(m)) for m in (copy.deepcopy(model.eval()), model.eval())]
     with torch.no_grad():
-        _propagate_shapes(gms[0], (x,))
+        propagate_shapes(gms[0], (x,))
         ShapeProp(gms[1]).propagate(x)
     from torch._subclasses.fake_tensor import FakeTensor
 

@@ -22,11 +22,11 @@ import torch
 from nni.experiment import ExperimentConfig
 from nni.experiment.config import AlgorithmConfig
 
-from lm_plugin.cli.specs import load_model
+from lm_plugin.data.datasets import digits
 from lm_plugin.nni.experiment import ExperimentRun, load_config, run_experiment, trial_command
 from lm_plugin.nni.report import ExperimentReport, experiment_report
+from lm_plugin.runs import load_model
 from lm_plugin.train import evaluate, fit
-from lm_plugin.workloads.data import digits
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config.yml"

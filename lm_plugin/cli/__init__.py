@@ -12,22 +12,25 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from ..data.datasets import DataUnavailableError
 from ..errors import LayerMergeError
+from ..runs import (
+    DEMO_DEFAULTS,
+    FINETUNE,
+    LATENCY,
+    MODEL,
+    OUTPUT,
+    SELECT,
+    BadInputError,
+    Options,
+    add_options,
+    resolve,
+    say,
+)
 from ..solve import InfeasibleBudgetError
-from ..workloads.data import DataUnavailableError
-from .commands import DEMO_DEFAULTS, run_compress, run_inspect, run_merge, run_profile, run_solve, say
-from .options import Options, add_options, resolve
-from .specs import CLIError
+from .commands import run_compress, run_inspect, run_merge, run_profile, run_solve
 
-__all__ = ["main"]
-
-MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "normalize", "seed", "cache_dir",
-         "progress"]
-LATENCY = ["backend", "batch_size", "threads"]
-SELECT = ["budget", "importance", "importance_steps", "screen", "val_size", "mode", "max_kernel", "ignored_layers",
-          "train_batch_size"]
-FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds", "tradeoff"]
-OUTPUT = ["output", "overwrite"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 # name -> (help, options, runner, command defaults)
 COMMANDS: dict[str, tuple[str, list[str], Callable[[Options], int], dict]] = {
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = resolve(args, COMMANDS[args.command][3])
         return args.func(opts)
-    except (CLIError, InfeasibleBudgetError, DataUnavailableError) as exc:
+    except (BadInputError, InfeasibleBudgetError, DataUnavailableError) as exc:
         say(f"error: {exc}")
         return 2
     except LayerMergeError as exc:

@@ -10,6 +10,7 @@
 The CLI's ``--data NAME``, ``--data imagefolder:DIR`` and ``--data package.module:factory`` are these calls.
 """
 
+from . import datasets as datasets  # registers the reference workload's datasets (digits, fashion_mnist)
 from .image_folder import LAYOUT, ImageFolderLayout, check_image_folder, declared_normalization, image_folder
 from .splits import (
     DATASETS,

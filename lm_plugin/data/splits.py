@@ -6,7 +6,6 @@ that a report never passes off importance images as held-out ones.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from ..errors import LayerMergeError, UnknownNameError
+from ..errors import LayerMergeError
+from ..registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -77,29 +77,30 @@ class DataSplits:
 #: ``factory(root, batch_size, val_size, seed) -> DataSplits`` of a named dataset.
 DatasetFactory = Callable[[str | os.PathLike[str] | None, int, int, int], DataSplits]
 
-#: Named datasets (``--data NAME``): the reference workload's register themselves; add yours with
-#: :func:`register_dataset`. Read it through :func:`list_datasets`, which loads the built-in ones first.
-DATASETS: dict[str, DatasetFactory] = {}
-
-
-def _builtin_datasets() -> None:
-    # The reference workload's datasets live in lm_plugin.workloads and register on import; importing it here, not
-    # at module level, keeps this module free of the workloads (which import it).
-    importlib.import_module("lm_plugin.workloads.data")
-
-
-def register_dataset(name: str, factory: DatasetFactory) -> None:
-    """Make ``factory(root, batch_size, val_size, seed) -> DataSplits`` available as ``--data name``."""
+def _identifier(name: str, _factory: object) -> None:
     if not name.isidentifier():
         raise DataError(f"dataset name {name!r} must be an identifier (letters, digits, _), so that a --data value "
                         "with a colon stays a data spec")
-    DATASETS[name] = factory
+
+
+#: Named datasets (``--data NAME``); add yours with :func:`register_dataset`. The reference workload's
+#: (``digits``, ``fashion_mnist``) are registered by :mod:`lm_plugin.data.datasets` on the first lookup.
+DATASETS: Registry[DatasetFactory] = Registry("dataset", builtins=("lm_plugin.data.datasets",), check=_identifier)
+
+
+def register_dataset(name: str, factory: DatasetFactory) -> None:
+    """Make ``factory(root, batch_size, val_size, seed) -> DataSplits`` available as ``--data name``.
+
+    Raises:
+        DataError: the name is not an identifier.
+        ConfigurationError: another factory has that name.
+    """
+    DATASETS.register(name, factory)
 
 
 def list_datasets() -> list[str]:
     """Names of the registered datasets (the built-in ``digits`` and ``fashion_mnist`` included)."""
-    _builtin_datasets()
-    return sorted(DATASETS)
+    return DATASETS.names()
 
 
 def data_splits(
@@ -112,9 +113,6 @@ def data_splits(
         KeyError: unknown dataset name (the message lists the known ones).
         DataUnavailableError: the data cannot be found or downloaded (the message says how to get it).
     """
-    known = list_datasets()
-    if name not in DATASETS:
-        raise UnknownNameError(f"unknown dataset {name!r}; known: {', '.join(known)}")
     return DATASETS[name](root, batch_size, val_size, seed)
 
 

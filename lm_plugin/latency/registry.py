@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, TypeVar
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from ..registry import Registry
 from .errors import BackendUnavailableError
 from .inputs import InputsLike
 from .measurement import Measurement
@@ -23,39 +23,36 @@ BACKEND_ENV = "LM_PLUGIN_BACKEND"
 #: Short spellings accepted wherever a backend name is.
 ALIASES = {"eager": "cpu", "ort": "onnxruntime", "trt": "tensorrt"}
 
-_REGISTRY: dict[str, type[Profiler]] = {}
+def _reserved(name: str, cls: type[Profiler]) -> None:
+    if name == AUTO or name in ALIASES:
+        raise ConfigurationError(f"{cls.__name__}.name must not be a reserved backend name ({AUTO}, "
+                                 f"{', '.join(ALIASES)}), got {name!r}")
+
+
+#: Latency backends by name (the built-in ones are registered by :mod:`lm_plugin.latency.backends`).
+BACKENDS: Registry[type[Profiler]] = Registry("latency backend", builtins=(f"{__package__}.backends",),
+                                              check=_reserved)
 _P = TypeVar("_P", bound=type[Profiler])
 
 
 def register_backend(cls: _P) -> _P:
-    """Class decorator adding a :class:`Profiler` subclass to the registry under ``cls.name``.
+    """Class decorator adding a :class:`Profiler` subclass to :data:`BACKENDS` under ``cls.name``.
 
     Raises:
-        ValueError: if the name is empty or already taken by another class.
+        ConfigurationError: if the name is empty, reserved or already taken by another class.
     """
-    name = cls.name
-    if not name or name == AUTO or name in ALIASES:
-        raise ConfigurationError(f"{cls.__name__}.name must be a new, non-reserved backend name, got {name!r}")
-    if _REGISTRY.get(name, cls) is not cls:
-        raise ConfigurationError(f"latency backend {name!r} is already registered by {_REGISTRY[name].__name__}")
-    _REGISTRY[name] = cls
+    BACKENDS.register(cls.name, cls)
     return cls
-
-
-def _load_builtin_backends() -> None:
-    # Imported lazily: the backend modules import this one to register themselves.
-    importlib.import_module(f"{__package__}.backends")
 
 
 def backend_names() -> list[str]:
     """All registered backend names, whether or not they can run here."""
-    _load_builtin_backends()
-    return sorted(_REGISTRY)
+    return BACKENDS.names()
 
 
 def available_backends() -> list[str]:
     """Registered backends that can run on this machine."""
-    return [name for name in backend_names() if _REGISTRY[name].is_available()]
+    return [name for name in backend_names() if BACKENDS[name].is_available()]
 
 
 def resolve_backend(backend: str) -> str:
@@ -73,8 +70,7 @@ def resolve_backend(backend: str) -> str:
             return resolve_backend(chosen)
         if torch.cuda.is_available():
             return "cuda"
-        _load_builtin_backends()
-        ort = _REGISTRY.get("onnxruntime")
+        ort = BACKENDS.get("onnxruntime")
         return "onnxruntime" if ort is not None and ort.is_available() else "cpu"
     return ALIASES.get(name, name)
 
@@ -85,14 +81,13 @@ def backend_class(backend: str) -> type[Profiler]:
     Raises:
         BackendUnavailableError: if no backend has that name.
     """
-    _load_builtin_backends()
     name = resolve_backend(backend)
-    if name not in _REGISTRY:
+    if name not in BACKENDS:
         where = f" (from ${BACKEND_ENV})" if backend.lower() == AUTO else ""
         raise BackendUnavailableError(
-            f"unknown latency backend {name!r}{where}; choose one of {[AUTO, *sorted(_REGISTRY)]}"
+            f"unknown latency backend {name!r}{where}; choose one of {[AUTO, *BACKENDS.names()]}"
         )
-    return _REGISTRY[name]
+    return BACKENDS[name]
 
 
 def get_profiler(backend: str = AUTO, **settings: Any) -> Profiler:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..blocks import join_groups
+from ..blocks import compose, join_groups
 from ..errors import ConfigurationError
 
 Pair = tuple[int, int]
@@ -118,7 +118,7 @@ class LinearConv:
         c2, c1 = w2.shape[0], w1.shape[0]
         c1g, cin1 = c1 // g, w1.shape[1]  # intermediate channels per group; input channels each row of W1 reads
         (k1h, k1w), (k2h, k2w), (s1h, s1w) = self.kernel_size, nxt.kernel_size, self.stride
-        kh, kw = k1h + (k2h - 1) * s1h, k1w + (k2w - 1) * s1w
+        (kh, kw), _, _ = compose((self.kernel_size, self.stride, (0, 0)), (nxt.kernel_size, nxt.stride, (0, 0)))
         w1g = w1.reshape(g, c1g, cin1 * k1h * k1w)  # W1's rows in g chunks of the intermediate channels
         if g2 == g:  # W2 grouped like the intermediate channels (or both dense): rows per group c2 / g
             w2g = w2.reshape(g, c2 // g, c1g, k2h, k2w)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import MergeError
+from ..rewrite.trainable import BlockRecord
 
 __all__ = ["Float64Run", "capture_blocks", "check_block", "check_network", "merge_error", "output_error"]
 
@@ -141,17 +142,18 @@ def _device_of(args: tuple) -> torch.device:
     return next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
-def capture_blocks(trainable: fx.GraphModule, blocks: Sequence[dict]) -> tuple[tuple[torch.Tensor, ...], dict, object]:
+def capture_blocks(trainable: fx.GraphModule,
+                   blocks: Sequence[BlockRecord]) -> tuple[tuple[torch.Tensor, ...], dict, object]:
     """Random float64 inputs, the trainable form's float64 values at every block's input and output, and its
     float64 output: what the merged blocks and the merged network are checked against."""
     device = next(iter(trainable.parameters())).device
     xs = traced_inputs(trainable, device=device)
-    run = Float64Run(trainable, keep={rec[k] for rec in blocks for k in ("input", "output")})
+    run = Float64Run(trainable, keep={name for rec in blocks for name in (rec.input, rec.output)})
     with torch.no_grad():
         expected = run.run(*xs)
     for rec in blocks:
-        if rec["input"] not in run.values or rec["output"] not in run.values:
-            raise MergeError(f"cannot check block ({rec['st']},{rec['end']}]: its input or output is not a "
+        if rec.input not in run.values or rec.output not in run.values:
+            raise MergeError(f"cannot check block ({rec.st},{rec.end}]: its input or output is not a "
                              "tensor of the trainable form; merge with check=False to skip the check")
     return xs, run.values, expected
 
@@ -159,10 +161,10 @@ def capture_blocks(trainable: fx.GraphModule, blocks: Sequence[dict]) -> tuple[t
 def check_block(rec: dict, merged: nn.Module, values: dict[str, torch.Tensor], tolerance: float) -> float:
     """Raise :class:`MergeError` unless the float64 ``merged`` map computes block ``rec`` of the trainable form."""
     with torch.no_grad():
-        err = _relative(values[rec["output"]], merged(values[rec["input"]]))
+        err = _relative(values[rec.output], merged(values[rec.input]))
     if not err <= tolerance:
         raise MergeError(
-            f"merged block ({rec['st']},{rec['end']}] (convs {rec['kept']}) does not compute what its "
+            f"merged block ({rec.st},{rec.end}] (convs {rec.kept}) does not compute what its "
             f"trainable form computes: float64 relative error {err:.2e} > {tolerance:.0e}. This is a bug "
             "in lm_plugin's merge for this model; please report it. Keep the activation at one of its "
             "positions to avoid the block, or merge with check=False to get the unchecked network."

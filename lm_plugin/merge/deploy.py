@@ -10,6 +10,7 @@ used to compute becomes dead code and is removed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..blocks import block_geometry, skip_offset
 from ..errors import MergeError
 from ..plan import Plan
-from ..rewrite.trainable import META_KEY, to_trainable
+from ..rewrite.trainable import META_KEY, BlockRecord, to_trainable
 from ..trace.chain import Chain, ChainConv
 from ..trace.fxedit import replace_submodule
 from ..trace.graph import is_foldable_bn
@@ -86,7 +87,7 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
                 check_block(rec, _padded(lin.to_conv2d(padding, dtype=torch.float64, device=ref.device), pad),
                             values, tolerance)
             # Replaced at once, so the block's old conv is freed before the next block is built.
-            replace_submodule(gm, chain.conv(rec["kept"][0]).name, lin.to_conv2d(padding, dtype=dtype,
+            replace_submodule(gm, chain.conv(rec.kept[0]).name, lin.to_conv2d(padding, dtype=dtype,
                                                                                   device=ref.device))
             merged.append((rec, pad))
 
@@ -95,16 +96,16 @@ def merge(trainable: fx.GraphModule, chain: Chain, *, max_bytes: int = MAX_MERGE
     replaced: dict[str, fx.Node] = {}  # a block's output may be the next block's input
     by_target: dict[str, dict] = {}
     for rec, pad in merged:
-        target = chain.conv(rec["kept"][0]).name
+        target = chain.conv(rec.kept[0]).name
         by_target[target] = rec
-        out_node = nodes[rec["output"]]
-        block_in = replaced.get(rec["input"], nodes[rec["input"]])
+        out_node = nodes[rec.output]
+        block_in = replaced.get(rec.input, nodes[rec.input])
         with graph.inserting_before(out_node):
             if pad is not None:
                 block_in = graph.call_function(F.pad, (block_in, pad))
             new = graph.call_module(target, (block_in,))
         out_node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        replaced[rec["output"]] = new
+        replaced[rec.output] = new
     graph.eliminate_dead_code()
     folded = _fold_remaining_bns(gm)
     graph.lint()
@@ -133,8 +134,8 @@ def deploy_plan(gm: fx.GraphModule, chain: Chain, plan: Plan) -> fx.GraphModule:
     return merge(to_trainable(gm, chain, plan), chain)
 
 
-def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: list[dict], sizes: dict[tuple[int, int], int],
-                  dtype: torch.dtype, check: bool) -> None:
+def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: Sequence[BlockRecord],
+                  sizes: dict[tuple[int, int], int], dtype: torch.dtype, check: bool) -> None:
     """Refuse, before allocating anything, a merge that would not fit in the memory available now.
 
     The merge holds a copy of the trainable form, every merged kernel in the model's dtype (each block's first
@@ -147,13 +148,13 @@ def _check_memory(trainable: fx.GraphModule, chain: Chain, blocks: list[dict], s
         return
     element = torch.empty((), dtype=dtype).element_size()
     model = sum(t.numel() * t.element_size() for t in (*trainable.parameters(), *trainable.buffers()))
-    freed = sum(trainable.get_submodule(chain.conv(rec["kept"][0]).name).weight.numel() * element for rec in blocks)
-    built = [sizes[rec["st"], rec["end"]] for rec in blocks]  # blocks left as they are build nothing
+    freed = sum(trainable.get_submodule(chain.conv(rec.kept[0]).name).weight.numel() * element for rec in blocks)
+    built = [sizes[rec.st, rec.end] for rec in blocks]  # blocks left as they are build nothing
     merged = sum(built) * element // 8
     work = max(built, default=0) * (2 if check else 1)
     need = model + merged - freed + work
     if need > free:
-        worst = sorted(((rec["st"], rec["end"]) for rec in blocks), key=lambda b: -sizes[b])[:3]
+        worst = sorted(((rec.st, rec.end) for rec in blocks), key=lambda b: -sizes[b])[:3]
         raise MergeError(
             f"merging this plan needs about {need / 1024**3:.1f} GiB (a copy of the trainable form "
             f"{model / 1024**3:.1f} GiB, merged kernels {merged / 1024**3:.1f} GiB, float64 work "
@@ -189,7 +190,7 @@ def check_error(deployed: fx.GraphModule) -> float:
 def _merged_map(gm: fx.GraphModule, chain: Chain, plan: Plan, rec: dict
                 ) -> tuple[LinearConv, tuple[int, int], tuple[int, int, int, int] | None]:
     """Block ``rec``'s map, the padding of its merged conv, and the explicit pad before it (asymmetric only)."""
-    st, end = rec["st"], rec["end"]
+    st, end = rec.st, rec.end
     lin = _block_map(gm, chain, plan, st, end)
     geo = block_geometry(chain, st, end, plan.kept_convs)
     if lin.kernel_size != geo.kernel_size or lin.stride != geo.stride:
@@ -235,7 +236,7 @@ def internal_layers(trainable: fx.GraphModule, chain: Chain) -> list[nn.Module]:
     info, plan = _trainable_plan(trainable, chain)
     layers: list[nn.Module] = []
     for rec in info["blocks"]:
-        st, end = rec["st"], rec["end"]
+        st, end = rec.st, rec.end
         space = {p: p for p in range(st, end + 1)}  # position -> a position with the same channels
         for j in range(st + 1, end + 1):
             if j not in plan.kept_convs:
@@ -245,7 +246,7 @@ def internal_layers(trainable: fx.GraphModule, chain: Chain) -> list[nn.Module]:
             if r.projection is None:
                 _join(space, r.target, r.source)
         boundary = {_root(space, st), _root(space, end)}
-        layers += [trainable.get_submodule(chain.conv(j).name) for j in rec["kept"]
+        layers += [trainable.get_submodule(chain.conv(j).name) for j in rec.kept
                    if _root(space, j) not in boundary]
         layers += [trainable.get_submodule(r.projection) for r in folded
                    if r.projection is not None and _root(space, r.target) not in boundary]

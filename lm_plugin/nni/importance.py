@@ -10,7 +10,7 @@ import torch.nn as nn
 from nni.compression.utils import Evaluator
 
 from ..errors import ConfigurationError
-from ..tables.importance import DistillImportance, ImportanceEstimator
+from ..tables.estimators import DistillImportance, ImportanceEstimator
 from .training import evaluate_with_evaluator, train_with_evaluator
 
 

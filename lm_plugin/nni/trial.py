@@ -46,15 +46,24 @@ from typing import Any
 import nni
 
 from ..budget import Budget
-from ..cli import FINETUNE, LATENCY, MODEL, SELECT
-from ..cli.commands import build_pruner, finetune_settings, frontier, prepare, staged_output
-from ..cli.options import Options, add_options, resolve
-from ..cli.specs import CLIError
 from ..compress import CompressionResult, compress
 from ..data import DataUnavailableError
 from ..errors import LayerMergeError
 from ..pruner import LayerMergePruner, default_cache_dir
 from ..report import write_run
+from ..runs import (
+    FINETUNE,
+    LATENCY,
+    MODEL,
+    SELECT,
+    BadInputError,
+    Options,
+    add_options,
+    build_run,
+    frontier,
+    resolve,
+    staged_output,
+)
 from ..solve import InfeasibleBudgetError
 from ..train import evaluate
 
@@ -76,7 +85,7 @@ PARAMETERS: dict[str, type] = {
 TABLE_LOCK = "nni-tables.lock"
 
 
-class TrialError(CLIError):
+class TrialError(BadInputError):
     """A trial cannot run as configured (bad search-space value, no output folder); exit status 2."""
 
 
@@ -265,7 +274,7 @@ def run_trial(opts: Options, output: str | os.PathLike[str], *, parameters: Mapp
 
     Raises:
         InfeasibleBudgetError: no plan meets the budget.
-        CLIError: bad options (model spec, data name, budget).
+        BadInputError: bad options (model spec, data name, budget).
     """
     folder = Path(output)
     cache_dir = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
@@ -278,9 +287,9 @@ def run_trial(opts: Options, output: str | os.PathLike[str], *, parameters: Mapp
     _say(f"budget {opts.budget}; waiting for the table lock in {cache_dir}")
     with table_lock(cache_dir) as waited:
         held = time.perf_counter()
-        model, example, splits = prepare(opts, data_required=True)
+        run = build_run(opts)
+        pruner, splits = run.pruner, run.data
         assert splits is not None
-        pruner = build_pruner(opts, model, example, splits)
         tables = build_tables(pruner)
         tables.waited_s, tables.seconds = waited, time.perf_counter() - held
     # Written before the search, so a trial that fails later (an infeasible budget) still says what it built.
@@ -296,8 +305,7 @@ def run_trial(opts: Options, output: str | os.PathLike[str], *, parameters: Mapp
         intermediate.append({"epoch": epoch, "accuracy": accuracy})
         nni.report_intermediate_result({"default": accuracy, "epoch": epoch})
 
-    settings = finetune_settings(opts)
-    result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=settings, rounds=opts.rounds,
+    result = compress(pruner, train_data=splits.train, test_data=splits.test, finetune=run.finetune, rounds=opts.rounds,
                       progress=opts.progress, log=_say, on_epoch=on_epoch)
     metric = _final_metric(result, tables)
     context = {"command": command, "model": opts.model,
@@ -334,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("interrupted; the table cache keeps what was computed")
         return 130
     except Exception as exc:  # an NNI trial must end with a message and a status, never hang
-        bad_input = isinstance(exc, (CLIError, InfeasibleBudgetError, DataUnavailableError))
+        bad_input = isinstance(exc, (BadInputError, InfeasibleBudgetError, DataUnavailableError))
         if not isinstance(exc, LayerMergeError) and not bad_input:
             traceback.print_exc()  # not one of ours: the traceback is what tells what went wrong
         _say(f"error: {exc}" if isinstance(exc, LayerMergeError) else f"error: {type(exc).__name__}: {exc}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..registry import Registry
 from .contract import StageOutput
 
 __all__ = ["STAGES", "Stage", "StageSpec", "list_stages", "register_stage"]
@@ -34,8 +34,8 @@ class StageSpec:
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-#: Registered stages, by name.
-STAGES: dict[str, StageSpec] = {}
+#: Registered stages, by name (the built-in ones are registered by :mod:`lm_plugin.pipeline.stages`).
+STAGES: Registry[StageSpec] = Registry("pipeline stage", builtins=(f"{__package__}.stages",))
 
 
 def register_stage(name: str, fn: Stage | None = None, *, final: bool = False) -> Any:
@@ -48,9 +48,9 @@ def register_stage(name: str, fn: Stage | None = None, *, final: bool = False) -
     """
 
     def add(f: Stage) -> Stage:
-        if name in STAGES:
-            raise ConfigurationError(f"a stage named {name!r} is already registered")
-        STAGES[name] = StageSpec(f, final)
+        if name in STAGES and STAGES[name].fn is f:
+            return f  # the same function again (a re-imported module)
+        STAGES.register(name, StageSpec(f, final))
         return f
 
     return add(fn) if fn is not None else add
@@ -58,5 +58,5 @@ def register_stage(name: str, fn: Stage | None = None, *, final: bool = False) -
 
 def list_stages() -> list[str]:
     """Names of the registered stages."""
-    return sorted(STAGES)
+    return STAGES.names()
 

@@ -164,8 +164,9 @@ def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:
               "activations; open circles: removed.", "",
               "## Accuracy vs latency", "", "![trade-off](tradeoff.png)", "",
               ("Grey, right axis: the DP's best plan at 15 budgets — predicted latency and objective (summed "
-               "importance: the predicted change of the metric before fine-tuning, 0 for the original); it never "
-               "falls as the budget grows. Markers: the measured models." if report.get("frontier") else
+               "importance: the predicted change of the metric before fine-tuning, capped at 0, the original's "
+               "value at budget 1.0); it never falls as the budget grows. Markers: the measured models."
+               if report.get("frontier") else
                "Markers: the measured models. No trade-off sweep was run (with a screened search it scores more "
                "importance entries; `--tradeoff` asks for it)."), ""]
     lines += ["## How this was measured", "",

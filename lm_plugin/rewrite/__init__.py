@@ -1,5 +1,5 @@
 """Stage 5 of the data flow: plan -> trainable form (what gets fine-tuned)."""
 
-from .trainable import RewriteOptions, to_trainable
+from .trainable import BlockRecord, RewriteOptions, to_trainable
 
-__all__ = ["RewriteOptions", "to_trainable"]
+__all__ = ["BlockRecord", "RewriteOptions", "to_trainable"]

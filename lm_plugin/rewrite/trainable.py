@@ -36,6 +36,30 @@ from ..trace.fxedit import erase_unused, set_submodule
 
 META_KEY = "lm_plugin"
 
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """What one block of a plan became in the trainable form: the hand-off to merge (which replaces ``input`` →
+    ``output`` with one conv) and to the importance estimators (which read the network at ``position``).
+
+    Attributes:
+        st: The block is ``(st, end]`` of the chain.
+        end: See ``st``.
+        kept: The convs it keeps (chain indices), in order.
+        input: Name of the node holding the block's input.
+        output: Name of the node whose value the merged conv computes.
+        position: Name of the node the rest of the network reads at position ``end`` (after the activation).
+        position_reference: The name of that same value in the original graph.
+    """
+
+    st: int
+    end: int
+    kept: tuple[int, ...]
+    input: str
+    output: str
+    position: str
+    position_reference: str
+
 @dataclass(frozen=True)
 class RewriteOptions:
     """How the trainable form is built.
@@ -103,7 +127,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         return module
     alias: dict[str, fx.Node] = {}  # name of a removed node -> node that now carries its value
     inserted_kind = options.inserted_kind(chain)
-    records = []
+    records: list[BlockRecord] = []
     dead: list[fx.Node] = []
 
     def resolve(name: str) -> fx.Node:
@@ -205,8 +229,8 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         # What the rest of the network reads at position ``end``: here, and the same value in the original
         # (what the ``local`` importance estimator fits the block to).
         position = resolve(end_pos.node or end_pos.pre_node)  # type: ignore[arg-type]
-        records.append({"st": st, "end": end, "kept": kept, "input": block_in.name, "output": block_out.name,
-                        "position": position.name, "position_reference": end_pos.node or end_pos.pre_node})
+        records.append(BlockRecord(st, end, tuple(kept), block_in.name, block_out.name, position.name,
+                                   end_pos.node or end_pos.pre_node))
 
     for node in dead:
         erase_unused(graph, node)
@@ -218,7 +242,7 @@ def to_trainable(gm: fx.GraphModule, chain: Chain, plan: Plan, options: RewriteO
         "plan": plan.to_dict(),
         "chain_id": chain.fingerprint(),
         "options": asdict(options),
-        "blocks": records,
+        "blocks": tuple(records),
     }
     return out
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import ConfigurationError
+from ..registry import Registry
 from .dp import InfeasibleBudgetError
 
 K = TypeVar("K", bound=Hashable)
@@ -191,15 +192,16 @@ def no_lift(screen: Mapping[K, float], exact: Mapping[K, float],
 #: the exactly scored entries and the calibration sample's exact values (a subset of them).
 Lift = Callable[[Mapping[K, float], Mapping[K, float], Mapping[K, float]], dict[K, float]]
 #: How a screened search values the entries it has not scored, by name (``LayerMergePruner(screen_lift=...)``).
-LIFTS: dict[str, Lift] = {"envelope": envelope_lift, "median": median_lift, "none": no_lift}
+LIFTS: Registry[Lift] = Registry("screening lift")
+for _name, _lift in (("envelope", envelope_lift), ("median", median_lift), ("none", no_lift)):
+    LIFTS.register(_name, _lift)
 #: The lifts learned from the calibration sample alone (they need one).
 CALIBRATED_LIFTS = frozenset({"median"})
 
 
 def check_lift(lift: str, calibration: int) -> None:
     """Raise :class:`ConfigurationError` unless ``lift`` is known and has the calibration sample it needs."""
-    if lift not in LIFTS:
-        raise ConfigurationError(f"unknown lift {lift!r}: screen_lift must be one of {sorted(LIFTS)}")
+    LIFTS[lift]  # an unknown name raises UnknownNameError listing the lifts
     if lift in CALIBRATED_LIFTS and calibration < 1:
         raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use at least one "
                                  f"calibration entry (screen_calibration, default {DEFAULT_CALIBRATION}) or another "

@@ -48,6 +48,8 @@ class TableEstimate:
         """One line: what is left to score, at what cost per entry, and the total."""
         parts = [self._part()] + ([self.then._part()] if self.then is not None else [])
         low, high = self.seconds
+        if high == 0:
+            return f"importance: {'; '.join(parts)}: nothing to score."
         total = _duration(low) if high - low < 1 else f"{_duration(low)} to {_duration(high)}"
         return f"importance: {'; then '.join(parts)}. Estimated {total}."
 

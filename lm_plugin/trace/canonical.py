@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+# torch has no public way to build the shape metadata ShapeProp writes; this helper is what ShapeProp itself uses
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..activations import kind_of_function, kind_of_method

@@ -124,11 +124,11 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     gm.eval()
     with torch.no_grad():
         try:
-            _propagate_shapes(gm, inputs)
+            propagate_shapes(gm, inputs)
             changes = canonicalize(gm)
             gm.eval()
             if any("type" not in n.meta for n in gm.graph.nodes):  # ShapeProp records every node's type
-                _propagate_shapes(gm, inputs)  # a rewrite left a node without its shape (a safety net)
+                propagate_shapes(gm, inputs)  # a rewrite left a node without its shape (a safety net)
             notes += changes
         except Exception as exc:
             raise UntraceableModelError(
@@ -139,7 +139,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     return gm
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     """Annotate nodes with shapes. Fake tensors make this free of compute (float64 depthwise convs are very
     slow on CPU); models that fake tensors cannot run fall back to a real forward pass."""
     try:

@@ -1,6 +1,6 @@
 """The reference workload (Fashion-MNIST, ``resnet_fm``, ``mbv2_fm``) and a digits workload for tests."""
 
-from .data import DataUnavailableError, default_data_root, digits, fashion_mnist
+from ..data.datasets import DataUnavailableError, default_data_root, digits, fashion_mnist
 from .models import (
     MODELS,
     create_model,

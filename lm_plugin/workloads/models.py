@@ -18,8 +18,11 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock
 
-from ..errors import ConfigurationError, UnknownNameError
+from ..data import datasets as data
+from ..errors import ConfigurationError
+from ..registry import Registry
 from ..store.paths import checkpoint_dir
+from ..train import evaluate, fit
 
 __all__ = [
     "MODELS",
@@ -164,33 +167,30 @@ class ModelSpec:
     input_shape: tuple[int, ...]
 
 
-MODELS: dict[str, ModelSpec] = {
-    "resnet_fm": ModelSpec(resnet_fm, "fashion_mnist", (1, 28, 28)),
-    "mbv2_fm": ModelSpec(mbv2_fm, "fashion_mnist", (1, 28, 28)),
-    "small_cnn": ModelSpec(small_cnn, "digits", (1, 8, 8)),
-    "digits_resnet": ModelSpec(digits_resnet, "digits", (1, 8, 8)),
-}
+#: Workload models by name (``lm_plugin:NAME`` in the CLI); add yours with :func:`register_model`.
+MODELS: Registry[ModelSpec] = Registry("workload model")
 
 
 def register_model(name: str, factory: Callable[..., nn.Module], dataset: str, input_shape: tuple[int, ...]) -> None:
     """Add a model to :data:`MODELS` (``dataset`` is ``"fashion_mnist"`` or ``"digits"``)."""
-    if name in MODELS:
-        raise ConfigurationError(f"a model named {name!r} is already registered")
     if dataset not in ("fashion_mnist", "digits"):
         raise ConfigurationError(f"dataset must be 'fashion_mnist' or 'digits', got {dataset!r}")
-    MODELS[name] = ModelSpec(factory, dataset, tuple(input_shape))
+    MODELS.register(name, ModelSpec(factory, dataset, tuple(input_shape)))
+
+
+register_model("resnet_fm", resnet_fm, "fashion_mnist", (1, 28, 28))
+register_model("mbv2_fm", mbv2_fm, "fashion_mnist", (1, 28, 28))
+register_model("small_cnn", small_cnn, "digits", (1, 8, 8))
+register_model("digits_resnet", digits_resnet, "digits", (1, 8, 8))
 
 
 def list_models() -> list[str]:
     """Names of the registered models."""
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def _spec(name: str) -> ModelSpec:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+    return MODELS[name]
 
 
 def create_model(name: str, **kwargs: object) -> nn.Module:
@@ -205,8 +205,6 @@ def default_cache_dir() -> Path:
 
 
 def _loaders(dataset: str, data_root: str | os.PathLike[str] | None, seed: int):
-    from . import data
-
     if dataset == "fashion_mnist":
         return (
             data.fashion_mnist(data_root, train=True, batch_size=128, seed=seed),
@@ -242,8 +240,6 @@ def trained(
     Returns:
         The trained model in eval mode, with its test accuracy (%) in ``model.test_accuracy``.
     """
-    from ..train import evaluate, fit
-
     spec = _spec(name)
     n_epochs = epochs if epochs is not None else (3.0 if spec.dataset == "fashion_mnist" else 30.0)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

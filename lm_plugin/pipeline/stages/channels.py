@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ...compress import EXACTNESS_TOLERANCE
+from ...merge import check_error
 from ...metrics import model_cost
 from ..contract import LayerMergeHandoff, PipelineContext, PipelineError, StageOutput
 from ..registry import register_stage
@@ -54,9 +56,6 @@ def _trainable_names(hand: LayerMergeHandoff, names: Iterable[str]) -> list[str]
 def _merge_pruned(hand: LayerMergeHandoff, trainable: nn.Module, ctx: PipelineContext,
                   notes: dict[str, Any]) -> StageOutput:
     """Merge a channel-pruned, fine-tuned copy of the hand-off's trainable form; check it; hand it on."""
-    from ...compress import EXACTNESS_TOLERANCE
-    from ...merge import check_error
-
     trainable.eval()
     merged = hand.pruner.merge(trainable)
     # the merge's own float64 check: rounding is ~1e-15 there, so anything larger is a real mismatch (a bug)

@@ -7,6 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from ...compress import FinetuneSettings, compress
+from ...pruner import LayerMergePruner
+from ...solve import InfeasibleBudgetError
 from ..contract import LayerMergeHandoff, PipelineContext, StageOutput
 from ..registry import register_stage
 
@@ -30,10 +33,6 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
     ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
     becomes the smallest reachable latency, noted in the result, instead of an error).
     """
-    from ...compress import FinetuneSettings, compress
-    from ...pruner import LayerMergePruner
-    from ...solve import InfeasibleBudgetError
-
     pruner = LayerMergePruner(model, budget, ctx.example_inputs, ignored_layers=tuple(ignored_layers), mode=mode,
                               max_kernel=max_kernel, backend=ctx.profiler, cache_dir=ctx.cache_dir,
                               progress=ctx.progress, importance=importance, train_data=ctx.train_data,

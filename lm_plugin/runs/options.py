@@ -1,4 +1,4 @@
-"""Every CLI option in one place: defaults, YAML config files, and their precedence.
+"""Every option of a run in one place: defaults, YAML config files, and their precedence.
 
 Precedence: an option given on the command line > the same key in ``--config FILE.yaml`` > the default.
 YAML keys are the long option names with ``_`` or ``-`` (``finetune_epochs`` or ``finetune-epochs``).
@@ -15,9 +15,18 @@ from typing import Any
 import yaml
 
 from ..budget import DEFAULT_BUDGET
-from .specs import CLIError
+from .specs import BadInputError
 
-__all__ = ["Options", "add_options", "resolve"]
+__all__ = ["FINETUNE", "LATENCY", "MODEL", "OUTPUT", "SELECT", "Options", "add_options", "resolve"]
+
+# Option groups, by what they configure (commands and NNI trials take the groups they need).
+MODEL = ["model", "checkpoint", "train", "input_shape", "data", "data_root", "normalize", "seed", "cache_dir",
+         "progress"]
+LATENCY = ["backend", "batch_size", "threads"]
+SELECT = ["budget", "importance", "importance_steps", "screen", "val_size", "mode", "max_kernel", "ignored_layers",
+          "train_batch_size"]
+FINETUNE = ["finetune_epochs", "finetune_lr", "distill_alpha", "rounds", "tradeoff"]
+OUTPUT = ["output", "overwrite"]
 
 
 @dataclass
@@ -154,23 +163,23 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     try:
         return Options(**values)
     except TypeError as exc:
-        raise CLIError(str(exc)) from None
+        raise BadInputError(str(exc)) from None
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CLIError(f"config file {str(path)!r} does not exist")
+        raise BadInputError(f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise CLIError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise BadInputError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise CLIError(f"config file {str(path)!r} must be a mapping of option: value")
+        raise BadInputError(f"config file {str(path)!r} must be a mapping of option: value")
     known = {f.name for f in dataclasses.fields(Options)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise CLIError(f"unknown option {key!r} in {str(path)!r}; known options: {', '.join(sorted(known))}")
+            raise BadInputError(f"unknown option {key!r} in {str(path)!r}; known options: {', '.join(sorted(known))}")
         out[name] = str(value) if name == "budget" else value
     return out

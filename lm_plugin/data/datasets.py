@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-# DataSplits, the registry and DataUnavailableError live in lm_plugin.data; the names stay importable from here.
-from ..data.splits import DATASETS, DataSplits, DataUnavailableError, data_splits, register_dataset
 from ..errors import ConfigurationError
 from ..store.paths import data_root
+
+# DataSplits, the registry and DataUnavailableError live in lm_plugin.data; the names stay importable from here.
+from .splits import DATASETS, DataSplits, DataUnavailableError, data_splits, register_dataset
 
 __all__ = [
     "DATASETS",
