@@ -28,7 +28,7 @@ import scipy.stats
 import torch
 from importance_quality import finetuned, parse_settings, plan_id
 
-from lm_plugin import LayerMergePruner
+from lm_plugin import LayerMergePruner, ScreenedSearch
 from lm_plugin.data.datasets import data_splits
 from lm_plugin.workloads.models import trained
 
@@ -57,7 +57,7 @@ def main() -> None:
                                   train_data=splits.train, eval_data=splits.val,
                                   importance_settings={**settings, "seed": seed}, cache_dir=args.cache_dir,
                                   progress=True,
-                                  **({"screen": None} if args.complete else {"screen_lift": "envelope"}))
+                                  screen=None if args.complete else ScreenedSearch("tail_distill", lift="envelope"))
         if args.complete:
             tables[seed] = pruner.importance_table().values
         plans = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from importance_quality import finetuned, parse_settings, plan_id
 
-from lm_plugin import LayerMergePruner
+from lm_plugin import LayerMergePruner, ScreenedSearch
 from lm_plugin.data.datasets import data_splits
 from lm_plugin.solve import DEFAULT_LIFT, DEFAULT_TOLERANCE, LIFTS
 from lm_plugin.workloads.models import trained
@@ -81,10 +81,9 @@ def main() -> None:
     try:
         for f in Path(args.cache_dir).glob("latency-*.sqlite"):
             shutil.copy(f, cold / f.name)
-        calibration = {} if args.calibration is None else {"screen_calibration": args.calibration}
-        calibration["screen_lift"] = args.lift
-        calibration["screen_tolerance"] = args.tolerance
-        screened = pruner(cold, exact, screen="tail_distill", **calibration)
+        calibration = {} if args.calibration is None else {"calibration": args.calibration}
+        screened = pruner(cold, exact, screen=ScreenedSearch("tail_distill", lift=args.lift, tolerance=args.tolerance,
+                                                             **calibration))
         sample: list[list] = []
         reference_s: dict = {}
         if exact:
@@ -150,8 +149,8 @@ def main() -> None:
               "distill_entry_s_mean": mean_reference, "distill_entries_timed": len(reference_s) or len(entry_s),
               "complete_table_s_estimate": table_s, "complete_table_entries": every,
               "searched_table_s_estimate": searched_s, "rows": rows,
-              "screen": screened.screen.settings(), "calibration": screened.screen_calibration,
-              "lift": screened.screen_lift, "tolerance": screened.screen_tolerance,
+              "screen": screened.screen.settings(), "calibration": screened.screening.calibration,
+              "lift": screened.screening.lift, "tolerance": screened.screening.tolerance,
               "skip_slower_blocks": screened.skip_slower_blocks,
               "machine": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__}
     suffix = "".join(f"_{k}{v}" for k, v in sorted(exact.items()))

@@ -25,6 +25,7 @@ from .inspect import CompressibilityReport, inspect_model
 from .plan import Plan
 from .pruner import LayerMergePruner, SearchResult
 from .rewrite import RewriteOptions
+from .screening import ScreenedSearch
 from .solve import InfeasibleBudgetError
 from .trace import Chain
 from .train import evaluate, fit
@@ -48,6 +49,7 @@ __all__ = [
     "NoChainError",
     "Plan",
     "RewriteOptions",
+    "ScreenedSearch",
     "SearchResult",
     "UntraceableModelError",
     "__version__",

@@ -26,16 +26,12 @@ from .merge import merge as _merge
 from .metrics import ModelCost, model_cost
 from .plan import Plan
 from .rewrite import RewriteOptions, to_trainable
+from .screening import ScreenedSearch
 from .solve import (
-    DEFAULT_CALIBRATION,
-    DEFAULT_LIFT,
-    DEFAULT_TOLERANCE,
     Entry,
     InfeasibleBudgetError,
     ScreenedValues,
     Solution,
-    check_lift,
-    check_tolerance,
     min_latency,
     screened_values,
     slower_blocks,
@@ -43,7 +39,7 @@ from .solve import (
 )
 from .store.paths import cache_root
 from .tables.estimate import SCREENED_SHARE, TableEstimate, estimate_table
-from .tables.estimators import DEFAULT_ESTIMATOR, SCREEN_SETTINGS, ImportanceEstimator, make_estimator
+from .tables.estimators import DEFAULT_ESTIMATOR, ImportanceEstimator, make_estimator
 from .tables.importance import ImportanceScorer, ImportanceTable, representative
 from .tables.latency import LatencyModel, build_latency_model
 from .trace import Chain, extract_chain, trace
@@ -137,29 +133,13 @@ class LayerMergePruner:
         eval_data: batches the importance metric is measured on; with an estimator name only.
         importance_settings: further estimator settings (``steps``, ``max_lr``, ``metric``, ``seed`` ...); with
             an estimator name only.
-        screen: a cheap estimator to search with first (a name, as ``importance``, or a ready estimator):
-            :meth:`search` solves on its table and scores with ``importance`` only the entries the plans need
-            (:mod:`lm_plugin.solve.screen`), instead of every entry. ``"auto"`` (default): the importance
-            estimator's own choice (``distill`` is screened by ``tail_distill``, the cheap estimators by nothing)
-            when it has training and evaluation data and the network has at least
-            :data:`AUTO_SCREEN_MIN_ENTRIES` compressing candidates; ``None``: search on the complete table.
-            ``"tail_distill"`` runs with the screening settings of
-            :data:`~lm_plugin.tables.estimators.SCREEN_SETTINGS` unless ``screen_settings`` says otherwise. With a
-            name, the screen uses the importance estimator's data.
-        screen_settings: settings of the screen; with a screen name only.
-        screen_lift: how a screened search values the entries it has not scored: ``"median"`` (default: the
-            screen on the exact scale by the calibration sample's typical under-rating; plans that fine-tune as
-            well as the exact estimator's over its seeds), ``"envelope"`` (the screen plus a learned bound on how
-            far it under-rates: the complete table's plan when the bound holds, at about twice the entries) or
-            ``"none"`` (the screen's value as it is: plans that depend on the calibration sample, some much
-            worse). docs/selection.md compares their cost and plans.
-        screen_calibration: entries scored with ``importance`` before the first screened solve, a seeded sample
-            of the better half of the screen: the lifts learn from them how far the screen under-rates entries
-            (``"median"`` needs at least one); without a lift their exact values are what the first solve sees of
-            the screen's best entries (on a small table, a good part of them).
-        screen_tolerance: a screened search stops once the best plan of scored entries is within this fraction of
-            its own objective of what the lifted values promise (:mod:`lm_plugin.solve.screen`: the exact
-            estimator's own seed noise is larger); 0: score until the plan on the lifted values is all exact.
+        screen: search with a cheap estimator first and score with ``importance`` only the entries the plans
+            need (:class:`~lm_plugin.screening.ScreenedSearch`: the screen, its settings, the lift, calibration
+            and tolerance, configured once), instead of every entry. A name or a ready estimator stands for
+            ``ScreenedSearch(screen)``. ``"auto"`` (default): the importance estimator's own choice (``distill`` is
+            screened by ``tail_distill``, the cheap estimators by nothing) when it has training and evaluation data
+            and the network has at least :data:`AUTO_SCREEN_MIN_ENTRIES` compressing candidates; ``None``: search
+            on the complete table.
         skip_slower_blocks: leave out of every search, and never score, the candidate blocks that the latency
             table shows not faster than the uncompressed layers they replace (:mod:`lm_plugin.solve.dominance`):
             they could enter a plan only by scoring an accuracy gain from compression, which is estimator noise.
@@ -196,11 +176,7 @@ class LayerMergePruner:
         train_data: Any = None,
         eval_data: Any = None,
         importance_settings: dict[str, Any] | None = None,
-        screen: str | ImportanceEstimator | None = "auto",
-        screen_settings: dict[str, Any] | None = None,
-        screen_lift: str = DEFAULT_LIFT,
-        screen_calibration: int = DEFAULT_CALIBRATION,
-        screen_tolerance: float = DEFAULT_TOLERANCE,
+        screen: str | ImportanceEstimator | ScreenedSearch | None = "auto",
         skip_slower_blocks: bool = True,
         resolution: float = 1e-3,
     ) -> None:
@@ -212,11 +188,6 @@ class LayerMergePruner:
         _one_way("backend", backend, Profiler, batch_size=batch_size, profiler_settings=profiler_settings)
         _one_way("importance", importance, ImportanceEstimator, train_data=train_data, eval_data=eval_data,
                  importance_settings=importance_settings)
-        _one_way("screen", screen, ImportanceEstimator, screen_settings=screen_settings)
-        if not (isinstance(screen_calibration, int) and screen_calibration >= 0):
-            raise ConfigurationError(f"screen_calibration must be an int >= 0, got {screen_calibration!r}")
-        check_lift(screen_lift, screen_calibration)
-        check_tolerance(screen_tolerance)
         if rewrite is not None and not isinstance(rewrite, RewriteOptions):
             raise ConfigurationError(f"rewrite must be a lm_plugin.RewriteOptions, got {type(rewrite).__name__}")
         self.model = model
@@ -248,22 +219,16 @@ class LayerMergePruner:
         #: The batches importance is measured on (its estimator's): where ``compress`` decides when fine-tuning
         #: stops.
         self.eval_data = getattr(self.estimator, "eval_data", None)
-        #: The screening estimator (None: every search uses the complete importance table).
-        self.screen: ImportanceEstimator | None = None
-        eval_data = self.eval_data
         if screen == "auto":  # the estimator's own choice, when it has the data a screen needs and the table is large
             large = sum(not c.uncompressed for c in self.candidates) >= AUTO_SCREEN_MIN_ENTRIES
-            screen = (self.estimator.default_screen if self.train_data is not None and eval_data is not None and large
-                      else None)
-        if screen is None and screen_settings is not None:
-            raise ConfigurationError(f"screen_settings without a screen (the {self.estimator.name} estimator with "
-                                     "this data is not screened by default): pass screen='tail_distill' (say) as well")
-        if screen is not None:
-            options = {**SCREEN_SETTINGS.get(screen, {}), **(screen_settings or {})} if isinstance(screen, str) else {}
-            self.screen = make_estimator(screen, train_data=self.train_data, eval_data=eval_data, **options)
-        self.screen_lift = screen_lift
-        self.screen_calibration = screen_calibration
-        self.screen_tolerance = float(screen_tolerance)
+            has_data = self.train_data is not None and self.eval_data is not None
+            screen = self.estimator.default_screen if has_data and large else None
+        #: How searches are screened (None: every search uses the complete importance table).
+        self.screening: ScreenedSearch | None = (
+            screen if isinstance(screen, ScreenedSearch) or screen is None else ScreenedSearch(screen))
+        #: The screening estimator (None without a screened search).
+        self.screen: ImportanceEstimator | None = (
+            self.screening.estimator(self.train_data, self.eval_data) if self.screening is not None else None)
         if not 0 < resolution < 1:
             raise ConfigurationError(f"resolution must be a fraction in (0, 1), e.g. 1e-3; got {resolution}")
         self.resolution = resolution
@@ -523,8 +488,8 @@ class LayerMergePruner:
         search on the complete table."""
         if found.scored_entries is None or self.screen is None:
             return {}
-        return {"estimator": dict(self.screen.settings()), "lift": self.screen_lift,
-                "calibration": self.screen_calibration, "tolerance": self.screen_tolerance,
+        assert self.screening is not None
+        return {"estimator": dict(self.screen.settings()), **self.screening.to_dict(),
                 "scored_entries": found.scored_entries,
                 "table_entries": found.table_entries}
 
@@ -538,8 +503,9 @@ class LayerMergePruner:
             solution = solve_on(self._complete(values))
             return [e.key for e in solution.entries], solution.objective
 
-        return screened_values(screen, self.scorer.score, pick, calibration=self.screen_calibration, seed=seed,
-                               lift=self.screen_lift, tolerance=self.screen_tolerance)
+        assert self.screening is not None
+        return screened_values(screen, self.scorer.score, pick, calibration=self.screening.calibration, seed=seed,
+                               lift=self.screening.lift, tolerance=self.screening.tolerance)
 
     def _complete(self, values: dict[tuple, float]) -> dict[tuple, float]:
         """``values`` of the scored entries plus the uncompressed single convs, which score 0."""

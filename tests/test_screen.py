@@ -13,7 +13,7 @@ import torchvision
 from scipy.optimize import linprog
 from test_importance import trained  # noqa: F401 - the fixture
 
-from lm_plugin import ConfigurationError, LayerMergePruner
+from lm_plugin import ConfigurationError, LayerMergePruner, ScreenedSearch
 from lm_plugin.solve import Entry, calibration_sample, envelope_lift, median_lift, no_lift, screened_values, solve
 from lm_plugin.tables.estimators import SCREEN_SETTINGS, TailDistillImportance, ZeroShotImportance
 
@@ -222,7 +222,7 @@ def test_the_tolerance_saves_entries_where_plans_are_nearly_tied():
 
 @pytest.mark.parametrize("tolerance", [-0.1, math.inf, math.nan, "0.1"])
 def test_a_bad_tolerance_is_refused(tolerance):
-    with pytest.raises(ConfigurationError, match="screen_tolerance"):
+    with pytest.raises(ConfigurationError, match="tolerance must be a finite fraction"):
         screened_values({(0, 2): -1.0}, dict, lambda values: ([], 0.0), tolerance=tolerance)
 
 
@@ -239,14 +239,14 @@ def _pruners(model, train, test, tmp_path, **screen):
         return LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
                                 importance=ZeroShotImportance(eval_data=test), cache_dir=tmp_path, progress=False,
                                 **extra)
-    return make(screen=TailDistillImportance(train_data=train, eval_data=test, steps=1, eval_images=64), **screen), \
-        make()
+    cheap = TailDistillImportance(train_data=train, eval_data=test, steps=1, eval_images=64)
+    return make(screen=ScreenedSearch(cheap, **screen)), make()
 
 
 def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(trained, tmp_path):  # noqa: F811
     model, train, test = trained
     before = copy.deepcopy(model.state_dict())
-    screened, complete = _pruners(model, train, test, tmp_path, screen_calibration=1)
+    screened, complete = _pruners(model, train, test, tmp_path, calibration=1)
     found = screened.search()
     assert screened.scorer.evaluated == found.scored_entries < found.table_entries
     assert len(complete.scorer.missing()) == found.table_entries - found.scored_entries
@@ -261,16 +261,16 @@ def test_a_screened_search_scores_part_of_the_table_and_its_plan_is_exact(traine
 
 def test_a_screened_search_without_a_lift_or_with_the_median_one_scores_only_what_its_plans_pick(trained, tmp_path):  # noqa: F811
     model, train, test = trained
-    bare, complete = _pruners(model, train, test, tmp_path / "bare", screen_lift="none", screen_calibration=0)
+    bare, complete = _pruners(model, train, test, tmp_path / "bare", lift="none", calibration=0)
     found = bare.search()
     assert 0 < found.scored_entries == bare.scorer.evaluated < found.table_entries
     table = complete.importance_table().values
     assert found.objective == pytest.approx(sum(table[e.key] for e in found.solution.entries))
     assert found.objective <= complete.search().objective + 1e-9
     assert bare.screen_summary(found)["lift"] == "none"
-    envelope, _ = _pruners(model, train, test, tmp_path / "envelope", screen_lift="envelope", screen_calibration=0)
+    envelope, _ = _pruners(model, train, test, tmp_path / "envelope", lift="envelope", calibration=0)
     assert found.scored_entries <= envelope.search().scored_entries
-    median, _ = _pruners(model, train, test, tmp_path / "median", screen_lift="median", screen_calibration=2)
+    median, _ = _pruners(model, train, test, tmp_path / "median", lift="median", calibration=2)
     on_scale = median.search()
     assert on_scale.objective == pytest.approx(sum(table[e.key] for e in on_scale.solution.entries))
     assert median.screen_summary(on_scale)["lift"] == "median" and 2 <= on_scale.scored_entries
@@ -302,25 +302,26 @@ def test_screen_by_name_takes_the_screening_settings_and_the_estimators_data(tra
     assert pruner.screen.steps == 3 and pruner.screen.eval_images == 250 and pruner.screen.fit_batch_size == 16
     assert pruner.screen.train_data is train and pruner.screen.eval_data is test
     custom = LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs",
-                              importance="zero_shot", train_data=train, eval_data=test, screen="tail_distill",
-                              screen_settings={"steps": 2}, cache_dir=tmp_path, progress=False)
+                              importance="zero_shot", train_data=train, eval_data=test,
+                              screen=ScreenedSearch("tail_distill", settings={"steps": 2}), cache_dir=tmp_path,
+                              progress=False)
     assert custom.screen.steps == 2 and custom.screen.eval_images == 250
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"screen": None, "screen_settings": {"steps": 2}}, "screen_settings without a screen"),
-    ({"importance": "zero_shot", "screen_settings": {"steps": 2}}, "not screened by default"),
-    ({"screen": ZeroShotImportance(), "screen_settings": {"steps": 2}}, "carries its own settings"),
-    ({"screen": "tail_distill", "screen_calibration": -1}, "screen_calibration"),
-    ({"screen": "tail_distill", "screen_lift": "half"}, "no screening lift named .half.; registered: envelope"),
-    ({"screen": "tail_distill", "screen_lift": "median", "screen_calibration": 0}, "learned from the calibration"),
+    ({"screen": ZeroShotImportance(), "settings": {"steps": 2}}, "carries its own settings"),
+    ({"calibration": -1}, "calibration must be an int"),
+    ({"lift": "half"}, "no screening lift named .half.; registered: envelope"),
+    ({"lift": "median", "calibration": 0}, "learned from the calibration"),
     ({"screen": "no_such_estimator"}, "no importance estimator named"),
 ])
 def test_bad_screen_configurations_say_what_to_do(trained, kwargs, match):  # noqa: F811
     model, train, test = trained
-    with pytest.raises(ConfigurationError, match=match):
+    with pytest.raises(ConfigurationError, match=match):  # refused when the object is made, before any pruner
+        ScreenedSearch(**kwargs)
+    with pytest.raises(ConfigurationError, match="no importance estimator named"):
         LayerMergePruner(model, 0.6, example_inputs=torch.randn(1, 1, 8, 8), backend="macs", train_data=train,
-                         eval_data=test, cache_dir=None, progress=False, **kwargs)
+                         eval_data=test, cache_dir=None, progress=False, screen="no_such_estimator")
 
 
 def test_screen_table_without_a_screen_is_an_error(trained):  # noqa: F811
@@ -346,7 +347,7 @@ def test_a_screened_search_on_torchvision_resnet18_is_exact_where_it_matters(tmp
                                 importance=ZeroShotImportance(eval_data=data), cache_dir=tmp_path, progress=False,
                                 **extra)
 
-    screened = make(screen=ZeroShotImportance(eval_data=data, eval_images=16), screen_calibration=4)
+    screened = make(screen=ScreenedSearch(ZeroShotImportance(eval_data=data, eval_images=16), calibration=4))
     complete = make()
     found, best = screened.search(), complete.search()
     table = complete.importance_table().values

@@ -191,7 +191,7 @@ def no_lift(screen: Mapping[K, float], exact: Mapping[K, float],
 #: A lift ``(screen, exact, calibration) -> values``: every entry's value for the next solve, from the screen,
 #: the exactly scored entries and the calibration sample's exact values (a subset of them).
 Lift = Callable[[Mapping[K, float], Mapping[K, float], Mapping[K, float]], dict[K, float]]
-#: How a screened search values the entries it has not scored, by name (``LayerMergePruner(screen_lift=...)``).
+#: How a screened search values the entries it has not scored, by name (``ScreenedSearch(lift=...)``).
 LIFTS: Registry[Lift] = Registry("screening lift")
 for _name, _lift in (("envelope", envelope_lift), ("median", median_lift), ("none", no_lift)):
     LIFTS.register(_name, _lift)
@@ -204,14 +204,14 @@ def check_lift(lift: str, calibration: int) -> None:
     LIFTS[lift]  # an unknown name raises UnknownNameError listing the lifts
     if lift in CALIBRATED_LIFTS and calibration < 1:
         raise ConfigurationError(f"the {lift!r} lift is learned from the calibration sample: use at least one "
-                                 f"calibration entry (screen_calibration, default {DEFAULT_CALIBRATION}) or another "
+                                 f"calibration entry (calibration, default {DEFAULT_CALIBRATION}) or another "
                                  "lift")
 
 
 def check_tolerance(tolerance: float) -> None:
     """Raise :class:`ConfigurationError` unless ``tolerance`` is a finite fraction ``>= 0``."""
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigurationError(f"screen_tolerance must be a finite fraction >= 0 (0: score until the plan is all "
+        raise ConfigurationError(f"tolerance must be a finite fraction >= 0 (0: score until the plan is all "
                                  f"exact; default {DEFAULT_TOLERANCE}), got {tolerance!r}")
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...compress import FinetuneSettings, compress
 from ...pruner import LayerMergePruner
+from ...screening import ScreenedSearch
 from ...solve import InfeasibleBudgetError
 from ..contract import LayerMergeHandoff, PipelineContext, StageOutput
 from ..registry import register_stage
@@ -19,15 +20,15 @@ __all__ = ["layermerge_stage"]
 @register_stage("layermerge")
 def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | str = 0.7, mode: str = "layermerge",
                      importance: str = "distill", importance_settings: dict[str, Any] | None = None,
-                     screen: str | None = "auto", screen_settings: dict[str, Any] | None = None,
+                     screen: str | ScreenedSearch | None = "auto",
                      ignored_layers: Sequence[str] = (), max_kernel: int | None = 7, epochs: float | str = "auto",
                      max_lr: float = 0.02, distill_alpha: float = 0.0, clip_budget: bool = False,
                      seed: int = 0) -> StageOutput:
     """LayerMerge (:func:`lm_plugin.compress.compress`) on whatever model it receives.
 
     Settings: ``budget`` (fraction of the received model's measured latency, or ``"12ms"``), ``mode``,
-    ``importance`` / ``importance_settings``, ``screen`` / ``screen_settings`` (a screened search, see
-    :class:`lm_plugin.LayerMergePruner`; ``"auto"`` by default, ``None`` for the complete table),
+    ``importance`` / ``importance_settings``, ``screen`` (a screened search: a name or a
+    :class:`~lm_plugin.screening.ScreenedSearch`; ``"auto"`` by default, ``None`` for the complete table),
     ``ignored_layers`` (conv names never merged), ``max_kernel``,
     fine-tuning (``epochs``: ``"auto"`` until the validation accuracy stops improving, or a number; ``max_lr``,
     ``distill_alpha``, ``seed``), ``clip_budget`` (an unreachable budget
@@ -36,8 +37,7 @@ def layermerge_stage(model: nn.Module, ctx: PipelineContext, *, budget: float | 
     pruner = LayerMergePruner(model, budget, ctx.example_inputs, ignored_layers=tuple(ignored_layers), mode=mode,
                               max_kernel=max_kernel, backend=ctx.profiler, cache_dir=ctx.cache_dir,
                               progress=ctx.progress, importance=importance, train_data=ctx.train_data,
-                              eval_data=ctx.val_data, importance_settings=importance_settings, screen=screen,
-                              screen_settings=screen_settings)
+                              eval_data=ctx.val_data, importance_settings=importance_settings, screen=screen)
     notes: dict[str, Any] = {}
     target: Any = None
     if clip_budget:
