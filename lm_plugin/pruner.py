@@ -363,13 +363,10 @@ class LayerMergePruner:
             self._screen_table = self._make_scorer(self.screen).table()
         return self._screen_table
 
-    def search_tables(self) -> None:
-        """Build (or load) what :meth:`search` reads: the complete importance table, or with a ``screen`` the
-        screen's table (the search then scores only the entries its plans need)."""
-        if self.screen is None:
-            self.importance_table()
-        else:
-            self.screen_table()
+    def search_tables(self) -> ImportanceTable:
+        """Build (or load) and return what :meth:`search` reads: the complete importance table, or with a
+        ``screen`` the screen's table (the search then scores only the entries its plans need)."""
+        return self.importance_table() if self.screen is None else self.screen_table()
 
     def estimate_importance(self) -> TableEstimate:
         """How long :meth:`search_tables` plus a search's exact entries will take, before they run.

@@ -13,9 +13,9 @@ LOSSES["l2"]        # the object
 LOSSES["l3"]        # UnknownNameError: no loss named 'l3' (did you mean l2?); registered: l2
 ```
 
-A name is registered once: a second object under the same name is refused (re-registering the same object is a
-no-op, so re-imported modules are harmless). Built-ins that live in another module are declared by that module's
-import path and loaded on the first lookup, so the registry's own module imports nothing above it.
+A name is registered once: a second, different object under the same name is refused (registering an equal object
+again is a no-op, so re-imported modules are harmless). Built-ins that live in another module are declared by that
+module's import path and loaded on the first lookup, so the registry's own module imports nothing above it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Generic, TypeVar, overload
 
 from .errors import ConfigurationError, UnknownNameError
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "close_names"]
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class Registry(Mapping[str, T], Generic[T]):
         """Add ``obj`` under ``name``; without ``obj``, a decorator that does.
 
         Raises:
-            ConfigurationError: ``name`` is empty or already names another object.
+            ConfigurationError: ``name`` is empty or already names a different object.
         """
 
         def add(value: T) -> T:
@@ -68,7 +68,7 @@ class Registry(Mapping[str, T], Generic[T]):
             if self._check is not None:
                 self._check(name, value)
             taken = self._entries.get(name)
-            if taken is not None and taken is not value:
+            if taken is not None and taken != value:
                 raise ConfigurationError(f"a {self.kind} named {name!r} is already registered ({_label(taken)}); "
                                          "choose another name")
             self._entries[name] = value
@@ -93,7 +93,7 @@ class Registry(Mapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         entries = self._all()
         if name not in entries:
-            close = difflib.get_close_matches(str(name), list(entries), n=3, cutoff=0.6)
+            close = close_names(str(name), list(entries))
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UnknownNameError(f"no {self.kind} named {name!r}{hint}; registered: {', '.join(sorted(entries))}")
         return entries[name]
@@ -116,6 +116,13 @@ class Registry(Mapping[str, T], Generic[T]):
             for module in self._builtins:
                 importlib.import_module(module)
         return self._entries
+
+
+def close_names(name: str, names: list[str], n: int = 5) -> list[str]:
+    """What ``name`` was probably meant to be: the closest of ``names`` by edit similarity (a typo), then the names
+    that contain it."""
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    return close + [m for m in names if name in m and m not in close][: n - len(close)]
 
 
 def _label(obj: object) -> str:

@@ -352,7 +352,7 @@ def fit_until_plateau(
             model.train(was_training)
         if best_epoch == 0 or value > history[best_epoch - 1]:
             best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict()) if epoch < max_epochs else None
+            best_state = copy.deepcopy(model.state_dict())
         if value >= reference + min_delta:
             reference, stale = value, 0
         else:
@@ -361,7 +361,6 @@ def fit_until_plateau(
                 stopped = "plateau"
                 break
     if best_epoch != len(history):
-        assert best_state is not None
         model.load_state_dict(best_state)
     return PlateauRecord(tuple(history), best_epoch, stopped)
 

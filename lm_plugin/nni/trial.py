@@ -222,7 +222,7 @@ def build_tables(pruner: LayerMergePruner) -> TableBuild:
         del profiler.measure
     measured = calls - (latency.check_ms is not None)
     # a screened pruner needs the screen's complete table; its search scores the rest
-    importance = pruner.screen_table() if pruner.screen is not None else pruner.importance_table()
+    importance = pruner.search_tables()
     return TableBuild(latency_measured=measured, importance_evaluated=importance.evaluated)
 
 

@@ -48,9 +48,7 @@ def register_stage(name: str, fn: Stage | None = None, *, final: bool = False) -
     """
 
     def add(f: Stage) -> Stage:
-        if name in STAGES and STAGES[name].fn is f:
-            return f  # the same function again (a re-imported module)
-        STAGES.register(name, StageSpec(f, final))
+        STAGES.register(name, StageSpec(f, final))  # the same function again is a no-op (equal specs)
         return f
 
     return add(fn) if fn is not None else add

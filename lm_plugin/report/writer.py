@@ -129,16 +129,8 @@ def _finetune_line(tuned: dict[str, Any]) -> str:
 
 
 def _estimate_line(estimate: dict[str, Any]) -> str:
-    low, high = estimate["estimated_s"]
-    told = f"{low:.0f} s" if high - low < 1 else f"{low:.0f}-{high:.0f} s"
-    parts = [estimate] + ([estimate["then"]] if estimate.get("then") else [])
-    what = "; then ".join(f"{p['estimator']}: {p['entries']} of {p['table_entries']} entries to score at "
-                          f"{p['seconds_per_entry']:.2f} s each"
-                          + ("" if p["share"] == [1.0, 1.0] else
-                             f" (a screened search scores {p['share'][0]:.0%}-{p['share'][1]:.0%} of them)")
-                          for p in parts)
     actual = estimate.get("actual_s")
-    return f"{what}: estimated {told}" + (f", took {actual:.0f} s" if actual is not None else "")
+    return estimate["summary"].rstrip(".") + (f"; took {actual:.0f} s" if actual is not None else "")
 
 
 def render_markdown(report: dict[str, Any], result: CompressionResult) -> str:

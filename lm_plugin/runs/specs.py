@@ -6,7 +6,6 @@ Errors say what to do. Nothing here loads data: the library's :mod:`lm_plugin.da
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerMergeError
+from ..registry import close_names
 from ..workloads.models import create_model, list_models
 
 __all__ = ["BadInputError", "DataSpec", "import_object", "load_model", "parse_data_spec", "parse_kwargs",
@@ -215,9 +215,8 @@ def _build(spec: str) -> nn.Module:
 
 
 def _similar(name: str, names: Sequence[str]) -> str:
-    """``; did you mean a, b?`` — the closest names by edit similarity (a typo), then names containing it."""
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.75)
-    close += [n for n in names if name in n and n not in close][: 5 - len(close)]
+    """``; did you mean a, b?`` (:func:`lm_plugin.registry.close_names`)."""
+    close = close_names(name, list(names))
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 

@@ -65,7 +65,8 @@ class TableEstimate:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for reports), with the estimated seconds."""
         low, high = self.seconds
-        return {"estimator": self.estimator, "entries": self.entries, "table_entries": self.table_entries,
+        return {"summary": self.summary(), "estimator": self.estimator, "entries": self.entries,
+                "table_entries": self.table_entries,
                 "seconds_per_entry": self.seconds_per_entry, "share": list(self.share),
                 "estimated_s": [low, high], "then": self.then.to_dict() if self.then is not None else None}
 
